@@ -1,0 +1,1 @@
+"""Kernels of tinyrt: ``reference`` (NumPy, the specification) and ``numba_kernels`` (fast)."""
