@@ -21,8 +21,9 @@ A real multiplier ``M > 0`` (for a layer, ``M = s_in * s_w[c] / s_out``) is stor
 2. ``high = saturating_rounding_doubling_high_mul(x, multiplier)``:
    ``(x * multiplier + nudge) / 2^31`` in 64 bits, where ``nudge = 2^30`` if the product is
    >= 0 and ``1 - 2^30`` otherwise, and the division truncates toward zero. The result is
-   ``x * multiplier / 2^31`` rounded to nearest, ties away from zero. (It saturates only for
-   ``x = multiplier = -2^31``, which cannot occur because ``multiplier > 0``.)
+   ``x * multiplier / 2^31`` rounded to nearest with ties toward +infinity (``-0.5 -> 0``,
+   ``0.5 -> 1``: the nudge is asymmetric). It saturates only for ``x = multiplier = -2^31``,
+   which cannot occur because ``multiplier > 0``.
 3. if ``shift < 0``: ``rounding_divide_by_pot(high, -shift)``: arithmetic shift right by
    ``e = -shift`` bits, rounding to nearest with ties away from zero:
    ``(high >> e) + (remainder > threshold)`` with ``remainder = high & (2^e - 1)`` and
@@ -30,8 +31,9 @@ A real multiplier ``M > 0`` (for a layer, ``M = s_in * s_w[c] / s_out``) is stor
 
 :func:`requantize` then adds the output zero point and clamps:
 ``y = clamp(zero_point + multiply_by_quantized_multiplier(acc, multiplier, shift), qmin, qmax)``
-where ``[qmin, qmax]`` is [-128, 127] narrowed by a fused ReLU/ReLU6. The result is within one
-LSB of ``clamp(zero_point + round(acc * M))`` computed in float64 (tested).
+where ``[qmin, qmax]`` is [-128, 127] narrowed by a fused ReLU/ReLU6. Steps 2 and 3 each round,
+so the result can differ from ``clamp(zero_point + round(acc * M))`` computed in float64, by at
+most one LSB (tested); e.g. ``acc = 1, M = 0.25`` gives 1 where float64 gives 0.
 
 Rounded divisions elsewhere (average pooling) use :func:`rounding_divide`: round to nearest,
 ties away from zero.
@@ -50,7 +52,9 @@ INT8_MAX = 127
 
 
 def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
-    """Encode ``real_multiplier >= 0`` as ``(multiplier, shift)``, ``M = multiplier * 2^(shift-31)``.
+    """Encode ``M = real_multiplier >= 0`` as ``(multiplier, shift)``.
+
+    ``M = multiplier * 2^(shift - 31)``.
 
     ``multiplier`` is in [2^30, 2^31) (or 0 for a zero or vanishingly small ``M``), rounded to
     nearest. ``shift`` is in [-31, 30]; multipliers too large for that range are an error.
@@ -72,7 +76,7 @@ def quantize_multiplier(real_multiplier: float) -> tuple[int, int]:
 
 
 def saturating_rounding_doubling_high_mul(x: np.ndarray, multiplier: np.ndarray) -> np.ndarray:
-    """``round(x * multiplier / 2^31)``, ties away from zero, as int64 (values fit int32)."""
+    """``round(x * multiplier / 2^31)``, ties toward +infinity, as int64 (values fit int32)."""
     product = np.asarray(x, dtype=np.int64) * np.asarray(multiplier, dtype=np.int64)
     nudged = product + np.where(product >= 0, np.int64(1 << 30), np.int64(1 - (1 << 30)))
     # Division by 2^31 truncating toward zero, as C's integer division does.
@@ -125,3 +129,216 @@ def rounding_divide(total: np.ndarray, count: np.ndarray) -> np.ndarray:
     count = np.asarray(count, dtype=np.int64)
     magnitude = (np.abs(total) + count // 2) // count
     return np.where(total < 0, -magnitude, magnitude)
+
+
+def _check_int32(acc: np.ndarray, what: str) -> None:
+    """The converter proves accumulators fit int32; the reference checks that proof held."""
+    if acc.size and (acc.min() < INT32_MIN or acc.max() > INT32_MAX):
+        raise OverflowError(f"{what}: int32 accumulator overflow (the converter's bound failed)")
+
+
+def _windows(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    out_hw: tuple[int, int],
+):
+    """Yield ``(i, j, patch)``: the ``[N, C, OH, OW]`` input values that kernel tap (i, j) meets."""
+    (kh, kw), (sh, sw), (dh, dw), (oh, ow) = kernel, stride, dilation, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dh, j * dw
+            rows = slice(top, top + sh * (oh - 1) + 1, sh)
+            cols = slice(left, left + sw * (ow - 1) + 1, sw)
+            yield i, j, x[:, :, rows, cols]
+
+
+def pooled_size(size: int, kernel: int, stride: int, pad_total: int, dilation: int = 1) -> int:
+    """Output length of a convolution or pooling window sliding over ``size`` (floor mode)."""
+    return (size + pad_total - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d_int8(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    zp_in: int,
+    zp_out: int,
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+    groups: int,
+    qmin: int = INT8_MIN,
+    qmax: int = INT8_MAX,
+) -> np.ndarray:
+    """2-D convolution, NCHW int8 in, int8 out.
+
+    ``acc[n, o, p, q] = bias[o] + Σ_{c, i, j} weight[o, c, i, j] * xpad[n, g*C/groups + c,
+    p*sh + i*dh, q*sw + j*dw]`` where ``g = o // (O/groups)`` and ``xpad`` is ``x`` padded by
+    ``padding = (top, bottom, left, right)`` with the value ``zp_in`` (real zero). The input zero
+    point is folded into ``bias`` by the converter. Then :func:`requantize` per output channel.
+    A 1-D convolution is this with height 1.
+    """
+    n, c, h, w = x.shape
+    o, c_per_group, kh, kw = weight.shape
+    top, bottom, left, right = padding
+    oh = pooled_size(h, kh, stride[0], top + bottom, dilation[0])
+    ow = pooled_size(w, kw, stride[1], left + right, dilation[1])
+    xpad = np.pad(
+        x.astype(np.int64),
+        ((0, 0), (0, 0), (top, bottom), (left, right)),
+        constant_values=zp_in,
+    )
+    acc = np.zeros((n, o, oh, ow), dtype=np.int64) + bias.astype(np.int64)[None, :, None, None]
+    o_per_group = o // groups
+    for g in range(groups):
+        xg = xpad[:, g * c_per_group : (g + 1) * c_per_group]
+        wg = weight[g * o_per_group : (g + 1) * o_per_group].astype(np.int64)
+        for i, j, patch in _windows(xg, (kh, kw), stride, dilation, (oh, ow)):
+            acc[:, g * o_per_group : (g + 1) * o_per_group] += np.einsum(
+                "ncpq,oc->nopq", patch, wg[:, :, i, j]
+            )
+    _check_int32(acc, "conv2d")
+    per_channel = (slice(None), None, None)
+    return requantize(acc, multiplier[per_channel], shift[per_channel], zp_out, qmin, qmax)
+
+
+def linear_int8(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    zp_out: int,
+    qmin: int = INT8_MIN,
+    qmax: int = INT8_MAX,
+) -> np.ndarray:
+    """Fully connected layer: ``acc[n, o] = bias[o] + Σ_k weight[o, k] * x[n, k]``, requantized.
+
+    ``x`` is ``[N, K]``; the input zero point is folded into ``bias`` by the converter.
+    """
+    acc = x.astype(np.int64) @ weight.astype(np.int64).T + bias.astype(np.int64)
+    _check_int32(acc, "linear")
+    return requantize(acc, multiplier, shift, zp_out, qmin, qmax)
+
+
+def max_pool2d_int8(
+    x: np.ndarray,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    dilation: tuple[int, int],
+) -> np.ndarray:
+    """Max over each window; padded positions never win. Scale and zero point pass through."""
+    n, c, h, w = x.shape
+    top, bottom, left, right = padding
+    oh = pooled_size(h, kernel[0], stride[0], top + bottom, dilation[0])
+    ow = pooled_size(w, kernel[1], stride[1], left + right, dilation[1])
+    lowest = np.iinfo(np.int16).min  # below every int8, so padding never wins
+    xpad = np.pad(
+        x.astype(np.int16), ((0, 0), (0, 0), (top, bottom), (left, right)), constant_values=lowest
+    )
+    out = np.full((n, c, oh, ow), lowest, dtype=np.int16)
+    for _, _, patch in _windows(xpad, kernel, stride, dilation, (oh, ow)):
+        np.maximum(out, patch, out=out)
+    return out.astype(np.int8)
+
+
+def avg_pool2d_int8(
+    x: np.ndarray,
+    zero_point: int,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int, int, int],
+    count_include_pad: bool,
+) -> np.ndarray:
+    """Average over each window: ``zp + rounding_divide(Σ (x - zp), count)``.
+
+    Padded positions contribute real zero. ``count`` is the window area if
+    ``count_include_pad``, else the number of window positions inside the input. Scale and zero
+    point pass through.
+    """
+    n, c, h, w = x.shape
+    top, bottom, left, right = padding
+    oh = pooled_size(h, kernel[0], stride[0], top + bottom)
+    ow = pooled_size(w, kernel[1], stride[1], left + right)
+    pads = ((0, 0), (0, 0), (top, bottom), (left, right))
+    centered = np.pad(x.astype(np.int64) - zero_point, pads)
+    inside = np.pad(np.ones((1, 1, h, w), dtype=np.int64), pads)
+    total = np.zeros((n, c, oh, ow), dtype=np.int64)
+    count = np.zeros((1, 1, oh, ow), dtype=np.int64)
+    for _, _, patch in _windows(centered, kernel, stride, (1, 1), (oh, ow)):
+        total += patch
+    for _, _, patch in _windows(inside, kernel, stride, (1, 1), (oh, ow)):
+        count += patch
+    if count_include_pad:
+        count = np.full_like(count, kernel[0] * kernel[1])
+    return np.clip(zero_point + rounding_divide(total, count), INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def global_avg_pool_int8(x: np.ndarray, zero_point: int) -> np.ndarray:
+    """Mean over all positions of each channel, ``[N, C, S]`` to ``[N, C]``, like avg pool."""
+    total = (x.astype(np.int64) - zero_point).sum(axis=2)
+    mean = rounding_divide(total, x.shape[2])
+    return np.clip(zero_point + mean, INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def add_int8(
+    a: np.ndarray,
+    b: np.ndarray,
+    zp_a: int,
+    zp_b: int,
+    zp_out: int,
+    left_shift: int,
+    a_multiplier: int,
+    a_shift: int,
+    b_multiplier: int,
+    b_shift: int,
+    out_multiplier: int,
+    out_shift: int,
+    qmin: int = INT8_MIN,
+    qmax: int = INT8_MAX,
+) -> np.ndarray:
+    """Elementwise sum of two int8 tensors with different scales (TFLite's scheme).
+
+    Both inputs are centred, scaled up by ``2^left_shift`` for precision and brought to a
+    common scale ``2 max(s_a, s_b) / 2^left_shift``; the sum is requantized to the output:
+    ``a' = mbqm((a - zp_a) 2^l, a_multiplier, a_shift)``, likewise ``b'``, and
+    ``y = clamp(zp_out + mbqm(a' + b', out_multiplier, out_shift), qmin, qmax)``
+    with ``mbqm`` = :func:`multiply_by_quantized_multiplier`.
+    """
+    scaled_a = multiply_by_quantized_multiplier(
+        (a.astype(np.int64) - zp_a) << left_shift, a_multiplier, a_shift
+    )
+    scaled_b = multiply_by_quantized_multiplier(
+        (b.astype(np.int64) - zp_b) << left_shift, b_multiplier, b_shift
+    )
+    return requantize(scaled_a + scaled_b, out_multiplier, out_shift, zp_out, qmin, qmax)
+
+
+def rescale_int8(x: np.ndarray, zp_in: int, zp_out: int, multiplier: int, shift: int) -> np.ndarray:
+    """Move int8 data to other quantization parameters: ``zp_out + (x - zp_in) * M``."""
+    return requantize(x.astype(np.int64) - zp_in, multiplier, shift, zp_out)
+
+
+def clamp_int8(x: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    """A ReLU or ReLU6 in the quantized domain: clamp to ``[qmin, qmax]``."""
+    return np.clip(x, qmin, qmax).astype(np.int8)
+
+
+def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float to int8 at the model's input: ``clamp(round(x / scale) + zp)``.
+
+    Computed in float64; ``round`` is round-half-to-even (IEEE ``rint``). This and
+    :func:`dequantize` are the only float arithmetic of a static-mode model.
+    """
+    q = np.rint(np.asarray(x, dtype=np.float64) / scale) + zero_point
+    return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8)
+
+
+def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """int8 to float32 at the model's output: ``scale * (q - zp)``."""
+    return (np.float32(scale) * (q.astype(np.float32) - np.float32(zero_point))).astype(np.float32)

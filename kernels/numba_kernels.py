@@ -1,0 +1,285 @@
+"""Numba kernels: the fast twins of ``reference.py``, bit-exact with it (tests hold them together).
+
+Conventions: every kernel writes into ``out`` (and uses ``scratch`` where it needs one), both
+provided by the runtime's arena, so a run allocates nothing. Arrays are C-contiguous.
+Accumulators are int32 and each multiply-add is cast back to int32
+(``acc = np.int32(acc + np.int32(a) * np.int32(b))``): Numba would otherwise widen to int64,
+which vectorizes into slow code; with the cast LLVM can use ``vpdpwssd``/``vpmaddwd`` on x86.
+The converter proves that the int32 accumulators cannot overflow.
+
+The arithmetic (requantization and its rounding) is defined in ``reference.py``; the scalar
+helpers here implement the same steps.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_jit = numba.njit(cache=True, nogil=True)
+_inline = numba.njit(cache=True, nogil=True, inline="always")
+
+INT32_MIN = -(2**31)
+INT32_MAX = 2**31 - 1
+
+
+@_inline
+def _multiply_by_quantized_multiplier(x, multiplier, shift):
+    """Scalar ``reference.multiply_by_quantized_multiplier`` (int64 in, int64 out)."""
+    x = np.int64(x)
+    if shift > 0:
+        x = x << shift
+        x = min(max(x, INT32_MIN), INT32_MAX)
+    product = x * np.int64(multiplier)
+    if product >= 0:
+        high = (product + (1 << 30)) >> 31
+    else:
+        high = -((-(product + (1 - (1 << 30)))) >> 31)
+    if shift < 0:
+        exponent = -shift
+        mask = (np.int64(1) << exponent) - 1
+        remainder = high & mask
+        threshold = (mask >> 1) + (1 if high < 0 else 0)
+        high = (high >> exponent) + (1 if remainder > threshold else 0)
+    return high
+
+
+@_inline
+def _requantize(acc, multiplier, shift, zero_point, qmin, qmax):
+    """Scalar ``reference.requantize``."""
+    y = _multiply_by_quantized_multiplier(acc, multiplier, shift) + zero_point
+    return np.int8(min(max(y, qmin), qmax))
+
+
+@_jit
+def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride, col_stride):
+    """``out[i*row_stride + j*col_stride] = requantize(bias[i] + Σ_k a[i, k] * b[j, k])``.
+
+    ``a`` is ``[M, K]`` (weights, one row per output channel), ``b`` is ``[P, K]`` (inputs, one
+    row per output position); per-channel parameters follow ``i``. ``out`` is 1-D.
+    """
+    m, k_len = a.shape
+    p = b.shape[0]
+    for i in range(m):
+        row = a[i]
+        for j in range(p):
+            col = b[j]
+            acc = np.int32(bias[i])
+            for k in range(k_len):
+                acc = np.int32(acc + np.int32(row[k]) * np.int32(col[k]))
+            out[i * row_stride + j * col_stride] = _requantize(
+                acc, multiplier[i], shift[i], zp_out, qmin, qmax
+            )
+
+
+@_jit
+def linear_int8(x, weight, bias, multiplier, shift, zp_out, qmin, qmax, out):
+    """``reference.linear_int8``: ``x`` ``[N, K]``, ``weight`` ``[O, K]``, ``out`` ``[N, O]``."""
+    gemm_int8(
+        weight,
+        x,
+        bias,
+        multiplier,
+        shift,
+        zp_out,
+        qmin,
+        qmax,
+        out.reshape(out.size),
+        1,
+        weight.shape[0],
+    )
+
+
+@_jit
+def conv2d_int8(
+    x,
+    weight,
+    bias,
+    multiplier,
+    shift,
+    zp_in,
+    zp_out,
+    kh,
+    kw,
+    sh,
+    sw,
+    pad_top,
+    pad_left,
+    dh,
+    dw,
+    groups,
+    qmin,
+    qmax,
+    scratch,
+    out,
+):
+    """``reference.conv2d_int8`` by im2col + :func:`gemm_int8`.
+
+    ``weight`` is ``[O, C/groups * KH * KW]`` (OIHW flattened), ``scratch`` is
+    ``[OH * OW, C/groups * KH * KW]`` int8, ``out`` is ``[N, O, OH, OW]``.
+    """
+    n_batch, _, h, w = x.shape
+    o_total, k_len = weight.shape
+    _, _, oh, ow = out.shape
+    c_per_group = k_len // (kh * kw)
+    o_per_group = o_total // groups
+    positions = oh * ow
+    flat = out.reshape(out.size)
+    for n in range(n_batch):
+        for g in range(groups):
+            for p in range(oh):
+                for q in range(ow):
+                    row = scratch[p * ow + q]
+                    k = 0
+                    for c in range(c_per_group):
+                        channel = x[n, g * c_per_group + c]
+                        for i in range(kh):
+                            y = p * sh - pad_top + i * dh
+                            for j in range(kw):
+                                xx = q * sw - pad_left + j * dw
+                                if 0 <= y < h and 0 <= xx < w:
+                                    row[k] = channel[y, xx]
+                                else:
+                                    row[k] = zp_in
+                                k += 1
+            first = g * o_per_group
+            gemm_int8(
+                weight[first : first + o_per_group],
+                scratch,
+                bias[first:],
+                multiplier[first:],
+                shift[first:],
+                zp_out,
+                qmin,
+                qmax,
+                flat[(n * o_total + first) * positions :],
+                positions,
+                1,
+            )
+
+
+@_jit
+def max_pool2d_int8(x, kh, kw, sh, sw, pad_top, pad_left, dh, dw, out):
+    """``reference.max_pool2d_int8``; ``out`` is ``[N, C, OH, OW]``."""
+    n_batch, channels, h, w = x.shape
+    _, _, oh, ow = out.shape
+    for n in range(n_batch):
+        for c in range(channels):
+            for p in range(oh):
+                for q in range(ow):
+                    best = -129
+                    for i in range(kh):
+                        y = p * sh - pad_top + i * dh
+                        if 0 <= y < h:
+                            for j in range(kw):
+                                xx = q * sw - pad_left + j * dw
+                                if 0 <= xx < w and x[n, c, y, xx] > best:
+                                    best = x[n, c, y, xx]
+                    out[n, c, p, q] = best
+
+
+@_jit
+def avg_pool2d_int8(x, zero_point, kh, kw, sh, sw, pad_top, pad_left, count_include_pad, out):
+    """``reference.avg_pool2d_int8``; ``out`` is ``[N, C, OH, OW]``."""
+    n_batch, channels, h, w = x.shape
+    _, _, oh, ow = out.shape
+    for n in range(n_batch):
+        for c in range(channels):
+            for p in range(oh):
+                for q in range(ow):
+                    total = 0
+                    inside = 0
+                    for i in range(kh):
+                        y = p * sh - pad_top + i
+                        if 0 <= y < h:
+                            for j in range(kw):
+                                xx = q * sw - pad_left + j
+                                if 0 <= xx < w:
+                                    total += np.int64(x[n, c, y, xx]) - zero_point
+                                    inside += 1
+                    count = kh * kw if count_include_pad else inside
+                    out[n, c, p, q] = _clamp_int8(zero_point + _rounding_divide(total, count))
+
+
+@_inline
+def _rounding_divide(total, count):
+    """Scalar ``reference.rounding_divide``: nearest, ties away from zero."""
+    magnitude = (abs(total) + count // 2) // count
+    return -magnitude if total < 0 else magnitude
+
+
+@_inline
+def _clamp_int8(y):
+    return np.int8(min(max(y, -128), 127))
+
+
+@_jit
+def global_avg_pool_int8(x, zero_point, out):
+    """``reference.global_avg_pool_int8``: ``x`` ``[N, C, S]``, ``out`` ``[N, C]``."""
+    n_batch, channels, size = x.shape
+    for n in range(n_batch):
+        for c in range(channels):
+            total = np.int64(0)
+            for s in range(size):
+                total += np.int64(x[n, c, s])
+            total -= np.int64(zero_point) * size
+            out[n, c] = _clamp_int8(zero_point + _rounding_divide(total, size))
+
+
+@_jit
+def add_int8(
+    a,
+    b,
+    zp_a,
+    zp_b,
+    zp_out,
+    left_shift,
+    a_multiplier,
+    a_shift,
+    b_multiplier,
+    b_shift,
+    out_multiplier,
+    out_shift,
+    qmin,
+    qmax,
+    out,
+):
+    """``reference.add_int8`` over 1-D views of equal length."""
+    for i in range(out.size):
+        scaled_a = _multiply_by_quantized_multiplier(
+            (np.int64(a[i]) - zp_a) << left_shift, a_multiplier, a_shift
+        )
+        scaled_b = _multiply_by_quantized_multiplier(
+            (np.int64(b[i]) - zp_b) << left_shift, b_multiplier, b_shift
+        )
+        out[i] = _requantize(scaled_a + scaled_b, out_multiplier, out_shift, zp_out, qmin, qmax)
+
+
+@_jit
+def concat_rescale_int8(x, zp_in, zp_out, multiplier, shift, out, column):
+    """Write ``reference.rescale_int8(x)`` into ``out[:, column : column + x.shape[1]]``.
+
+    ``x`` is one concat input viewed as ``[outer, inner]`` (``outer`` = product of the dims
+    before the axis), ``out`` the output viewed as ``[outer, total_inner]``.
+    """
+    outer, inner = x.shape
+    for r in range(outer):
+        for i in range(inner):
+            out[r, column + i] = _requantize(
+                np.int64(x[r, i]) - zp_in, multiplier, shift, zp_out, -128, 127
+            )
+
+
+@_jit
+def clamp_int8(x, qmin, qmax, out):
+    """``reference.clamp_int8`` over 1-D views."""
+    for i in range(out.size):
+        out[i] = min(max(x[i], qmin), qmax)
+
+
+@_jit
+def quantize(x, scale, zero_point, out):
+    """``reference.quantize`` over 1-D views (float64 division, round half to even)."""
+    for i in range(out.size):
+        q = np.rint(np.float64(x[i]) / scale) + zero_point
+        out[i] = np.int8(min(max(q, -128.0), 127.0))

@@ -1,0 +1,362 @@
+"""Kernels: reference against independent float64 math, numba bit-exact against reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tinyrt.kernels import numba_kernels as nk
+from tinyrt.kernels import reference as ref
+
+SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def real_multiplier(multiplier: int, shift: int) -> float:
+    return multiplier * 2.0 ** (shift - 31)
+
+
+def float_requantize(acc, m_real, zp, qmin=-128, qmax=127):
+    """float64 model of requantization: round half away from zero, then clamp."""
+    scaled = np.asarray(acc, dtype=np.float64) * m_real
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
+    return np.clip(rounded + zp, qmin, qmax)
+
+
+# --- the requantization rule ------------------------------------------------------------
+
+
+@given(st.floats(min_value=1e-9, max_value=1e6, allow_nan=False))
+def test_quantize_multiplier_encodes_within_half_ulp_of_2_pow_31(m):
+    multiplier, shift = ref.quantize_multiplier(m)
+    assert 2**30 <= multiplier < 2**31
+    assert abs(real_multiplier(multiplier, shift) - m) <= m * 2.0**-31
+
+
+def test_quantize_multiplier_edges():
+    assert ref.quantize_multiplier(0.0) == (0, 0)
+    assert ref.quantize_multiplier(1.0) == (2**30, 1)
+    assert ref.quantize_multiplier(0.5) == (2**30, 0)
+    assert ref.quantize_multiplier(1e-12) == (0, 0)  # below 2^-32: everything rounds to 0
+    with pytest.raises(ValueError):
+        ref.quantize_multiplier(-1.0)
+    with pytest.raises(ValueError):
+        ref.quantize_multiplier(float("nan"))
+
+
+@SETTINGS
+@given(
+    acc=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=50),
+    m=st.floats(min_value=1e-7, max_value=50.0),
+    zp=st.integers(-128, 127),
+)
+def test_requantize_within_one_lsb_of_float64(acc, m, zp):
+    acc = np.array(acc, dtype=np.int64)
+    multiplier, shift = ref.quantize_multiplier(m)
+    got = ref.requantize(acc, multiplier, shift, zp).astype(np.int64)
+    want = float_requantize(acc, real_multiplier(multiplier, shift), zp)
+    assert np.max(np.abs(got - want)) <= 1
+
+
+def test_requantize_rounding_worked_by_hand():
+    """Expected values worked out by hand from the rule in reference.py's docstring."""
+    # M = 0.5 is (2^30, shift 0): one rounding, in the high multiply: ties toward +infinity.
+    multiplier, shift = ref.quantize_multiplier(0.5)
+    acc = np.array([1, 3, 5, -1, -3, -5, 2, -2])
+    assert ref.requantize(acc, multiplier, shift, 0).tolist() == [1, 2, 3, 0, -1, -2, 1, -1]
+    # M = 0.25 is (2^30, shift -1): high multiply (x/2, ties up), then the shift (ties away).
+    multiplier, shift = ref.quantize_multiplier(0.25)
+    acc = np.array([2, 6, -2, -6, 1, -1, 3, -3])
+    # acc=1: 0.5 -> 1, then 0.5 -> 1 (double rounding; float64 would give 0, one LSB apart)
+    assert ref.requantize(acc, multiplier, shift, 0).tolist() == [1, 2, -1, -2, 1, 0, 1, -1]
+
+
+def test_requantize_clamps_to_bounds():
+    multiplier, shift = ref.quantize_multiplier(1.0)
+    got = ref.requantize(np.array([-1000, -5, 0, 5, 1000]), multiplier, shift, 0, -3, 4)
+    assert got.tolist() == [-3, -3, 0, 4, 4]
+
+
+def test_rounding_divide():
+    got = ref.rounding_divide(np.array([5, -5, 4, -4, 6, -6, 7]), np.array(2))
+    assert got.tolist() == [3, -3, 2, -2, 3, -3, 4]
+
+
+# --- reference ops against float64 math ------------------------------------------------
+
+
+def random_int8(rng, shape, low=-128):
+    return rng.integers(low, 128, size=shape).astype(np.int8)
+
+
+def conv_case(rng, n, c, h, w, o_per_group, groups, kh, kw, stride, padding, dilation, zp_in):
+    x = random_int8(rng, (n, c * groups, h, w))
+    weight = random_int8(rng, (o_per_group * groups, c, kh, kw), low=-127)
+    bias = rng.integers(-5000, 5000, size=o_per_group * groups).astype(np.int32)
+    scales = rng.uniform(1e-4, 3e-3, size=o_per_group * groups)
+    encoded = [ref.quantize_multiplier(s) for s in scales]
+    multiplier = np.array([m for m, _ in encoded], dtype=np.int32)
+    shift = np.array([s for _, s in encoded], dtype=np.int32)
+    return x, weight, bias, multiplier, shift
+
+
+@pytest.mark.parametrize(
+    "groups,stride,padding,dilation",
+    [
+        (1, (1, 1), (1, 1, 1, 1), (1, 1)),
+        (2, (2, 1), (0, 2, 1, 0), (1, 2)),
+        (3, (1, 3), (2, 2, 0, 0), (2, 1)),
+    ],
+)
+def test_conv2d_reference_matches_float64(groups, stride, padding, dilation):
+    rng = np.random.default_rng(0)
+    zp_in, zp_out = 7, -3
+    x, weight, bias, multiplier, shift = conv_case(
+        rng, 2, 2, 9, 8, 3, groups, 3, 2, stride, padding, dilation, zp_in
+    )
+    got = ref.conv2d_int8(
+        x, weight, bias, multiplier, shift, zp_in, zp_out, stride, padding, dilation, groups
+    )
+    top, bottom, left, right = padding
+    xpad = F.pad(torch.from_numpy(x).double(), (left, right, top, bottom), value=zp_in)
+    acc = F.conv2d(
+        xpad,
+        torch.from_numpy(weight).double(),
+        torch.from_numpy(bias).double(),
+        stride=stride,
+        dilation=dilation,
+        groups=groups,
+    ).numpy()
+    m_real = np.array([real_multiplier(m, s) for m, s in zip(multiplier, shift, strict=True)])
+    want = float_requantize(acc, m_real[None, :, None, None], zp_out)
+    assert got.shape == want.shape
+    assert np.max(np.abs(got - want)) <= 1
+
+
+def test_linear_reference_matches_float64():
+    rng = np.random.default_rng(1)
+    x = random_int8(rng, (4, 37))
+    weight = random_int8(rng, (11, 37), low=-127)
+    bias = rng.integers(-3000, 3000, size=11).astype(np.int32)
+    multiplier, shift = ref.quantize_multiplier(0.0021)
+    got = ref.linear_int8(x, weight, bias, np.int32(multiplier), np.int32(shift), 5, -100, 100)
+    acc = x.astype(np.float64) @ weight.astype(np.float64).T + bias
+    want = float_requantize(acc, real_multiplier(multiplier, shift), 5, -100, 100)
+    assert np.max(np.abs(got - want)) <= 1
+
+
+def test_pools_reference_match_torch():
+    rng = np.random.default_rng(2)
+    x = random_int8(rng, (2, 3, 9, 7))
+    xt = torch.from_numpy(x).double()
+    got = ref.max_pool2d_int8(x, (3, 2), (2, 1), (1, 1, 1, 0), (1, 2))
+    want = F.max_pool2d(F.pad(xt, (1, 0, 1, 1), value=-1e9), (3, 2), (2, 1), dilation=(1, 2))
+    np.testing.assert_array_equal(got, want.numpy())
+    zp = -20
+    for include_pad in (True, False):
+        got = ref.avg_pool2d_int8(x, zp, (3, 3), (2, 2), (1, 1, 1, 1), include_pad)
+        mean = F.avg_pool2d(xt - zp, 3, 2, padding=1, count_include_pad=include_pad).numpy()
+        want = np.clip(zp + np.sign(mean) * np.floor(np.abs(mean) + 0.5), -128, 127)
+        # float64 means of integers are exact enough that ties are real ties
+        np.testing.assert_array_equal(got, want)
+    got = ref.global_avg_pool_int8(x.reshape(2, 3, -1), zp)
+    mean = (x.reshape(2, 3, -1).astype(np.float64) - zp).mean(axis=2)
+    np.testing.assert_array_equal(got, zp + np.sign(mean) * np.floor(np.abs(mean) + 0.5))
+
+
+def test_add_reference_within_one_lsb_of_float64():
+    rng = np.random.default_rng(3)
+    a, b = random_int8(rng, 1000), random_int8(rng, 1000)
+    s_a, s_b, s_out, zp_a, zp_b, zp_out = 0.02, 0.05, 0.06, 3, -9, 11
+    twice_max = 2 * max(s_a, s_b)
+    am, ash = ref.quantize_multiplier(s_a / twice_max)
+    bm, bsh = ref.quantize_multiplier(s_b / twice_max)
+    om, osh = ref.quantize_multiplier(twice_max / (2**20 * s_out))
+    got = ref.add_int8(a, b, zp_a, zp_b, zp_out, 20, am, ash, bm, bsh, om, osh)
+    real = s_a * (a.astype(np.float64) - zp_a) + s_b * (b.astype(np.float64) - zp_b)
+    want = float_requantize(real, 1 / s_out, zp_out)
+    assert np.max(np.abs(got - want)) <= 1
+
+
+def test_quantize_dequantize_round_trip():
+    x = np.linspace(-1.0, 2.0, 101, dtype=np.float32)
+    q = ref.quantize(x, 3 / 255, -43)
+    assert np.max(np.abs(ref.dequantize(q, 3 / 255, -43) - x)) <= 3 / 255 / 2 + 1e-6
+    assert ref.quantize(np.array([1e9, -1e9]), 0.1, 0).tolist() == [127, -128]
+
+
+# --- numba bit-exact against reference --------------------------------------------------
+
+
+@st.composite
+def conv_params(draw):
+    groups = draw(st.integers(1, 3))
+    depthwise = draw(st.booleans())
+    c = 1 if depthwise else draw(st.integers(1, 3))
+    o_per_group = 1 if depthwise else draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    padding = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(dh * (kh - 1) + 1, 9))
+    w = draw(st.integers(dw * (kw - 1) + 1, 9))
+    return dict(
+        n=draw(st.integers(1, 2)),
+        c=c,
+        h=h,
+        w=w,
+        o_per_group=o_per_group,
+        groups=groups,
+        kh=kh,
+        kw=kw,
+        stride=(sh, sw),
+        padding=padding,
+        dilation=(dh, dw),
+        zp_in=draw(st.integers(-128, 127)),
+        zp_out=draw(st.integers(-128, 127)),
+        qmin=draw(st.sampled_from([-128, -20])),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+@SETTINGS
+@given(conv_params())
+def test_conv2d_numba_bit_exact(p):
+    rng = np.random.default_rng(p["seed"])
+    x, weight, bias, multiplier, shift = conv_case(
+        rng,
+        p["n"],
+        p["c"],
+        p["h"],
+        p["w"],
+        p["o_per_group"],
+        p["groups"],
+        p["kh"],
+        p["kw"],
+        p["stride"],
+        p["padding"],
+        p["dilation"],
+        p["zp_in"],
+    )
+    want = ref.conv2d_int8(
+        x,
+        weight,
+        bias,
+        multiplier,
+        shift,
+        p["zp_in"],
+        p["zp_out"],
+        p["stride"],
+        p["padding"],
+        p["dilation"],
+        p["groups"],
+        p["qmin"],
+        127,
+    )
+    out = np.empty_like(want)
+    k_len = weight[0].size
+    scratch = np.empty((want.shape[2] * want.shape[3], k_len), dtype=np.int8)
+    top, _, left, _ = p["padding"]
+    nk.conv2d_int8(
+        x,
+        weight.reshape(weight.shape[0], -1),
+        bias,
+        multiplier,
+        shift,
+        p["zp_in"],
+        p["zp_out"],
+        p["kh"],
+        p["kw"],
+        *p["stride"],
+        top,
+        left,
+        *p["dilation"],
+        p["groups"],
+        p["qmin"],
+        127,
+        scratch,
+        out,
+    )
+    np.testing.assert_array_equal(out, want)
+
+
+@SETTINGS
+@given(
+    n=st.integers(1, 5),
+    k=st.integers(1, 70),
+    o=st.integers(1, 20),
+    zp_out=st.integers(-128, 127),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_linear_numba_bit_exact(n, k, o, zp_out, seed):
+    rng = np.random.default_rng(seed)
+    x, weight = random_int8(rng, (n, k)), random_int8(rng, (o, k), low=-127)
+    bias = rng.integers(-(2**20), 2**20, size=o).astype(np.int32)
+    encoded = [ref.quantize_multiplier(s) for s in rng.uniform(1e-5, 2.0, size=o)]
+    multiplier = np.array([m for m, _ in encoded], dtype=np.int32)
+    shift = np.array([s for _, s in encoded], dtype=np.int32)
+    want = ref.linear_int8(x, weight, bias, multiplier, shift, zp_out)
+    out = np.empty_like(want)
+    nk.linear_int8(x, weight, bias, multiplier, shift, zp_out, -128, 127, out)
+    np.testing.assert_array_equal(out, want)
+
+
+@SETTINGS
+@given(conv_params(), st.booleans())
+def test_pools_numba_bit_exact(p, count_include_pad):
+    rng = np.random.default_rng(p["seed"])
+    kh, kw = p["kh"], p["kw"]
+    # PyTorch's rule, kept by the converter: padding at most half the window.
+    top, bottom = (min(v, kh // 2) for v in p["padding"][:2])
+    left, right = (min(v, kw // 2) for v in p["padding"][2:])
+    padding = (top, bottom, left, right)
+    x = random_int8(rng, (p["n"], p["c"], p["h"], p["w"]))
+    want = ref.max_pool2d_int8(x, (kh, kw), p["stride"], padding, p["dilation"])
+    out = np.empty_like(want)
+    nk.max_pool2d_int8(x, kh, kw, *p["stride"], top, left, *p["dilation"], out)
+    np.testing.assert_array_equal(out, want)
+    want = ref.avg_pool2d_int8(x, p["zp_in"], (kh, kw), p["stride"], padding, count_include_pad)
+    out = np.empty_like(want)
+    nk.avg_pool2d_int8(x, p["zp_in"], kh, kw, *p["stride"], top, left, count_include_pad, out)
+    np.testing.assert_array_equal(out, want)
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    want = ref.global_avg_pool_int8(flat, p["zp_in"])
+    out = np.empty_like(want)
+    nk.global_avg_pool_int8(flat, p["zp_in"], out)
+    np.testing.assert_array_equal(out, want)
+
+
+@SETTINGS
+@given(
+    size=st.integers(1, 300),
+    zps=st.tuples(*[st.integers(-128, 127)] * 3),
+    scales=st.tuples(*[st.floats(1e-3, 1.0)] * 3),
+    qmin=st.integers(-128, 0),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_elementwise_numba_bit_exact(size, zps, scales, qmin, seed):
+    rng = np.random.default_rng(seed)
+    a, b = random_int8(rng, size), random_int8(rng, size)
+    twice_max = 2 * max(scales[0], scales[1])
+    am, ash = ref.quantize_multiplier(scales[0] / twice_max)
+    bm, bsh = ref.quantize_multiplier(scales[1] / twice_max)
+    om, osh = ref.quantize_multiplier(twice_max / (2**20 * scales[2]))
+    want = ref.add_int8(a, b, *zps, 20, am, ash, bm, bsh, om, osh, qmin, 127)
+    out = np.empty_like(want)
+    nk.add_int8(a, b, *zps, 20, am, ash, bm, bsh, om, osh, qmin, 127, out)
+    np.testing.assert_array_equal(out, want)
+
+    m, s = ref.quantize_multiplier(scales[0] / scales[1])
+    want = ref.rescale_int8(a, zps[0], zps[1], m, s)
+    out = np.zeros((1, size + 3), dtype=np.int8)
+    nk.concat_rescale_int8(a.reshape(1, -1), zps[0], zps[1], m, s, out, 3)
+    np.testing.assert_array_equal(out[0, 3:], want)
+
+    out = np.empty_like(a)
+    nk.clamp_int8(a, qmin, 100, out)
+    np.testing.assert_array_equal(out, ref.clamp_int8(a, qmin, 100))
+
+    x = rng.normal(0, 3, size=size)
+    out = np.empty(size, dtype=np.int8)
+    nk.quantize(x, scales[2], zps[2], out)
+    np.testing.assert_array_equal(out, ref.quantize(x, scales[2], zps[2]))
