@@ -7,6 +7,7 @@ from tinyrt.errors import (
     TinyrtError,
     UnsupportedOpError,
 )
+from tinyrt.model import Model, TensorSpec, load
 
 __version__ = "0.1.0"
 
@@ -14,7 +15,10 @@ __all__ = [
     "ConversionError",
     "FormatError",
     "InputError",
+    "Model",
+    "TensorSpec",
     "TinyrtError",
     "UnsupportedOpError",
     "__version__",
+    "load",
 ]

@@ -1,0 +1,97 @@
+"""Tests of int4/int2 bit packing (tinyrt.packing)."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tinyrt.packing import pack_bits, packed_nbytes, unpack_bits
+
+
+def _range(bits: int) -> tuple[int, int]:
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("count", [*range(18), 31, 32, 33, 1000, 1001])
+def test_round_trip_lengths(bits: int, count: int) -> None:
+    low, high = _range(bits)
+    values = np.random.default_rng(count).integers(low, high + 1, size=count, dtype=np.int8)
+    packed = pack_bits(values, bits)
+    assert packed.dtype == np.uint8 and packed.ndim == 1
+    assert packed.size == packed_nbytes(count, bits) == -(-count * bits // 8)
+    unpacked = unpack_bits(packed, bits, count)
+    assert unpacked.dtype == np.int8
+    np.testing.assert_array_equal(unpacked, values)
+
+
+@given(bits=st.sampled_from([2, 4]), data=st.data())
+def test_round_trip_property(bits: int, data: st.DataObject) -> None:
+    low, high = _range(bits)
+    values = data.draw(st.lists(st.integers(low, high), max_size=100))
+    array = np.array(values, dtype=np.int64)
+    np.testing.assert_array_equal(unpack_bits(pack_bits(array, bits), bits, len(values)), array)
+
+
+@pytest.mark.parametrize(
+    ("values", "bits", "expected"),
+    [
+        ([1, -1], 4, [0xF1]),
+        ([-8, 7, 3], 4, [0x78, 0x03]),
+        ([1], 4, [0x01]),
+        ([1, -2, 0, -1], 2, [0b11_00_10_01]),
+        ([1, -2, 0, -1, 1], 2, [0xC9, 0x01]),
+        ([-1, -1, -1], 2, [0b00_11_11_11]),
+    ],
+)
+def test_exact_byte_layout(values: list[int], bits: int, expected: list[int]) -> None:
+    packed = pack_bits(np.array(values), bits)
+    assert packed.tolist() == expected
+    assert unpack_bits(packed, bits, len(values)).tolist() == values
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_every_byte_value_round_trips(bits: int) -> None:
+    every_byte = np.arange(256, dtype=np.uint8)
+    values = unpack_bits(every_byte, bits, 256 * 8 // bits)
+    low, high = _range(bits)
+    assert values.min() == low and values.max() == high
+    np.testing.assert_array_equal(pack_bits(values, bits), every_byte)
+
+
+def test_flattens_in_c_order() -> None:
+    matrix = np.array([[1, 2, 3], [-4, -5, -6]], dtype=np.int8)
+    expected = pack_bits(np.array([1, 2, 3, -4, -5, -6]), 4)
+    np.testing.assert_array_equal(pack_bits(matrix, 4), expected)
+    np.testing.assert_array_equal(pack_bits(np.asfortranarray(matrix), 4), expected)
+    np.testing.assert_array_equal(pack_bits(matrix.T.copy().T, 4), expected)
+
+
+@pytest.mark.parametrize(("bits", "bad"), [(4, 8), (4, -9), (4, 100), (2, 2), (2, -3)])
+def test_out_of_range_values_are_rejected(bits: int, bad: int) -> None:
+    with pytest.raises(ValueError, match=f"value {bad} is outside the int{bits} range"):
+        pack_bits(np.array([0, bad, 0], dtype=np.int32), bits)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_unsupported_bit_widths_are_rejected(bits: int) -> None:
+    with pytest.raises(ValueError, match="bits must be one of"):
+        pack_bits(np.zeros(4, dtype=np.int8), bits)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        unpack_bits(np.zeros(4, dtype=np.uint8), bits, 4)
+
+
+def test_float_values_are_rejected() -> None:
+    with pytest.raises(ValueError, match="integer dtype"):
+        pack_bits(np.array([1.0, 2.0]), 4)
+
+
+def test_unpack_checks_its_input() -> None:
+    with pytest.raises(ValueError, match="take 2 packed bytes, got 3"):
+        unpack_bits(np.zeros(3, dtype=np.uint8), 4, 3)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        unpack_bits(np.zeros(2, dtype=np.int8), 4, 4)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        unpack_bits(np.zeros((2, 1), dtype=np.uint8), 4, 4)
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        unpack_bits(np.zeros(0, dtype=np.uint8), 4, -1)

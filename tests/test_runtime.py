@@ -1,0 +1,259 @@
+"""Runtime: backends agree, plans are sound, bad graphs and bad inputs get clear errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+
+import numpy as np
+import pytest
+from graph_builder import GraphBuilder, every_op_graph
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tinyrt.kernels import reference as ref
+
+import tinyrt
+from tinyrt.errors import FormatError, InputError, UnsupportedOpError
+from tinyrt.format import serialize
+from tinyrt.plan import plan_arena
+
+
+@pytest.fixture(scope="module")
+def every_op() -> GraphBuilder:
+    return every_op_graph()
+
+
+@pytest.fixture(scope="module")
+def models(every_op):
+    data = every_op.serialize()
+    return tinyrt.load(data, "reference"), tinyrt.load(data, "numba")
+
+
+def random_input(batch: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 0.6, (batch, 3, 9, 8)).astype(np.float32)
+
+
+# --- backends, batches, threads -------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_backends_bit_identical_on_every_op(models, batch):
+    reference, fast = models
+    x = random_input(batch, seed=batch)
+    want, got = reference.run({"x": x}), fast.run({"x": x})
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    q = reference.run_quantized({"x": ref.quantize(x, 0.02, -5)})
+    for name, array in fast.run_quantized({"x": ref.quantize(x, 0.02, -5)}).items():
+        assert array.dtype == np.int8
+        np.testing.assert_array_equal(array, q[name])
+
+
+def test_batch_items_are_independent(models):
+    _, fast = models
+    x = random_input(4, seed=7)
+    together = fast.run({"x": x})
+    for i in range(4):
+        alone = fast.run({"x": x[i : i + 1]})
+        for name in together:
+            np.testing.assert_array_equal(alone[name][0], together[name][i])
+
+
+def test_outputs_are_fresh_arrays(models):
+    _, fast = models
+    first = fast.run({"x": random_input(1, 1)})["features"]
+    kept = first.copy()
+    fast.run({"x": random_input(1, 2)})
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_softmax_output_and_call_forms(models):
+    _, fast = models
+    x = random_input(2, 3)
+    probs, features = fast(x)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(fast(x=x)[0], probs)
+    assert features.dtype == np.float32 and features.shape == (2, 8, 9, 8)
+    assert [s.name for s in fast.inputs] == ["x"]
+    assert fast.inputs[0].shape == (None, 3, 9, 8)
+    assert [s.name for s in fast.outputs] == ["probs", "features"]
+
+
+def test_run_values_matches_run(models):
+    _, fast = models
+    x = random_input(2, 4)
+    values = fast.run_values({"x": x})
+    assert len(values) == len(fast.graph.values)
+    np.testing.assert_array_equal(
+        values[fast.graph.values[fast.graph.outputs[1].value].name], fast.run({"x": x})["features"]
+    )
+
+
+def test_threads_share_one_model(models):
+    _, fast = models
+    inputs = [random_input(1 + i % 3, seed=i) for i in range(8)]
+    expected = [fast.run({"x": x})["probs"] for x in inputs]
+    results: dict[int, list] = {}
+
+    def worker(k: int) -> None:
+        results[k] = [fast.run({"x": x})["probs"] for x in inputs for _ in range(5)]
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(4):
+        for i, got in enumerate(results[k]):
+            np.testing.assert_array_equal(got, expected[i // 5])
+
+
+# --- the arena planner ------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 5000), st.integers(-1, 20), st.integers(0, 10)),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_arena_never_overlaps_live_buffers(buffers):
+    sizes = [size for size, _, _ in buffers]
+    lifetimes = [(first, first + span) for _, first, span in buffers]
+    offsets, total = plan_arena(sizes, lifetimes)
+    assert total % 64 == 0 and all(o % 64 == 0 for o in offsets)
+    for i in range(len(sizes)):
+        assert offsets[i] + sizes[i] <= total
+        for j in range(i):
+            live_together = (
+                lifetimes[i][0] <= lifetimes[j][1] and lifetimes[j][0] <= lifetimes[i][1]
+            )
+            apart = offsets[i] + sizes[i] <= offsets[j] or offsets[j] + sizes[j] <= offsets[i]
+            assert apart or not live_together
+
+
+def test_arena_reuses_memory_of_dead_values():
+    sizes = [1000, 1000, 1000, 1000]
+    chain = [(0, 1), (1, 2), (2, 3), (3, 4)]  # each value dies when the next is written
+    _, total = plan_arena(sizes, chain)
+    assert total <= 2 * 1024
+
+
+# --- malformed graphs -------------------------------------------------------------------
+
+
+def mutate(builder: GraphBuilder, edit) -> bytes:
+    graph = copy.deepcopy(builder.graph())
+    edit(graph)
+    return serialize(graph, builder.tensors, {})
+
+
+def set_path(path, value):
+    def edit(graph):
+        target = graph
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+
+    return edit
+
+
+BAD_GRAPHS = {
+    "values": (set_path(["values"], []), "graph.values"),
+    "values type": (set_path(["values"], "abc"), "graph.values"),
+    "op type": (set_path(["ops", 0], 7), "JSON object"),
+    "value scale": (set_path(["values", 1, "scale"], 0.0), "scale"),
+    "value zero point": (set_path(["values", 1, "zero_point"], 300), "zero_point"),
+    "value batch": (set_path(["values", 1, "shape", 0], 2), "batch"),
+    "huge value": (set_path(["values", 0, "shape"], [1, 2**20, 2**20, 2**20]), "shape"),
+    "op index": (set_path(["ops", 0, "inputs"], [99]), "value index"),
+    "op arity": (set_path(["ops", 0, "inputs"], [0, 0]), "inputs"),
+    "op tensor index": (set_path(["ops", 0, "tensors", "weight"], 999), "tensor index"),
+    "op tensor role": (set_path(["ops", 0, "tensors"], {"weight": 0}), "roles"),
+    "op tensor dtype": (set_path(["ops", 0, "tensors", "weight"], 1), "must be int8"),
+    "op attr type": (set_path(["ops", 0, "attrs", "stride"], [1]), "stride"),
+    "op attr range": (set_path(["ops", 0, "attrs", "stride"], [0, 1]), "stride"),
+    "clamp bounds": (set_path(["ops", 0, "attrs", "qmax"], -129), "qmax"),
+    "groups": (set_path(["ops", 0, "attrs", "groups"], 2), "groups"),
+    "declared shape": (set_path(["values", 1, "shape"], [1, 8, 9, 9]), "declared with shape"),
+    "use before definition": (lambda g: g["ops"].insert(0, g["ops"].pop(1)), "not computed before"),
+    "written twice": (set_path(["ops", 1, "outputs"], [1]), "written twice"),
+    "pool padding": (set_path(["ops", 2, "attrs", "padding"], [0, 0, 0, 3]), "half the window"),
+    "pass-through scale": (set_path(["values", 3, "scale"], 0.5), "keep the input's scale"),
+    "output never computed": (lambda g: g["ops"].pop(), "never computed"),
+    "output activation": (set_path(["outputs", 0, "activation"], "gelu"), "activation"),
+    "reshape size": (set_path(["values", 5, "shape"], [1, 8, 5]), "differ in size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GRAPHS))
+def test_malformed_graph_is_refused_with_the_field_named(every_op, case):
+    edit, words = BAD_GRAPHS[case]
+    data = mutate(every_op, edit)
+    with pytest.raises(FormatError, match=words):
+        tinyrt.load(data, "reference")
+
+
+def test_unknown_op_is_unsupported(every_op):
+    data = mutate(every_op, set_path(["ops", 2, "op"], "gelu"))
+    with pytest.raises(UnsupportedOpError, match="'gelu' is not supported"):
+        tinyrt.load(data)
+
+
+# --- bad inputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "inputs,words",
+    [
+        ({}, "missing \\['x'\\]"),
+        ({"x": random_input(1), "z": random_input(1)}, "unknown \\['z'\\]"),
+        ({"x": [[1.0]]}, "numpy.ndarray"),
+        ({"x": random_input(1).astype(np.int64)}, "floating-point"),
+        ({"x": random_input(1)[0]}, "expected shape \\('N', 3, 9, 8\\)"),
+        ({"x": random_input(1)[:, :, :8]}, "expected shape"),
+        ({"x": random_input(1)[:0]}, "batch is empty"),
+        ({"x": np.full((1, 3, 9, 8), np.nan, np.float32)}, "NaN or infinite"),
+        ({"x": np.full((1, 3, 9, 8), np.inf, np.float32)}, "NaN or infinite"),
+    ],
+)
+def test_bad_float_inputs(models, inputs, words):
+    for model in models:
+        with pytest.raises(InputError, match=words):
+            model.run(inputs)
+
+
+def test_bad_quantized_inputs_and_calls(models):
+    _, fast = models
+    with pytest.raises(InputError, match="int8"):
+        fast.run_quantized({"x": random_input(1)})
+    with pytest.raises(InputError, match="takes 1 input"):
+        fast(random_input(1), random_input(1))
+    with pytest.raises(InputError, match="given twice"):
+        fast(random_input(1), x=random_input(1))
+    with pytest.raises(InputError, match="mapping"):
+        fast.run(random_input(1))
+
+
+def test_batch_too_large_is_refused_before_allocating(models):
+    _, fast = models
+    huge = np.broadcast_to(np.float32(0), (10**7, 3, 9, 8))  # no memory behind it
+    with pytest.raises(InputError, match="smaller batches"):
+        fast.run({"x": huge})
+
+
+def test_unknown_backend(every_op):
+    with pytest.raises(ValueError, match="backend"):
+        tinyrt.load(every_op.serialize(), backend="cuda")
+
+
+def test_file_round_trip_through_a_path(tmp_path, every_op, models):
+    path = tmp_path / "every_op.tinyrt"
+    path.write_bytes(every_op.serialize())
+    model = tinyrt.load(path)
+    x = random_input(2, 9)
+    np.testing.assert_array_equal(model(x)[0], models[0](x)[0])
+    assert json.dumps(model.provenance)

@@ -1,0 +1,336 @@
+"""The ``tinyrt`` command: convert, run, inspect and bench ``.tinyrt`` models.
+
+Exit codes, for scripts: 0 success; 1 a tinyrt error (bad or missing file, bad input,
+unsupported layer, failed conversion), with a one-line message on stderr; 2 a usage error
+(argparse's convention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+import tinyrt
+from tinyrt.errors import InputError, TinyrtError
+from tinyrt.model import BACKENDS, Model
+
+EXIT_OK, EXIT_ERROR = 0, 1
+
+
+def _load(args: argparse.Namespace) -> Model:
+    return tinyrt.load(args.model, backend=args.backend)
+
+
+def _read_arrays(path: str) -> dict[str, np.ndarray] | np.ndarray:
+    """An ``.npy`` array or the arrays of an ``.npz``, never unpickling anything."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except FileNotFoundError as error:
+        raise InputError(f"input file not found: {path}") from error
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read {path} as .npy/.npz: {error}") from error
+    if isinstance(loaded, np.ndarray):
+        return loaded
+    with loaded:
+        return {key: loaded[key] for key in loaded.files}
+
+
+def _inputs_from_file(model: Model, path: str) -> dict[str, np.ndarray]:
+    arrays = _read_arrays(path)
+    names = [spec.name for spec in model.inputs]
+    if isinstance(arrays, np.ndarray):
+        if len(names) != 1:
+            raise InputError(f"the model takes inputs {names}: give an .npz with those names")
+        return {names[0]: arrays}
+    if len(names) == 1 and len(arrays) == 1:
+        return {names[0]: next(iter(arrays.values()))}
+    missing = [name for name in names if name not in arrays]
+    if missing:
+        raise InputError(f"{path} has arrays {sorted(arrays)}, but the model needs {names}")
+    return {name: arrays[name] for name in names}
+
+
+# --- convert -----------------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        from tinyrt.converter import convert_from_files
+    except ImportError as error:
+        raise TinyrtError(
+            f"'tinyrt convert' needs PyTorch on this machine ({error}); install the converter "
+            "with: pip install 'tinyrt[convert]'"
+        ) from error
+    shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else None
+    out = convert_from_files(
+        args.model_spec,
+        args.output,
+        weights=args.weights,
+        calibration=args.calibration,
+        input_shape=shape,
+        progress=not args.quiet,
+    )
+    print(f"wrote {out} ({os.path.getsize(out)} bytes)")
+    return EXIT_OK
+
+
+# --- run ---------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    model = _load(args)
+    inputs = _inputs_from_file(model, args.input)
+    outputs = model.run_quantized(inputs) if args.quantized else model.run(inputs)
+    if args.output:
+        if args.output.endswith(".npy"):
+            if len(outputs) != 1:
+                raise InputError(f"the model has {len(outputs)} outputs: write an .npz instead")
+            np.save(args.output, next(iter(outputs.values())))
+        else:
+            np.savez(args.output, **outputs)
+        print(f"wrote {', '.join(outputs)} to {args.output}")
+    else:
+        for name, array in outputs.items():
+            print(f"{name}: {array.dtype} {list(array.shape)}")
+            print(np.array2string(array, precision=4, threshold=64))
+    return EXIT_OK
+
+
+# --- inspect -----------------------------------------------------------------------------
+
+
+def _layer_rows(model: Model) -> list[dict]:
+    """One row per op: shapes, weight bits and granularity, parameters and bytes."""
+    rows = []
+    tensors = model.file.tensors
+    for raw, op in zip(model.file.graph["ops"], model.graph.ops, strict=True):
+        ins = [model.graph.values[v].shape[1:] for v in op.inputs]
+        out = model.graph.values[op.outputs[0]].shape[1:]
+        row = {
+            "name": op.name,
+            "op": op.kind,
+            "input": [list(s) for s in ins],
+            "output": list(out),
+            "bits": None,
+            "granularity": None,
+            "params": 0,
+            "bytes": 0,
+        }
+        refs = list(raw.get("tensors", {}).values())
+        weight_index = raw.get("tensors", {}).get("weight")
+        if weight_index is not None:
+            quant = tensors[weight_index].quant or {}
+            row["bits"] = quant.get("bits", 8)
+            row["granularity"] = quant.get("scheme")
+            refs += [quant[k] for k in ("scale", "zero_point") if quant.get(k) is not None]
+            row["params"] = int(op.tensors["weight"].size + op.tensors["bias"].size)
+        row["bytes"] = int(sum(tensors[i].data.nbytes for i in set(refs)))
+        rows.append(row)
+    return rows
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    model = tinyrt.load(args.model, backend="reference")
+    rows = _layer_rows(model)
+    file_bytes = os.path.getsize(args.model)
+    params = sum(r["params"] for r in rows)
+    summary = {
+        "file": str(args.model),
+        "file_bytes": file_bytes,
+        "parameters": params,
+        "fp32_bytes": 4 * params,
+        "inputs": [{"name": s.name, "shape": list(s.shape)} for s in model.inputs],
+        "outputs": [{"name": s.name, "shape": list(s.shape)} for s in model.outputs],
+        "layers": rows,
+        "provenance": model.provenance,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    header = ("name", "op", "input -> output", "bits", "granularity", "params", "bytes")
+    table = [
+        (
+            r["name"],
+            r["op"],
+            f"{' + '.join(str(s) for s in r['input'])} -> {r['output']}",
+            str(r["bits"] or "-"),
+            r["granularity"] or "-",
+            str(r["params"]),
+            str(r["bytes"]),
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(t[i]) for t in table)) for i, h in enumerate(header)]
+    for line in [header, tuple("-" * w for w in widths), *table]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
+    print()
+    for spec in model.inputs:
+        print(f"input  {spec.name}: {list(spec.shape)} scale={spec.scale:.6g} zp={spec.zero_point}")
+    for spec in model.outputs:
+        print(f"output {spec.name}: {list(spec.shape)}")
+    ratio = file_bytes / max(4 * params, 1)
+    print(
+        f"parameters: {params}; file: {file_bytes} bytes; fp32 weights: {4 * params} bytes "
+        f"(file is {ratio:.1%} of fp32)"
+    )
+    prov = model.provenance
+    if prov:
+        keys = ("source", "converter_version", "torch_version", "mode", "calibration")
+        print("provenance: " + "; ".join(f"{k}={prov[k]}" for k in keys if k in prov))
+    return EXIT_OK
+
+
+# --- bench -------------------------------------------------------------------------------
+
+
+def _bench_inputs(model: Model, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Random float inputs spanning each input's calibrated range."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in model.inputs:
+        low = spec.scale * (-128 - spec.zero_point)
+        high = spec.scale * (127 - spec.zero_point)
+        inputs[spec.name] = rng.uniform(low, high, (batch,) + spec.shape[1:]).astype(np.float32)
+    return inputs
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        raise InputError("--runs and --batch must be at least 1, --warmup at least 0")
+    start = time.perf_counter()
+    model = _load(args)
+    load_s = time.perf_counter() - start
+    inputs = _bench_inputs(model, args.batch, args.seed)
+    start = time.perf_counter()
+    model.run(inputs)
+    first_s = time.perf_counter() - start
+    for _ in range(args.warmup):
+        model.run(inputs)
+    times = np.empty(args.runs)
+    for i in range(args.runs):
+        start = time.perf_counter()
+        model.run(inputs)
+        times[i] = time.perf_counter() - start
+    us = times * 1e6
+    result = {
+        "model": str(args.model),
+        "backend": model.backend,
+        "batch": args.batch,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "load_s": load_s,
+        "first_run_s": first_s,
+        "latency_us": {
+            "p50": float(np.percentile(us, 50)),
+            "p90": float(np.percentile(us, 90)),
+            "p99": float(np.percentile(us, 99)),
+            "mean": float(us.mean()),
+            "min": float(us.min()),
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.machine(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        },
+        "tinyrt_version": tinyrt.__version__,
+    }
+    lat = result["latency_us"]
+    print(
+        f"{args.model}: backend={model.backend} batch={args.batch} runs={args.runs} "
+        f"p50={lat['p50']:.1f}us p90={lat['p90']:.1f}us p99={lat['p99']:.1f}us "
+        f"(load {load_s * 1e3:.1f} ms, first run {first_s * 1e3:.1f} ms)"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return EXIT_OK
+
+
+# --- the parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinyrt",
+        description="Convert PyTorch models to .tinyrt files and run them integer-only.",
+        epilog="Exit codes: 0 success, 1 tinyrt error (message on stderr), 2 usage error.",
+    )
+    parser.add_argument("--version", action="version", version=f"tinyrt {tinyrt.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a PyTorch model and its weights to a .tinyrt file (needs torch)",
+        description="Trace, fold, calibrate and quantize a PyTorch model into one .tinyrt file.",
+    )
+    convert.add_argument(
+        "model_spec",
+        help="the model: path/to/file.py:factory or package.module:Class (called with no args)",
+    )
+    convert.add_argument(
+        "--weights", help="state dict: .pt/.pth (loaded weights_only) or .safetensors"
+    )
+    convert.add_argument(
+        "--calibration",
+        required=True,
+        help="calibration inputs: .npy, or .npz with arrays named like the inputs (or calib_x)",
+    )
+    convert.add_argument("-o", "--output", required=True, help="the .tinyrt file to write")
+    convert.add_argument(
+        "--input-shape", help="example input shape, e.g. 1,1,40 (default: from calibration)"
+    )
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(func=cmd_convert)
+
+    def model_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("model", help="a .tinyrt file")
+        if name != "inspect":
+            sub.add_argument("--backend", choices=BACKENDS, default="auto", help="kernels to use")
+        return sub
+
+    run = model_command("run", "run a model on inputs from an .npy/.npz file")
+    run.add_argument(
+        "-i", "--input", required=True, help=".npy (one input) or .npz (by input name)"
+    )
+    run.add_argument("-o", "--output", help="write outputs to .npz (or .npy for one output)")
+    run.add_argument("--quantized", action="store_true", help="int8 inputs and outputs, no float")
+    run.set_defaults(func=cmd_run)
+
+    inspect = model_command("inspect", "show a model's layers, sizes and provenance")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(func=cmd_inspect)
+
+    bench = model_command("bench", "measure batch latency (p50/p90/p99) on random inputs")
+    bench.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
+    bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TinyrtError as error:
+        print(f"tinyrt {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as error:  # e.g. an output path that cannot be written
+        print(f"tinyrt {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""Parse and validate the ``"graph"`` object of a ``.tinyrt`` file (schema: docs/graph.md).
+
+Nothing in a file is trusted: every index, dtype, shape and attribute is checked, and every
+op's output shape is inferred from its inputs and weights and compared with the declared one,
+before the runtime allocates anything. Problems raise :class:`FormatError` naming the op or
+value; an op this runtime does not know raises :class:`UnsupportedOpError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tinyrt.errors import FormatError, UnsupportedOpError
+from tinyrt.format import Tensor
+
+MAX_VALUES = 100_000
+MAX_ELEMENTS_PER_VALUE = 2**28  # per batch item; a larger activation is not a small-device model
+MAX_RANK = 8
+OUTPUT_ACTIVATIONS = (None, "softmax", "log_softmax")
+
+
+@dataclass(frozen=True)
+class Value:
+    """An int8 activation: shape with batch 1 first, ``real = scale * (q - zero_point)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    scale: float
+    zero_point: int
+
+
+@dataclass(frozen=True)
+class Port:
+    """A model input or output: its name, value index and (outputs) float activation."""
+
+    name: str
+    value: int
+    activation: str | None = None
+    dim: int = 1
+
+
+@dataclass(frozen=True)
+class Op:
+    """One op, its value indices, its constant tensors (arrays) and its attributes."""
+
+    kind: str
+    name: str
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    tensors: dict[str, np.ndarray]
+    attrs: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Graph:
+    values: list[Value]
+    inputs: list[Port]
+    outputs: list[Port]
+    ops: list[Op]
+
+
+# --- small typed readers: each names the field it reads in its error ----------------------
+
+
+def _field(obj: dict, key: str, where: str) -> Any:
+    if not isinstance(obj, dict):
+        raise FormatError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    if key not in obj:
+        raise FormatError(f"{where}: missing field '{key}'")
+    return obj[key]
+
+
+def _int(value: Any, where: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(f"{where}: expected an integer, found {value!r}")
+    if not low <= value <= high:
+        raise FormatError(f"{where}: expected a value in [{low}, {high}], found {value}")
+    return value
+
+
+def _ints(value: Any, where: str, length: int, low: int, high: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) != length:
+        raise FormatError(f"{where}: expected a list of {length} integers, found {value!r}")
+    return tuple(_int(v, f"{where}[{i}]", low, high) for i, v in enumerate(value))
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > 1024:
+        raise FormatError(f"{where}: expected a string (at most 1024 characters)")
+    return value
+
+
+def _index(value: Any, where: str, count: int, what: str) -> int:
+    if count == 0:
+        raise FormatError(f"{where}: refers to a {what}, but the file has none")
+    return _int(value, f"{where} ({what} index)", 0, count - 1)
+
+
+# --- per-op rules --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _OpRule:
+    """What an op kind takes: input count (None: one or more), tensors, attrs, output shape."""
+
+    n_inputs: int | None
+    tensors: dict[str, str]
+    read_attrs: Callable[[dict, str, int], dict]
+    infer: Callable[[Op, list[tuple[int, ...]]], tuple[int, ...]]
+    keeps_quantization: bool = False  # output must have the input's scale and zero point
+
+
+def _clamp_attrs(attrs: dict, where: str) -> dict:
+    qmin = _int(_field(attrs, "qmin", where), f"{where}.qmin", -128, 127)
+    qmax = _int(_field(attrs, "qmax", where), f"{where}.qmax", qmin, 127)
+    return {"qmin": qmin, "qmax": qmax}
+
+
+def _window_attrs(attrs: dict, where: str, dims: int, names: Sequence[str]) -> dict:
+    big = 2**20
+    read = {
+        "kernel": lambda: _ints(_field(attrs, "kernel", where), f"{where}.kernel", dims, 1, big),
+        "stride": lambda: _ints(_field(attrs, "stride", where), f"{where}.stride", dims, 1, big),
+        "dilation": lambda: _ints(
+            _field(attrs, "dilation", where), f"{where}.dilation", dims, 1, big
+        ),
+        "padding": lambda: _ints(
+            _field(attrs, "padding", where), f"{where}.padding", 2 * dims, 0, big
+        ),
+        "groups": lambda: _int(_field(attrs, "groups", where), f"{where}.groups", 1, big),
+        "count_include_pad": lambda: _bool(attrs, "count_include_pad", where),
+    }
+    return {name: read[name]() for name in names}
+
+
+def _bool(attrs: dict, key: str, where: str) -> bool:
+    value = _field(attrs, key, where)
+    if not isinstance(value, bool):
+        raise FormatError(f"{where}.{key}: expected true or false, found {value!r}")
+    return value
+
+
+def _conv_attrs(dims: int) -> Callable[[dict, str, int], dict]:
+    def read(attrs: dict, where: str, n_inputs: int) -> dict:
+        names = ("stride", "padding", "dilation", "groups")
+        return _window_attrs(attrs, where, dims, names) | _clamp_attrs(attrs, where)
+
+    return read
+
+
+def _pool_attrs(dims: int, average: bool) -> Callable[[dict, str, int], dict]:
+    names = ("kernel", "stride", "padding") + (("count_include_pad",) if average else ("dilation",))
+
+    def read(attrs: dict, where: str, n_inputs: int) -> dict:
+        found = _window_attrs(attrs, where, dims, names)
+        for axis in range(dims):
+            for pad in found["padding"][2 * axis : 2 * axis + 2]:
+                if 2 * pad > found["kernel"][axis]:
+                    raise FormatError(
+                        f"{where}.padding: {pad} is more than half the window "
+                        f"{found['kernel'][axis]}"
+                    )
+        return found
+
+    return read
+
+
+def _no_attrs(attrs: dict, where: str, n_inputs: int) -> dict:
+    return {}
+
+
+def _add_attrs(attrs: dict, where: str, n_inputs: int) -> dict:
+    found = {"left_shift": _int(_field(attrs, "left_shift", where), f"{where}.left_shift", 0, 22)}
+    for prefix in ("a", "b", "out"):
+        found.update(_multiplier(attrs, f"{prefix}_multiplier", f"{prefix}_shift", where))
+    return found | _clamp_attrs(attrs, where)
+
+
+def _multiplier(attrs: dict, m_key: str, s_key: str, where: str) -> dict:
+    return {
+        m_key: _int(_field(attrs, m_key, where), f"{where}.{m_key}", 0, 2**31 - 1),
+        s_key: _int(_field(attrs, s_key, where), f"{where}.{s_key}", -31, 30),
+    }
+
+
+def _concat_attrs(attrs: dict, where: str, n_inputs: int) -> dict:
+    return {
+        "axis": _int(_field(attrs, "axis", where), f"{where}.axis", 1, MAX_RANK - 1),
+        "multipliers": _ints(
+            _field(attrs, "multipliers", where), f"{where}.multipliers", n_inputs, 0, 2**31 - 1
+        ),
+        "shifts": _ints(_field(attrs, "shifts", where), f"{where}.shifts", n_inputs, -31, 30),
+    }
+
+
+def _clamp_only(attrs: dict, where: str, n_inputs: int) -> dict:
+    return _clamp_attrs(attrs, where)
+
+
+def _expect_rank(op: Op, shape: tuple[int, ...], rank: int) -> None:
+    if len(shape) != rank:
+        raise FormatError(f"op '{op.name}' ({op.kind}): input must have rank {rank}, has {shape}")
+
+
+def _window_out(op: Op, size: int, kernel: int, stride: int, pads: int, dilation: int) -> int:
+    out = (size + pads - dilation * (kernel - 1) - 1) // stride + 1
+    if out < 1:
+        raise FormatError(
+            f"op '{op.name}' ({op.kind}): window {kernel} (dilation {dilation}) does not fit "
+            f"an input of size {size} with padding {pads}"
+        )
+    return out
+
+
+def _infer_linear(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    (x,) = shapes
+    out_features, in_features = op.tensors["weight"].shape
+    if len(x) < 2 or x[-1] != in_features:
+        raise FormatError(
+            f"op '{op.name}' (linear): input {x} does not end in the weight's {in_features}"
+        )
+    return x[:-1] + (out_features,)
+
+
+def _infer_conv(dims: int) -> Callable[[Op, list[tuple[int, ...]]], tuple[int, ...]]:
+    def infer(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        (x,) = shapes
+        _expect_rank(op, x, dims + 2)
+        weight = op.tensors["weight"].shape
+        groups = op.attrs["groups"]
+        if x[1] % groups or weight[0] % groups or weight[1] * groups != x[1]:
+            raise FormatError(
+                f"op '{op.name}' ({op.kind}): {x[1]} input channels, weight {weight} and "
+                f"groups {groups} do not agree"
+            )
+        spatial = tuple(
+            _window_out(
+                op,
+                x[2 + d],
+                weight[2 + d],
+                op.attrs["stride"][d],
+                sum(op.attrs["padding"][2 * d : 2 * d + 2]),
+                op.attrs["dilation"][d],
+            )
+            for d in range(dims)
+        )
+        return (x[0], weight[0]) + spatial
+
+    return infer
+
+
+def _infer_pool(dims: int) -> Callable[[Op, list[tuple[int, ...]]], tuple[int, ...]]:
+    def infer(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        (x,) = shapes
+        _expect_rank(op, x, dims + 2)
+        dilation = op.attrs.get("dilation", (1,) * dims)
+        spatial = tuple(
+            _window_out(
+                op,
+                x[2 + d],
+                op.attrs["kernel"][d],
+                op.attrs["stride"][d],
+                sum(op.attrs["padding"][2 * d : 2 * d + 2]),
+                dilation[d],
+            )
+            for d in range(dims)
+        )
+        return x[:2] + spatial
+
+    return infer
+
+
+def _infer_global_pool(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    (x,) = shapes
+    if len(x) < 3:
+        raise FormatError(f"op '{op.name}' (global_avg_pool): input {x} has no spatial axes")
+    return x[:2] + (1,) * (len(x) - 2)
+
+
+def _infer_same(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    if any(shape != shapes[0] for shape in shapes):
+        raise FormatError(f"op '{op.name}' ({op.kind}): input shapes differ: {shapes}")
+    return shapes[0]
+
+
+def _infer_concat(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    axis = op.attrs["axis"]
+    first = shapes[0]
+    for shape in shapes:
+        if len(shape) != len(first) or axis >= len(shape):
+            raise FormatError(f"op '{op.name}' (concat): axis {axis} and shapes {shapes}")
+        if shape[:axis] + shape[axis + 1 :] != first[:axis] + first[axis + 1 :]:
+            raise FormatError(f"op '{op.name}' (concat): shapes {shapes} differ off axis {axis}")
+    return first[:axis] + (sum(s[axis] for s in shapes),) + first[axis + 1 :]
+
+
+_LAYER_TENSORS = {"weight": "int8", "bias": "int32", "multiplier": "int32", "shift": "int32"}
+
+OP_RULES: dict[str, _OpRule] = {
+    "linear": _OpRule(1, _LAYER_TENSORS, _clamp_only, _infer_linear),
+    "conv1d": _OpRule(1, _LAYER_TENSORS, _conv_attrs(1), _infer_conv(1)),
+    "conv2d": _OpRule(1, _LAYER_TENSORS, _conv_attrs(2), _infer_conv(2)),
+    "max_pool1d": _OpRule(1, {}, _pool_attrs(1, False), _infer_pool(1), True),
+    "max_pool2d": _OpRule(1, {}, _pool_attrs(2, False), _infer_pool(2), True),
+    "avg_pool1d": _OpRule(1, {}, _pool_attrs(1, True), _infer_pool(1), True),
+    "avg_pool2d": _OpRule(1, {}, _pool_attrs(2, True), _infer_pool(2), True),
+    "global_avg_pool": _OpRule(1, {}, _no_attrs, _infer_global_pool, True),
+    "reshape": _OpRule(1, {}, _no_attrs, lambda op, shapes: (), True),
+    "add": _OpRule(2, {}, _add_attrs, _infer_same),
+    "concat": _OpRule(None, {}, _concat_attrs, _infer_concat),
+    "clamp": _OpRule(1, {}, _clamp_only, _infer_same, True),
+}
+
+_WEIGHT_RANK = {"linear": 2, "conv1d": 3, "conv2d": 4}
+
+
+def _check_layer_tensors(op: Op) -> None:
+    """Weights, bias and requantization parameters agree in shape and range."""
+    weight = op.tensors["weight"]
+    if weight.ndim != _WEIGHT_RANK[op.kind]:
+        raise FormatError(
+            f"op '{op.name}' ({op.kind}): weight must have rank {_WEIGHT_RANK[op.kind]}, "
+            f"has shape {weight.shape}"
+        )
+    for role in ("bias", "multiplier", "shift"):
+        if op.tensors[role].shape != (weight.shape[0],):
+            raise FormatError(
+                f"op '{op.name}' ({op.kind}): {role} must have shape ({weight.shape[0]},), "
+                f"has {op.tensors[role].shape}"
+            )
+    if op.tensors["multiplier"].min() < 0:
+        raise FormatError(f"op '{op.name}' ({op.kind}): negative multiplier")
+    shift = op.tensors["shift"]
+    if shift.min() < -31 or shift.max() > 30:
+        raise FormatError(f"op '{op.name}' ({op.kind}): shift outside [-31, 30]")
+
+
+# --- the whole graph --------------------------------------------------------------------
+
+
+def _read_value(raw: Any, where: str) -> Value:
+    shape_raw = _field(raw, "shape", where)
+    if not isinstance(shape_raw, list) or not 1 <= len(shape_raw) <= MAX_RANK:
+        raise FormatError(
+            f"{where}.shape: expected 1 to {MAX_RANK} dimensions, found {shape_raw!r}"
+        )
+    shape = tuple(_int(d, f"{where}.shape", 1, MAX_ELEMENTS_PER_VALUE) for d in shape_raw)
+    if shape[0] != 1:
+        raise FormatError(
+            f"{where}.shape: the batch dimension must be recorded as 1, found {shape}"
+        )
+    if math.prod(shape) > MAX_ELEMENTS_PER_VALUE:
+        raise FormatError(f"{where}.shape: {shape} exceeds {MAX_ELEMENTS_PER_VALUE} elements")
+    scale = _field(raw, "scale", where)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise FormatError(f"{where}.scale: expected a number, found {scale!r}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise FormatError(f"{where}.scale: expected a positive finite number, found {scale!r}")
+    zero_point = _int(_field(raw, "zero_point", where), f"{where}.zero_point", -128, 127)
+    return Value(_str(_field(raw, "name", where), f"{where}.name"), shape, float(scale), zero_point)
+
+
+def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Port]:
+    if not isinstance(raw, list) or not 1 <= len(raw) <= 1024:
+        raise FormatError(f"{where}: expected a list of 1 to 1024 entries")
+    ports = []
+    for i, entry in enumerate(raw):
+        at = f"{where}[{i}]"
+        name = _str(_field(entry, "name", at), f"{at}.name")
+        value = _index(_field(entry, "value", at), f"{at}.value", n_values, "value")
+        activation, dim = None, 1
+        if is_output:
+            activation = entry.get("activation")
+            if activation not in OUTPUT_ACTIVATIONS:
+                raise FormatError(
+                    f"{at}.activation: expected one of {OUTPUT_ACTIVATIONS}, found {activation!r}"
+                )
+            dim = _int(entry.get("dim", 1), f"{at}.dim", -MAX_RANK, MAX_RANK - 1)
+        ports.append(Port(name, value, activation, dim))
+    if len({p.name for p in ports}) != len(ports):
+        raise FormatError(f"{where}: names are not unique")
+    return ports
+
+
+def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor]) -> Op:
+    kind = _str(_field(raw, "op", where), f"{where}.op")
+    name = _str(raw.get("name", where), f"{where}.name")
+    if kind not in OP_RULES:
+        raise UnsupportedOpError(
+            f"{where} ('{name}'): op '{kind}' is not supported by this version of tinyrt "
+            f"(supported: {', '.join(sorted(OP_RULES))}); convert the model with a matching "
+            "converter or upgrade tinyrt"
+        )
+    rule = OP_RULES[kind]
+    where = f"{where} ('{name}', {kind})"
+    inputs_raw = _field(raw, "inputs", where)
+    if not isinstance(inputs_raw, list) or not inputs_raw or len(inputs_raw) > 1024:
+        raise FormatError(f"{where}.inputs: expected a non-empty list of value indices")
+    if rule.n_inputs is not None and len(inputs_raw) != rule.n_inputs:
+        raise FormatError(f"{where}.inputs: expected {rule.n_inputs}, found {len(inputs_raw)}")
+    inputs = tuple(_index(v, f"{where}.inputs", len(values), "value") for v in inputs_raw)
+    outputs_raw = _field(raw, "outputs", where)
+    if not isinstance(outputs_raw, list) or len(outputs_raw) != 1:
+        raise FormatError(f"{where}.outputs: expected exactly one value index")
+    outputs = (_index(outputs_raw[0], f"{where}.outputs", len(values), "value"),)
+    tensor_refs = raw.get("tensors", {})
+    if not isinstance(tensor_refs, dict) or set(tensor_refs) != set(rule.tensors):
+        raise FormatError(
+            f"{where}.tensors: expected roles {sorted(rule.tensors)}, found {tensor_refs!r}"
+        )
+    bound = {}
+    for role, dtype in rule.tensors.items():
+        index = _index(tensor_refs[role], f"{where}.tensors.{role}", len(tensors), "tensor")
+        tensor = tensors[index]
+        if tensor.dtype != dtype:
+            raise FormatError(
+                f"{where}.tensors.{role}: tensor {index} ('{tensor.name}') must be {dtype}, "
+                f"is {tensor.dtype}"
+            )
+        bound[role] = tensor.data
+    attrs = rule.read_attrs(raw.get("attrs", {}), f"{where}.attrs", len(inputs))
+    return Op(kind, name, inputs, outputs, bound, attrs)
+
+
+def parse_graph(raw: Any, tensors: Sequence[Tensor]) -> Graph:
+    """Validate the ``graph`` object of a file against its tensors; return a :class:`Graph`."""
+    values_raw = _field(raw, "values", "graph")
+    if not isinstance(values_raw, list) or not 1 <= len(values_raw) <= MAX_VALUES:
+        raise FormatError(f"graph.values: expected a list of 1 to {MAX_VALUES} values")
+    values = [_read_value(v, f"graph.values[{i}]") for i, v in enumerate(values_raw)]
+    inputs = _read_ports(_field(raw, "inputs", "graph"), "graph.inputs", len(values), False)
+    outputs = _read_ports(_field(raw, "outputs", "graph"), "graph.outputs", len(values), True)
+    ops_raw = _field(raw, "ops", "graph")
+    if not isinstance(ops_raw, list) or len(ops_raw) > MAX_VALUES:
+        raise FormatError(f"graph.ops: expected a list of at most {MAX_VALUES} ops")
+    ops = [_read_op(o, f"graph.ops[{i}]", values, tensors) for i, o in enumerate(ops_raw)]
+
+    defined = [False] * len(values)
+    for port in inputs:
+        if defined[port.value]:
+            raise FormatError(f"graph.inputs: value {port.value} is listed twice")
+        defined[port.value] = True
+    for op in ops:
+        for v in op.inputs:
+            if not defined[v]:
+                raise FormatError(
+                    f"op '{op.name}' ({op.kind}): input value {v} ('{values[v].name}') is not "
+                    "computed before it is used"
+                )
+        (out,) = op.outputs
+        if defined[out]:
+            raise FormatError(f"op '{op.name}' ({op.kind}): value {out} is written twice")
+        defined[out] = True
+        _check_op(op, values)
+    for port in outputs:
+        if not defined[port.value]:
+            raise FormatError(f"graph.outputs: output '{port.name}' is never computed")
+        if port.dim >= len(values[port.value].shape):
+            raise FormatError(f"graph.outputs: output '{port.name}' has no axis {port.dim}")
+    return Graph(values, inputs, outputs, ops)
+
+
+def _check_op(op: Op, values: list[Value]) -> None:
+    """Infer the op's output shape and check it, and its quantization, against the file."""
+    rule = OP_RULES[op.kind]
+    if rule.tensors:
+        _check_layer_tensors(op)
+    shapes = [values[v].shape for v in op.inputs]
+    out = values[op.outputs[0]]
+    if op.kind == "reshape":
+        if math.prod(out.shape) != math.prod(shapes[0]):
+            raise FormatError(
+                f"op '{op.name}' (reshape): {shapes[0]} and {out.shape} differ in size"
+            )
+    else:
+        expected = rule.infer(op, shapes)
+        if expected != out.shape:
+            raise FormatError(
+                f"op '{op.name}' ({op.kind}): output value '{out.name}' is declared with shape "
+                f"{out.shape}, but the op computes {expected}"
+            )
+    if rule.keeps_quantization:
+        source = values[op.inputs[0]]
+        if (source.scale, source.zero_point) != (out.scale, out.zero_point):
+            raise FormatError(
+                f"op '{op.name}' ({op.kind}): output must keep the input's scale and zero point"
+            )

@@ -1,0 +1,226 @@
+"""Bind graph ops to kernels: each op becomes a zero-argument step over fixed buffers.
+
+At plan time every op's kernel, constant tensors, attributes and arena views are looked up
+once and closed over, so running a model is ``for step in steps: step()`` with no dictionary
+lookups. 1-D convolutions and pools run as 2-D ones with height 1 (free reshapes of views).
+
+Two backends: ``"numba"`` writes straight into the arena; ``"reference"`` calls the NumPy
+specification and copies its result in (it allocates; it is the executable spec, not the fast
+path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import numpy as np
+
+from tinyrt.graph import Op, Value
+from tinyrt.kernels import reference as ref
+
+Step = Callable[[], None]
+
+
+def _as_2d(op: Op) -> dict:
+    """Window attributes of a 1-D or 2-D op in 2-D form: 1-D ops get a height of 1."""
+    attrs = op.attrs
+    if op.kind.endswith("1d"):
+        attrs = dict(attrs)
+        for key in ("kernel", "stride", "dilation"):
+            if key in attrs:
+                attrs[key] = (1,) + attrs[key]
+        attrs["padding"] = (0, 0) + attrs["padding"]
+    attrs.setdefault("dilation", (1, 1))
+    return attrs
+
+
+def _image(x: np.ndarray) -> np.ndarray:
+    """``[N, C, L]`` as ``[N, C, 1, L]``; 4-D arrays unchanged (views, never copies)."""
+    return x.reshape(x.shape[0], x.shape[1], 1, x.shape[2]) if x.ndim == 3 else x
+
+
+def conv_scratch_shape(op: Op, out_shape: tuple[int, ...]) -> tuple[int, int]:
+    """The im2col buffer the numba convolution needs: ``[OH * OW, C/groups * KH * KW]``."""
+    weight = op.tensors["weight"]
+    positions = int(np.prod(out_shape[2:]))
+    return positions, weight[0].size
+
+
+def bind_op(
+    op: Op,
+    values: list[Value],
+    ins: list[np.ndarray],
+    out: np.ndarray,
+    scratch: np.ndarray | None,
+    numba_kernels: ModuleType | None,
+) -> Step:
+    """Return the step that computes ``op`` from ``ins`` into ``out``.
+
+    ``numba_kernels`` is the numba kernel module, or None for the reference backend.
+    """
+    zp_in = values[op.inputs[0]].zero_point
+    zp_out = values[op.outputs[0]].zero_point
+    nk = numba_kernels
+    kind, a = op.kind, op.attrs
+
+    if kind == "linear":
+        weight, bias, mult, shift = (
+            op.tensors[k] for k in ("weight", "bias", "multiplier", "shift")
+        )
+        x = ins[0].reshape(-1, weight.shape[1])
+        y = out.reshape(-1, weight.shape[0])
+        qmin, qmax = a["qmin"], a["qmax"]
+        if nk:
+            return lambda: nk.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
+        return lambda: np.copyto(
+            y, ref.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax)
+        )
+
+    if kind in ("conv1d", "conv2d"):
+        t = op.tensors
+        a2 = _as_2d(op)
+        weight = t["weight"].reshape(
+            t["weight"].shape[0], t["weight"].shape[1], -1, t["weight"].shape[-1]
+        )
+        x, y = _image(ins[0]), _image(out)
+        stride, padding, dilation = a2["stride"], a2["padding"], a2["dilation"]
+        groups, qmin, qmax = a2["groups"], a2["qmin"], a2["qmax"]
+        if nk:
+            flat_weight = weight.reshape(weight.shape[0], -1)
+            kh, kw = weight.shape[2:]
+            top, left = padding[0], padding[2]
+
+            def conv() -> None:
+                nk.conv2d_int8(
+                    x,
+                    flat_weight,
+                    t["bias"],
+                    t["multiplier"],
+                    t["shift"],
+                    zp_in,
+                    zp_out,
+                    kh,
+                    kw,
+                    stride[0],
+                    stride[1],
+                    top,
+                    left,
+                    dilation[0],
+                    dilation[1],
+                    groups,
+                    qmin,
+                    qmax,
+                    scratch,
+                    y,
+                )
+
+            return conv
+        return lambda: np.copyto(
+            y,
+            ref.conv2d_int8(
+                x,
+                weight,
+                t["bias"],
+                t["multiplier"],
+                t["shift"],
+                zp_in,
+                zp_out,
+                stride,
+                padding,
+                dilation,
+                groups,
+                qmin,
+                qmax,
+            ),
+        )
+
+    if kind in ("max_pool1d", "max_pool2d"):
+        a2 = _as_2d(op)
+        x, y = _image(ins[0]), _image(out)
+        kernel, stride, padding, dilation = (
+            a2["kernel"],
+            a2["stride"],
+            a2["padding"],
+            a2["dilation"],
+        )
+        if nk:
+            args = (*kernel, *stride, padding[0], padding[2], *dilation)
+            return lambda: nk.max_pool2d_int8(x, *args, y)
+        return lambda: np.copyto(y, ref.max_pool2d_int8(x, kernel, stride, padding, dilation))
+
+    if kind in ("avg_pool1d", "avg_pool2d"):
+        a2 = _as_2d(op)
+        x, y = _image(ins[0]), _image(out)
+        kernel, stride, padding, include = (
+            a2["kernel"],
+            a2["stride"],
+            a2["padding"],
+            a2["count_include_pad"],
+        )
+        if nk:
+            args = (*kernel, *stride, padding[0], padding[2], include)
+            return lambda: nk.avg_pool2d_int8(x, zp_in, *args, y)
+        return lambda: np.copyto(y, ref.avg_pool2d_int8(x, zp_in, kernel, stride, padding, include))
+
+    if kind == "global_avg_pool":
+        x = ins[0].reshape(ins[0].shape[0], ins[0].shape[1], -1)
+        y = out.reshape(out.shape[0], out.shape[1])
+        if nk:
+            return lambda: nk.global_avg_pool_int8(x, zp_in, y)
+        return lambda: np.copyto(y, ref.global_avg_pool_int8(x, zp_in))
+
+    if kind == "add":
+        left, right = (v.reshape(-1) for v in ins)
+        y = out.reshape(-1)
+        zp_b = values[op.inputs[1]].zero_point
+        args = (
+            zp_in,
+            zp_b,
+            zp_out,
+            a["left_shift"],
+            a["a_multiplier"],
+            a["a_shift"],
+            a["b_multiplier"],
+            a["b_shift"],
+            a["out_multiplier"],
+            a["out_shift"],
+            a["qmin"],
+            a["qmax"],
+        )
+        if nk:
+            return lambda: nk.add_int8(left, right, *args, y)
+        return lambda: np.copyto(y, ref.add_int8(left, right, *args))
+
+    if kind == "concat":
+        axis = a["axis"]
+        outer = int(np.prod(out.shape[:axis]))
+        y = out.reshape(outer, -1)
+        parts = []
+        column = 0
+        for v, x, m, s in zip(op.inputs, ins, a["multipliers"], a["shifts"], strict=True):
+            x2 = x.reshape(outer, -1)
+            parts.append((x2, values[v].zero_point, m, s, column))
+            column += x2.shape[1]
+        if nk:
+
+            def concat() -> None:
+                for x2, zp, m, s, col in parts:
+                    nk.concat_rescale_int8(x2, zp, zp_out, m, s, y, col)
+
+            return concat
+
+        def concat_reference() -> None:
+            for x2, zp, m, s, col in parts:
+                y[:, col : col + x2.shape[1]] = ref.rescale_int8(x2, zp, zp_out, m, s)
+
+        return concat_reference
+
+    if kind == "clamp":
+        x, y = ins[0].reshape(-1), out.reshape(-1)
+        qmin, qmax = a["qmin"], a["qmax"]
+        if nk:
+            return lambda: nk.clamp_int8(x, qmin, qmax, y)
+        return lambda: np.copyto(y, ref.clamp_int8(x, qmin, qmax))
+
+    raise AssertionError(f"op kind {kind!r} passed validation but has no binding")

@@ -1,0 +1,77 @@
+"""Bit packing of int4 and int2 tensors, as stored in a ``.tinyrt`` file.
+
+Layout (the one definition; docs/format.md refers here): values are signed two's complement
+integers in ``[-2^(bits-1), 2^(bits-1) - 1]`` (int4: [-8, 7], int2: [-2, 1]), taken in C order
+and packed little end first. With ``k = 8 // bits`` values per byte, value ``k*i + j`` occupies
+bits ``j*bits .. j*bits + bits - 1`` of byte ``i``: for int4, value ``2i`` is the low nibble of
+byte ``i`` and value ``2i + 1`` the high nibble; for int2, value ``4i`` is in bits 0-1, ``4i + 1``
+in bits 2-3, ``4i + 2`` in bits 4-5 and ``4i + 3`` in bits 6-7. ``count`` values take
+``ceil(count * bits / 8)`` bytes; the unused high bits of the last byte are zero.
+Example: int4 ``[1, -1]`` packs to the single byte ``0xF1``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+PACKED_BITS = (2, 4)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in PACKED_BITS:
+        raise ValueError(f"bits must be one of {PACKED_BITS}, got {bits!r}")
+
+
+def packed_nbytes(count: int, bits: int) -> int:
+    """Number of bytes that ``count`` values of ``bits`` bits take when packed."""
+    _check_bits(bits)
+    return -(-count * bits // 8)
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack signed integers of width ``bits`` (2 or 4) into a 1-D uint8 array.
+
+    ``values`` may have any shape (it is flattened in C order) and any integer dtype; a value
+    outside ``[-2^(bits-1), 2^(bits-1) - 1]`` raises ValueError.
+    """
+    _check_bits(bits)
+    flat = np.asarray(values).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise ValueError(f"values must have an integer dtype, got {flat.dtype}")
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if flat.size and (flat.min() < low or flat.max() > high):
+        bad = flat[(flat < low) | (flat > high)][0]
+        raise ValueError(f"value {int(bad)} is outside the int{bits} range [{low}, {high}]")
+    per_byte = 8 // bits
+    nbytes = packed_nbytes(flat.size, bits)
+    fields = np.zeros(nbytes * per_byte, dtype=np.uint8)
+    fields[: flat.size] = flat.astype(np.int8).view(np.uint8) & np.uint8(2**bits - 1)
+    fields = fields.reshape(nbytes, per_byte)
+    packed = np.zeros(nbytes, dtype=np.uint8)
+    for j in range(per_byte):
+        packed |= fields[:, j] << np.uint8(j * bits)
+    return packed
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unpack ``count`` signed values of width ``bits`` (2 or 4) into a 1-D int8 array.
+
+    ``packed`` must be a 1-D uint8 array of exactly ``ceil(count * bits / 8)`` bytes.
+    """
+    _check_bits(bits)
+    packed = np.asarray(packed)
+    if packed.dtype != np.uint8 or packed.ndim != 1:
+        raise ValueError(
+            f"packed must be a 1-D uint8 array, got {packed.dtype} with shape {packed.shape}"
+        )
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    expected = packed_nbytes(count, bits)
+    if packed.size != expected:
+        raise ValueError(
+            f"{count} int{bits} values take {expected} packed bytes, got {packed.size} bytes"
+        )
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    fields = ((packed[:, None] >> shifts) & np.uint8(2**bits - 1)).reshape(-1)[:count]
+    sign = np.int8(2 ** (bits - 1))
+    return (fields.astype(np.int8) ^ sign) - sign
