@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from tinyrt.kernels.reference import quantize_multiplier
 
 from tinyrt.format import Tensor, serialize
+from tinyrt.kernels.reference import quantize_multiplier
 
 
 class GraphBuilder:

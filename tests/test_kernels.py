@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
 

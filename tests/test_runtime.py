@@ -11,11 +11,11 @@ import pytest
 from graph_builder import GraphBuilder, every_op_graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tinyrt.kernels import reference as ref
 
 import tinyrt
 from tinyrt.errors import FormatError, InputError, UnsupportedOpError
 from tinyrt.format import serialize
+from tinyrt.kernels import reference as ref
 from tinyrt.plan import plan_arena
 
 

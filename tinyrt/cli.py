@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import tinyrt
+from tinyrt.bench import measure_latency
 from tinyrt.errors import InputError, TinyrtError
 from tinyrt.model import BACKENDS, Model
 
@@ -212,14 +213,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model.run(inputs)
     first_s = time.perf_counter() - start
-    for _ in range(args.warmup):
-        model.run(inputs)
-    times = np.empty(args.runs)
-    for i in range(args.runs):
-        start = time.perf_counter()
-        model.run(inputs)
-        times[i] = time.perf_counter() - start
-    us = times * 1e6
+    latency = measure_latency(lambda: model.run(inputs), runs=args.runs, warmup=args.warmup)
     result = {
         "model": str(args.model),
         "backend": model.backend,
@@ -228,13 +222,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "warmup": args.warmup,
         "load_s": load_s,
         "first_run_s": first_s,
-        "latency_us": {
-            "p50": float(np.percentile(us, 50)),
-            "p90": float(np.percentile(us, 90)),
-            "p99": float(np.percentile(us, 99)),
-            "mean": float(us.mean()),
-            "min": float(us.min()),
-        },
+        "latency_us": latency,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.machine(),
