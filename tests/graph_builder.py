@@ -36,9 +36,9 @@ class GraphBuilder:
     def output(self, v: int, name: str = "y", activation: str | None = None) -> None:
         self.outputs.append({"name": name, "value": v, "activation": activation, "dim": 1})
 
-    def tensor(self, name: str, array: np.ndarray) -> int:
+    def tensor(self, name: str, array: np.ndarray, quant: dict | None = None) -> int:
         dtype = str(array.dtype)
-        self.tensors.append(Tensor(name, dtype, tuple(array.shape), array))
+        self.tensors.append(Tensor(name, dtype, tuple(array.shape), array, quant))
         return len(self.tensors) - 1
 
     def layer_tensors(self, name: str, weight_shape, m_real: float) -> dict[str, int]:
@@ -46,8 +46,20 @@ class GraphBuilder:
         weight = self.rng.integers(-127, 128, size=weight_shape).astype(np.int8)
         bias = self.rng.integers(-2000, 2000, size=out_channels).astype(np.int32)
         encoded = [quantize_multiplier(m_real * f) for f in self.rng.uniform(0.5, 2, out_channels)]
+        scale = self.tensor(
+            f"{name}.weight_scale", self.rng.uniform(1e-3, 1e-2, out_channels).astype(np.float32)
+        )
+        quant = {
+            "scheme": "per_channel",
+            "axis": 0,
+            "group_size": None,
+            "bits": 8,
+            "symmetric": True,
+            "scale": scale,
+            "zero_point": None,
+        }
         return {
-            "weight": self.tensor(f"{name}.weight", weight),
+            "weight": self.tensor(f"{name}.weight", weight, quant),
             "bias": self.tensor(f"{name}.bias", bias),
             "multiplier": self.tensor(
                 f"{name}.multiplier", np.array([m for m, _ in encoded], dtype=np.int32)

@@ -173,7 +173,7 @@ BAD_GRAPHS = {
     "op arity": (set_path(["ops", 0, "inputs"], [0, 0]), "inputs"),
     "op tensor index": (set_path(["ops", 0, "tensors", "weight"], 999), "tensor index"),
     "op tensor role": (set_path(["ops", 0, "tensors"], {"weight": 0}), "roles"),
-    "op tensor dtype": (set_path(["ops", 0, "tensors", "weight"], 1), "must be int8"),
+    "op tensor dtype": (set_path(["ops", 0, "tensors", "weight"], 2), "must be int8"),
     "op attr type": (set_path(["ops", 0, "attrs", "stride"], [1]), "stride"),
     "op attr range": (set_path(["ops", 0, "attrs", "stride"], [0, 1]), "stride"),
     "clamp bounds": (set_path(["ops", 0, "attrs", "qmax"], -129), "qmax"),
