@@ -1,1 +1,9 @@
-"""The tinyrt converter (host side, needs torch): nn.Module + state dict -> ``.tinyrt`` file."""
+"""The tinyrt converter (host side, needs torch): nn.Module + state dict -> ``.tinyrt`` file.
+
+:func:`convert` takes a model object; :func:`convert_from_files` (used by ``tinyrt convert``)
+takes a model spec, a weights file and a calibration file. See :mod:`tinyrt.converter.api`.
+"""
+
+from tinyrt.converter.api import convert, convert_from_files
+
+__all__ = ["convert", "convert_from_files"]

@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from tinyrt.converter.calibrate import float_outputs, run_float
 from tinyrt.converter.passes import simplify
 from tinyrt.converter.trace import trace
 from tinyrt.errors import ConversionError, UnsupportedOpError
+
+# torch warns that it copies the input for 'same' padding with an even kernel; that is fine here.
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")
 
 
 def randomize_batch_norms(model: nn.Module) -> nn.Module:
@@ -342,7 +347,7 @@ class InPlace(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        z = F.relu(y, inplace=True)
+        z = F.relu(y, True)
         return z + y
 
 
@@ -360,3 +365,36 @@ def test_trace_restores_training_mode():
     model.train()
     trace(model, (torch.randn(1, 2, 3),))
     assert all(m.training for m in model.modules())
+
+
+def test_bad_example_inputs():
+    model = Seq(nn.Linear(3, 2))
+    for bad in (torch.zeros(0, 3), torch.tensor(1.0), torch.zeros(1, 3, dtype=torch.long)):
+        with pytest.raises(ConversionError, match="floating-point tensor with a batch axis"):
+            trace(model, (bad,))
+    with pytest.raises(ConversionError, match=r"0 \(nn.Linear\) failed .* batch 2: .*shapes"):
+        trace(model, (torch.zeros(1, 4),))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    stride=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    dilation=st.tuples(st.integers(1, 2), st.integers(1, 2)),
+    padding=st.one_of(st.just("same"), st.tuples(st.integers(0, 2), st.integers(0, 2))),
+    groups=st.sampled_from([1, 2, 4]),
+    pool=st.tuples(st.integers(1, 3), st.integers(1, 2), st.integers(0, 1), st.booleans()),
+)
+def test_float_ir_matches_random_conv_and_pool_attributes(
+    kernel, stride, dilation, padding, groups, pool
+):
+    if padding == "same":
+        stride = (1, 1)
+    size, step, pad, include = pool
+    pad = min(pad, size // 2)
+    model = Seq(
+        nn.Conv2d(4, 8, kernel, stride, padding, dilation, groups),
+        nn.MaxPool2d(size, step, pad),
+        nn.AvgPool2d(size, step, pad, count_include_pad=include),
+    )
+    check_float_ir(model, torch.randn(2, 4, 16, 17))

@@ -36,7 +36,7 @@ class Value:
 
 @dataclass(frozen=True)
 class Port:
-    """A model input or output: its name, value index and (outputs) float activation."""
+    """A model input or output: name, value index and (outputs) float activation and its axis."""
 
     name: str
     value: int
@@ -380,7 +380,8 @@ def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Po
                 raise FormatError(
                     f"{at}.activation: expected one of {OUTPUT_ACTIVATIONS}, found {activation!r}"
                 )
-            dim = _int(entry.get("dim", 1), f"{at}.dim", -MAX_RANK, MAX_RANK - 1)
+            if activation is not None:  # ``dim`` means nothing without an activation
+                dim = _int(_field(entry, "dim", at), f"{at}.dim", 0, MAX_RANK - 1)
         ports.append(Port(name, value, activation, dim))
     if len({p.name for p in ports}) != len(ports):
         raise FormatError(f"{where}: names are not unique")
@@ -460,7 +461,7 @@ def parse_graph(raw: Any, tensors: Sequence[Tensor]) -> Graph:
     for port in outputs:
         if not defined[port.value]:
             raise FormatError(f"graph.outputs: output '{port.name}' is never computed")
-        if port.dim >= len(values[port.value].shape):
+        if port.activation is not None and port.dim >= len(values[port.value].shape):
             raise FormatError(f"graph.outputs: output '{port.name}' has no axis {port.dim}")
     return Graph(values, inputs, outputs, ops)
 

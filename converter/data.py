@@ -1,0 +1,186 @@
+"""Calibration data in any of the accepted forms, as batches of float32 tensors.
+
+Accepted forms (``names`` are the model's input names, in forward order):
+
+* a NumPy array or torch tensor, first axis = samples (single-input models);
+* a dict input name -> array;
+* a path to a ``.npy`` file (single input) or a ``.npz`` file;
+* an iterable (a DataLoader, a list, a generator) of batches: each a tensor/array (single
+  input), a tuple/list whose first k elements are the k inputs (labels after them are
+  ignored), or a dict input name -> batch.
+
+A dict or ``.npz`` needs an array named after every input. For a single-input model it may
+instead hold exactly one array (whatever its key), or, next to other arrays such as labels, an
+array named ``calib_x`` or ``x``, tried in that order.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from tinyrt.errors import ConversionError
+
+BATCH_SIZE = 64
+_SINGLE_INPUT_KEYS = ("calib_x", "x")
+
+
+def _pick(keys: Iterable[str], names: list[str], source: str) -> dict[str, str]:
+    """Map each input name to the key holding its data (see the module docstring)."""
+    keys = list(keys)
+    if all(name in keys for name in names):
+        return {name: name for name in names}
+    if len(names) == 1:
+        if len(keys) == 1:
+            return {names[0]: keys[0]}
+        for key in _SINGLE_INPUT_KEYS:
+            if key in keys:
+                return {names[0]: key}
+    missing = [name for name in names if name not in keys]
+    hint = (
+        f", or (single input) exactly one array or one named {' or '.join(_SINGLE_INPUT_KEYS)}"
+        if len(names) == 1
+        else ""
+    )
+    raise ConversionError(
+        f"{source} holds arrays {keys} but none for input(s) {missing}; expected one array per "
+        f"input name ({', '.join(names)}){hint}"
+    )
+
+
+def load_calibration_file(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
+    """Read a ``.npy`` or ``.npz`` calibration file into input name -> array (never unpickles)."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConversionError(f"calibration file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".npy":
+            if len(names) != 1:
+                raise ConversionError(
+                    f"calibration file {str(path)!r} is a .npy file (one array), but the model "
+                    f"has {len(names)} inputs ({', '.join(names)}); use a .npz file with one "
+                    "array per input name"
+                )
+            return {names[0]: np.load(path, allow_pickle=False)}
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                chosen = _pick(archive.files, names, f"calibration file {str(path)!r}")
+                return {name: archive[key] for name, key in chosen.items()}
+    except (ValueError, OSError) as exc:
+        raise ConversionError(f"cannot read calibration file {str(path)!r}: {exc}") from exc
+    raise ConversionError(
+        f"calibration file {str(path)!r} has an unknown extension {path.suffix!r}; "
+        "expected .npy or .npz"
+    )
+
+
+def _tensor(value: Any, name: str, sample_shape: tuple[int, ...], where: str) -> torch.Tensor:
+    """Check one batch of input ``name`` (shape, dtype, finite) and return it as float32."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    expected = ["N", *sample_shape]
+    if array.shape[1:] != sample_shape or array.ndim != len(expected):
+        raise ConversionError(
+            f"{where}: input {name!r} has shape {list(array.shape)}, expected {expected} "
+            "(samples first, then the shape of one example input)"
+        )
+    if array.dtype.kind != "f":
+        raise ConversionError(
+            f"{where}: input {name!r} has dtype {array.dtype}, expected a floating-point dtype"
+        )
+    if not np.isfinite(array).all():
+        raise ConversionError(f"{where}: input {name!r} contains NaN or infinity")
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+
+
+def _item_inputs(item: Any, names: list[str], where: str) -> dict[str, Any]:
+    """The inputs in one item of an iterable (tensor/array, tuple/list or dict)."""
+    if isinstance(item, Mapping):
+        return {name: item[key] for name, key in _pick(item.keys(), names, where).items()}
+    if isinstance(item, tuple | list):
+        if len(item) < len(names):
+            raise ConversionError(
+                f"{where} has {len(item)} elements, expected at least {len(names)} (the "
+                f"inputs {', '.join(names)}, then optionally labels)"
+            )
+        return dict(zip(names, item, strict=False))
+    if len(names) != 1:
+        raise ConversionError(
+            f"{where} is a single {type(item).__name__}, but the model has {len(names)} inputs; "
+            "yield tuples (or dicts) holding one batch per input"
+        )
+    return {names[0]: item}
+
+
+def _from_arrays(
+    arrays: dict[str, Any], shapes: dict[str, tuple[int, ...]], max_samples: int | None
+) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
+    tensors = {n: _tensor(a, n, shapes[n], "calibration data") for n, a in arrays.items()}
+    counts = {len(t) for t in tensors.values()}
+    if len(counts) != 1:
+        sizes = {n: len(t) for n, t in tensors.items()}
+        raise ConversionError(f"calibration arrays have different numbers of samples: {sizes}")
+    total = counts.pop() if max_samples is None else min(counts.pop(), max_samples)
+    starts = range(0, total, BATCH_SIZE)
+    batches = ({n: t[i : min(i + BATCH_SIZE, total)] for n, t in tensors.items()} for i in starts)
+    return batches, len(starts)
+
+
+def _from_iterable(
+    items: Iterable, shapes: dict[str, tuple[int, ...]], max_samples: int | None
+) -> Iterator[dict[str, torch.Tensor]]:
+    names = list(shapes)
+    seen = 0
+    for k, item in enumerate(items):
+        if max_samples is not None and seen >= max_samples:
+            return
+        where = f"calibration batch {k}"
+        batch = {
+            n: _tensor(v, n, shapes[n], where) for n, v in _item_inputs(item, names, where).items()
+        }
+        if max_samples is not None:
+            batch = {n: t[: max_samples - seen] for n, t in batch.items()}
+        seen += len(next(iter(batch.values())))
+        yield batch
+
+
+def calibration_batches(
+    calibration: Any, shapes: dict[str, tuple[int, ...]], max_samples: int | None = None
+) -> tuple[Iterator[dict[str, torch.Tensor]], int | None]:
+    """Batches (input name -> float32 tensor) from ``calibration`` and their number if known.
+
+    ``shapes`` maps each input name, in forward order, to the shape of one sample (without the
+    batch axis). Arrays are fed in batches of :data:`BATCH_SIZE`; ``max_samples`` caps the
+    number of samples used.
+    """
+    names = list(shapes)
+    if calibration is None:
+        raise ConversionError(
+            "calibration data is required: static quantization takes activation ranges from "
+            "running the model on representative inputs (pass an array, a dict, a .npy/.npz "
+            "path or a DataLoader)"
+        )
+    if isinstance(calibration, str | os.PathLike):
+        return _from_arrays(load_calibration_file(calibration, names), shapes, max_samples)
+    if isinstance(calibration, np.ndarray | torch.Tensor):
+        if len(names) != 1:
+            raise ConversionError(
+                f"calibration is a single array, but the model has {len(names)} inputs "
+                f"({', '.join(names)}); pass a dict input name -> array"
+            )
+        return _from_arrays({names[0]: calibration}, shapes, max_samples)
+    if isinstance(calibration, Mapping):
+        chosen = _pick(calibration.keys(), names, "the calibration dict")
+        arrays = {name: calibration[key] for name, key in chosen.items()}
+        return _from_arrays(arrays, shapes, max_samples)
+    if isinstance(calibration, Iterable):
+        total = len(calibration) if hasattr(calibration, "__len__") else None
+        return _from_iterable(calibration, shapes, max_samples), total
+    raise ConversionError(
+        f"calibration must be an array, a dict, a .npy/.npz path or an iterable of batches, "
+        f"got {type(calibration).__name__}"
+    )

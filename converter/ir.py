@@ -1,0 +1,101 @@
+"""The converter's float intermediate representation: a flat list of nodes over named values.
+
+:mod:`~tinyrt.converter.trace` builds it from a traced model, :mod:`~tinyrt.converter.passes`
+simplifies it, :mod:`~tinyrt.converter.calibrate` executes it in float and
+:mod:`~tinyrt.converter.pack` turns it into the integer graph of docs/graph.md.
+
+Node kinds and their ``attrs`` (``params`` hold float ``torch`` tensors):
+
+* ``conv1d``/``conv2d``: params ``weight``, ``bias``; attrs ``stride``, ``padding`` (as in
+  docs/graph.md: ``[left, right]`` or ``[top, bottom, left, right]``), ``dilation``,
+  ``groups``, ``bounds``.
+* ``linear``: params ``weight``, ``bias``; attrs ``bounds``.
+* ``batch_norm``: params ``weight``, ``bias``, ``running_mean``, ``running_var``; attrs
+  ``eps``. Folded away by the passes.
+* ``clamp``: a ReLU/ReLU6; attrs ``bounds``.
+* ``max_pool1d``/``max_pool2d``: attrs ``kernel``, ``stride``, ``padding``, ``dilation``.
+* ``avg_pool1d``/``avg_pool2d``: attrs ``kernel``, ``stride``, ``padding``,
+  ``count_include_pad``.
+* ``global_avg_pool``, ``reshape``, ``identity`` (dropped by the passes): no attrs.
+* ``add``: two inputs; attrs ``bounds``. ``concat``: attrs ``axis``.
+* ``softmax``/``log_softmax``: attrs ``dim``. Become an output's activation in the passes.
+
+``bounds`` is ``None`` or the real interval ``(low, high)`` an activation clamps the output to
+(``high`` may be ``None``): ReLU is ``(0.0, None)``, ReLU6 ``(0.0, 6.0)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+Bounds = tuple[float, float | None]
+RELU: Bounds = (0.0, None)
+RELU6: Bounds = (0.0, 6.0)
+
+# Ops whose output keeps the input's scale and zero point (docs/graph.md).
+SHARES_INPUT_PARAMS = frozenset(
+    {"reshape", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "global_avg_pool", "clamp"}
+)
+# Ops that can absorb a following clamp (their requantization clamps anyway).
+FUSES_ACTIVATION = frozenset({"conv1d", "conv2d", "linear", "add", "clamp"})
+
+
+@dataclass
+class Node:
+    """One operation: ``output = kind(*inputs; params, attrs)``.
+
+    ``name`` is the PyTorch module path (or the traced node name for a function), ``op`` the
+    PyTorch op it came from (for messages, e.g. ``nn.BatchNorm2d``); ``inputs`` and ``output``
+    are value names.
+    """
+
+    kind: str
+    name: str
+    op: str
+    inputs: list[str]
+    output: str
+    params: dict[str, torch.Tensor] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Output:
+    """A model output: a value, optionally passed through a float softmax/log-softmax."""
+
+    value: str
+    activation: str | None = None
+    dim: int | None = None
+
+
+@dataclass
+class Graph:
+    """A model as nodes in execution order; ``shapes`` maps every value to its batch-1 shape."""
+
+    inputs: list[str]
+    nodes: list[Node]
+    outputs: list[Output]
+    shapes: dict[str, tuple[int, ...]]
+
+    def producers(self) -> dict[str, Node]:
+        """Map each value produced by a node to that node."""
+        return {node.output: node for node in self.nodes}
+
+    def consumer_counts(self) -> dict[str, int]:
+        """How many times each value is read, by nodes and by model outputs."""
+        counts: dict[str, int] = {}
+        for name in [v for node in self.nodes for v in node.inputs] + [
+            out.value for out in self.outputs
+        ]:
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def replace_uses(self, old: str, new: str) -> None:
+        """Make every reader of value ``old`` read ``new`` instead."""
+        for node in self.nodes:
+            node.inputs = [new if v == old else v for v in node.inputs]
+        for out in self.outputs:
+            if out.value == old:
+                out.value = new

@@ -1,0 +1,156 @@
+"""Quantization parameters: the arithmetic of DESIGN.md's contract, on NumPy arrays.
+
+Conventions (``real = scale * (q - zero_point)``):
+
+* Rounding is to nearest with ties away from zero everywhere (:func:`round_half_away`), the
+  rule the reference kernels use.
+* Activations: int8 per tensor, asymmetric. A calibrated range ``[lo, hi]`` (containing 0)
+  gives ``scale = (hi - lo) / 255`` and ``zero_point = round(-128 - lo / scale)`` clamped to
+  [-128, 127], so ``lo`` maps to -128 and ``hi`` to 127. A range of only 0 gets scale 1, zp 0.
+* Weights: int8 symmetric per output channel, ``s_w[c] = max|W[c]| / 127`` (stored as float32;
+  1.0 for an all-zero channel) and ``Wq = clamp(round(W / s_w), -127, 127)``.
+* Bias: int32 at scale ``s_in * s_w[c]``: ``round(b[c] / (s_in * s_w[c]))`` minus the input
+  zero-point correction ``zp_in * sum_k Wq[c, k]`` (the kernels then never see ``zp_in``).
+* Requantization multipliers ``M = s_in * s_w[c] / s_out`` are encoded by
+  :func:`tinyrt.kernels.reference.quantize_multiplier`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinyrt.converter.ir import Bounds
+from tinyrt.errors import ConversionError
+from tinyrt.kernels.reference import INT8_MAX, INT8_MIN, INT32_MAX, quantize_multiplier
+
+BIAS_LIMIT = 2**30
+ADD_LEFT_SHIFT = 20
+
+
+def round_half_away(x: np.ndarray | float) -> np.ndarray:
+    """Round to nearest, ties away from zero (``np.round`` would round ties to even)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def activation_params(low: float, high: float) -> tuple[float, int]:
+    """``(scale, zero_point)`` of an int8 activation observed in ``[low, high]``."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    if high == low:
+        return 1.0, 0
+    scale = (high - low) / 255.0
+    zero_point = int(round_half_away(-128.0 - low / scale))
+    return scale, max(INT8_MIN, min(INT8_MAX, zero_point))
+
+
+def encode_multiplier(real: float, where: str) -> tuple[int, int]:
+    """:func:`quantize_multiplier`, with a ConversionError naming the op if it cannot encode."""
+    try:
+        return quantize_multiplier(float(real))
+    except ValueError as exc:
+        raise ConversionError(
+            f"{where}: requantization multiplier {real!r} cannot be encoded ({exc}); an "
+            "activation range is degenerate (check the calibration data)"
+        ) from exc
+
+
+def _quantize_rows(w: np.ndarray, s_w: np.ndarray) -> np.ndarray:
+    return np.clip(round_half_away(w / s_w[:, None].astype(np.float64)), -127, 127).astype(np.int8)
+
+
+@dataclass
+class QuantizedLayer:
+    """A conv/linear layer in integers: ``weight`` int8 (the float weight's shape), ``scale``
+    float32 ``s_w`` [O], ``bias`` int32 [O] with the zero-point correction folded in, and the
+    requantization ``multiplier``/``shift`` int32 [O]."""
+
+    weight: np.ndarray
+    scale: np.ndarray
+    bias: np.ndarray
+    multiplier: np.ndarray
+    shift: np.ndarray
+
+
+def quantize_layer(
+    name: str, weight: np.ndarray, bias: np.ndarray, s_in: float, zp_in: int, s_out: float
+) -> QuantizedLayer:
+    """Quantize a conv/linear layer (``weight`` [O, ...], ``bias`` [O], float) between an input
+    with parameters ``(s_in, zp_in)`` and an output with scale ``s_out``.
+
+    If ``b[c] / (s_in * s_w[c])`` would exceed ``2^30`` in magnitude (a large bias on a channel
+    with tiny weights), ``s_w[c]`` is raised to ``|b[c]| / (s_in * 2^30)`` (rounded up to
+    float32) and the channel's weights are quantized with it: a coarser channel instead of a
+    bias that does not fit.
+
+    Overflow proof: the int32 accumulator of channel ``c`` starts at ``bias'[c]`` and adds
+    products of ``Wq`` with int8 inputs (``|x| <= 128``, padding reads ``zp_in``), so every
+    partial sum is bounded by ``|bias'[c]| + 128 * sum_k |Wq[c, k]|``; a layer where that exceeds
+    ``2^31 - 1`` is refused.
+    """
+    out_channels = weight.shape[0]
+    w = weight.reshape(out_channels, -1).astype(np.float64)
+    b = bias.astype(np.float64)
+    peak = np.abs(w).max(axis=1)
+    s_w = np.where(peak > 0, peak / 127.0, 1.0)
+    s_w = np.maximum(s_w, np.abs(b) / (s_in * BIAS_LIMIT))
+    scale = s_w.astype(np.float32)
+    scale = np.where(scale < s_w, np.nextafter(scale, np.float32(np.inf)), scale)
+    wq = _quantize_rows(w, scale)
+    bias_q = round_half_away(b / (s_in * scale.astype(np.float64))).astype(np.int64)
+    row_sums = wq.astype(np.int64).sum(axis=1)
+    folded = bias_q - zp_in * row_sums
+    bound = np.abs(folded) + 128 * np.abs(wq.astype(np.int64)).sum(axis=1)
+    if (bound > INT32_MAX).any():
+        c = int(np.argmax(bound > INT32_MAX))
+        raise ConversionError(
+            f"{name}: the int32 accumulator of output channel {c} could overflow: "
+            f"|bias| + 128 * sum|w| = {int(bound[c])} > 2^31 - 1 = {INT32_MAX} "
+            f"(input dimension {w.shape[1]} per channel). Use a smaller input dimension for "
+            "this layer; splitting a layer's accumulation is not implemented"
+        )
+    encoded = [encode_multiplier(s_in * float(scale[c]) / s_out, name) for c in range(out_channels)]
+    multiplier, shift = (np.array(column, dtype=np.int32) for column in zip(*encoded, strict=True))
+    return QuantizedLayer(
+        wq.reshape(weight.shape),
+        scale.astype(np.float32),
+        folded.astype(np.int32),
+        multiplier,
+        shift,
+    )
+
+
+def clamp_bounds(bounds: Bounds | None, scale: float, zero_point: int) -> tuple[int, int]:
+    """int8 ``(qmin, qmax)`` of a fused activation: ``zp + round(bound / scale)``, within int8."""
+    if bounds is None:
+        return INT8_MIN, INT8_MAX
+    low, high = bounds
+    qmin = max(INT8_MIN, zero_point + int(round_half_away(low / scale)))
+    qmax = INT8_MAX if high is None else zero_point + int(round_half_away(high / scale))
+    return qmin, min(INT8_MAX, qmax)
+
+
+def add_attrs(name: str, s_a: float, s_b: float, s_out: float) -> dict:
+    """Multipliers of the ``add`` op (TFLite's scheme, docs/graph.md): both inputs are brought
+    to a common scale ``2 max(s_a, s_b) / 2^20`` after a left shift of 20 bits, summed, then
+    rescaled to ``s_out``."""
+    twice_max = 2.0 * max(s_a, s_b)
+    a_multiplier, a_shift = encode_multiplier(s_a / twice_max, name)
+    b_multiplier, b_shift = encode_multiplier(s_b / twice_max, name)
+    out_multiplier, out_shift = encode_multiplier(twice_max / (2**ADD_LEFT_SHIFT * s_out), name)
+    return {
+        "left_shift": ADD_LEFT_SHIFT,
+        "a_multiplier": a_multiplier,
+        "a_shift": a_shift,
+        "b_multiplier": b_multiplier,
+        "b_shift": b_shift,
+        "out_multiplier": out_multiplier,
+        "out_shift": out_shift,
+    }
+
+
+def concat_attrs(name: str, scales: list[float], s_out: float) -> dict:
+    """Multipliers of the ``concat`` op: input ``i`` is rescaled by ``M_i = s_i / s_out``."""
+    encoded = [encode_multiplier(s / s_out, name) for s in scales]
+    return {"multipliers": [m for m, _ in encoded], "shifts": [s for _, s in encoded]}

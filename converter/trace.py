@@ -1,0 +1,250 @@
+"""Trace a PyTorch model into the float IR (:mod:`tinyrt.converter.ir`).
+
+``torch.fx.symbolic_trace`` records the model's ops; the traced graph is then executed node by
+node on the example inputs repeated to batch 2. Every tensor must keep that 2 on axis 0 (so the
+runtime can run any batch size), and every call is checked against the supported ops before it
+runs. Shapes are recorded with batch 1. Integer "shape arithmetic" (``x.size(0)``,
+``x.shape[1] * 4``) may feed ``view``/``reshape``, whose output shape is taken from execution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import operator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from tinyrt.converter.ir import Graph, Node, Output
+from tinyrt.converter.ops import (
+    FUNCTIONS,
+    METADATA_ATTRIBUTES,
+    METADATA_METHODS,
+    METHODS,
+    MODULES,
+    Call,
+    Value,
+    function_name,
+    module_name,
+    supported_ops,
+    unsupported,
+)
+from tinyrt.errors import ConversionError, TinyrtError, UnsupportedOpError
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the duration, then restore each module's flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def input_names(model: nn.Module) -> list[str]:
+    """The names of ``model.forward``'s arguments: the model's input names."""
+    names = []
+    for param in inspect.signature(model.forward).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise ConversionError(
+                f"{type(model).__name__}.forward takes *{param.name}; tinyrt needs a forward "
+                "with named tensor arguments"
+            )
+        names.append(param.name)
+    return names
+
+
+def _is_tensor_tree(value: Any) -> bool:
+    found = []
+    torch.fx.node.map_aggregate(value, lambda v: found.append(isinstance(v, torch.Tensor)))
+    return any(found)
+
+
+class _Tracer(torch.fx.Interpreter):
+    """Executes a traced model node by node, checking and converting each call."""
+
+    def __init__(self, gm: torch.fx.GraphModule, inputs: str) -> None:
+        super().__init__(gm)
+        self.described_inputs = inputs
+        self.extra_traceback = False  # our messages name the node already
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.nodes: list[Node] = []
+        self.inputs: list[str] = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.values: dict[torch.fx.Node, Value] = {}
+        self.used: set[str] = set()
+
+    def _unique(self, name: str) -> str:
+        unique, k = name, 0
+        while unique in self.used:
+            k += 1
+            unique = f"{name}_{k}"
+        self.used.add(unique)
+        return unique
+
+    def _arg(self, arg: Any) -> Any:
+        return torch.fx.node.map_arg(
+            arg, lambda n: self.values[n] if n in self.values else self.env[n]
+        )
+
+    def _reads_tensor(self, n: torch.fx.Node) -> bool:
+        return any(arg in self.values for arg in n.all_input_nodes)
+
+    def _describe(self, n: torch.fx.Node) -> tuple[str, str, Callable[[Call], Node] | None]:
+        """The op name, the op's display name and its handler (None if unsupported)."""
+        if n.op == "call_module":
+            module = self.module.get_submodule(n.target)
+            return n.target, module_name(type(module)), MODULES.get(type(module))
+        if n.op == "call_method":
+            return n.name, f"Tensor.{n.target}", METHODS.get(n.target)
+        return n.name, function_name(n.target), FUNCTIONS.get(n.target)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "placeholder":
+            result = super().run_node(n)
+            self.values[n] = self._record(self._unique(n.target), n.target, "input", result)
+            self.inputs.append(self.values[n].name)
+            return result
+        if n.op == "get_attr":
+            raise UnsupportedOpError(
+                f"{n.name}: the model uses its parameter or buffer {n.target!r} directly in "
+                "forward; tinyrt supports parameters only inside supported modules.\n"
+                f"{supported_ops()}"
+            )
+        if n.op == "output":
+            return super().run_node(n)
+        name, op, handler = self._describe(n)
+        if handler is None:
+            return self._shape_arithmetic(n, name, op)
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        call = Call(self._unique(name), op, module, self._arg(n.args), self._arg(n.kwargs))
+        node = handler(call)
+        if node.kind != "identity":
+            self._check_in_place(n, call, module)
+        result = self._execute(n, call.name, op)
+        self.values[n] = self._record(node.output, call.name, op, result)
+        self.nodes.append(node)
+        return result
+
+    def _shape_arithmetic(self, n: torch.fx.Node, name: str, op: str) -> Any:
+        """Run a call that is not a supported tensor op; allow it only if it is integer shape
+        arithmetic (it reads no tensor data and produces no tensor)."""
+        reads_metadata = (n.op == "call_method" and n.target in METADATA_METHODS) or (
+            n.target is getattr and n.args[1] in METADATA_ATTRIBUTES
+        )
+        if self._reads_tensor(n) and not reads_metadata:
+            raise unsupported(name, op)
+        result = self._execute(n, name, op)
+        if _is_tensor_tree(result):
+            raise unsupported(name, op)
+        return result
+
+    def _check_in_place(self, n: torch.fx.Node, call: Call, module: nn.Module | None) -> None:
+        """Refuse an in-place op whose input is read again later (the IR has no aliasing)."""
+        arguments = n.kwargs
+        if n.op == "call_function":
+            with contextlib.suppress(TypeError, ValueError):  # builtins may have no signature
+                arguments = inspect.signature(n.target).bind(*n.args, **n.kwargs).arguments
+        in_place = getattr(module, "inplace", False) or arguments.get("inplace", False)
+        in_place = in_place or n.target is operator.iadd
+        if not in_place or not n.args or not isinstance(n.args[0], torch.fx.Node):
+            return
+        later = [u for u in n.args[0].users if self.order[u] > self.order[n]]
+        if later:
+            raise ConversionError(
+                f"{call.name} ({call.op}) modifies its input in place, and that tensor is used "
+                f"again later (by {later[0].name}); use the out-of-place version "
+                "(inplace=False)"
+            )
+
+    def _execute(self, n: torch.fx.Node, name: str, op: str) -> Any:
+        try:
+            return super().run_node(n)
+        except TinyrtError:
+            raise
+        except Exception as exc:
+            raise ConversionError(
+                f"{name} ({op}) failed when the model ran on the example inputs "
+                f"({self.described_inputs}) repeated to batch 2: {exc}. Check the example "
+                "input shapes; tinyrt models must accept any batch size on axis 0"
+            ) from exc
+
+    def _record(self, value: str, name: str, op: str, result: Any) -> Value:
+        """Check that ``result`` is a float tensor with the batch (2) on axis 0; keep its shape."""
+        if not isinstance(result, torch.Tensor):
+            raise UnsupportedOpError(
+                f"{name} ({op}) produced {type(result).__name__}, not a tensor"
+            )
+        shape = tuple(result.shape)
+        if not shape or shape[0] != 2:
+            raise UnsupportedOpError(
+                f"{name} ({op}) mixes the batch dimension: with inputs of batch 2 it produced "
+                f"shape {list(shape)}; tinyrt keeps axis 0 as the batch axis of every tensor "
+                "(use x.view(x.size(0), -1) or torch.flatten(x, 1), not view(-1, ...))"
+            )
+        if not result.is_floating_point():
+            raise UnsupportedOpError(f"{name} ({op}) produced a {result.dtype} tensor")
+        self.shapes[value] = (1, *shape[1:])
+        return Value(value, shape)
+
+    def outputs(self) -> list[Output]:
+        """The model outputs, from the traced graph's output node."""
+        (node,) = [n for n in self.module.graph.nodes if n.op == "output"]
+        result = node.args[0]
+        results = list(result) if isinstance(result, tuple | list) else [result]
+        outputs = []
+        for r in results:
+            if not isinstance(r, torch.fx.Node) or r not in self.values:
+                raise ConversionError(
+                    f"the model returns {r!r}; tinyrt supports a tensor or a tuple/list of "
+                    "tensors computed by the model"
+                )
+            outputs.append(Output(self.values[r].name))
+        return outputs
+
+
+def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
+    """Trace ``model`` (in eval mode) into the float IR, using ``example_inputs`` for shapes.
+
+    Each example input is cut to its first sample and repeated to batch 2 for execution; the
+    graph records batch-1 shapes. Raises UnsupportedOpError for ops tinyrt cannot convert and
+    ConversionError when the model cannot be traced or run.
+    """
+    with _eval_mode(model):
+        try:
+            gm = torch.fx.symbolic_trace(model)
+        except Exception as exc:
+            raise ConversionError(
+                f"torch.fx could not trace {type(model).__name__}: {exc}\n"
+                "tinyrt converts models whose forward is a fixed sequence of ops; data-dependent "
+                "control flow (if/for/while on tensor values) is not supported"
+            ) from exc
+        placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(example_inputs):
+            raise ConversionError(
+                f"the model's forward takes {len(placeholders)} input(s) "
+                f"({', '.join(placeholders)}), but {len(example_inputs)} example input(s) "
+                "were given"
+            )
+        batch2, described = [], []
+        for name, x in zip(placeholders, example_inputs, strict=True):
+            valid = isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim > 0
+            if not valid or len(x) == 0:
+                raise ConversionError(
+                    f"example input {name!r} must be a floating-point tensor with a batch axis, "
+                    f"got {x!r:.80}"
+                )
+            first = x[:1].to(torch.float32)
+            batch2.append(torch.cat([first, first]))
+            described.append(f"{name} {list(first.shape)}")
+        tracer = _Tracer(gm, ", ".join(described))
+        with torch.no_grad():
+            tracer.run(*batch2)
+    return Graph(tracer.inputs, tracer.nodes, tracer.outputs(), tracer.shapes)
