@@ -413,5 +413,5 @@ def supported_ops() -> str:
 
 def unsupported(name: str, op: str) -> UnsupportedOpError:
     return UnsupportedOpError(
-        f"{name}: {op} is not supported by the tinyrt converter.\n{supported_ops()}"
+        f"'{name}' ({op}) is not supported by the tinyrt converter.\n{supported_ops()}"
     )

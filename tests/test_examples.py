@@ -1,0 +1,142 @@
+"""The shipped example models, end to end, on real held-out data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tinyrt
+from examples.catalog import EXAMPLES, Example
+from tinyrt.converter import convert
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=EXAMPLES, ids=lambda e: e.name)
+def converted(request, tmp_path_factory) -> tuple[Example, Path]:
+    example: Example = request.param
+    data = example.data()
+    path = tmp_path_factory.mktemp("examples") / f"{example.name}.tinyrt"
+    convert(
+        example.float_model(),
+        torch.from_numpy(data["calib_x"][:1]),
+        path,
+        calibration=data["calib_x"],
+        source=example.spec,
+        progress=False,
+    )
+    return example, path
+
+
+def test_int8_accuracy_within_one_point_and_agrees_with_fp32(converted):
+    example, path = converted
+    data = example.data()
+    int8 = tinyrt.load(path, "numba")(data["test_x"]).argmax(axis=1)
+    fp32 = example.float_predictions(data["test_x"])
+    labels = data["test_y"]
+    acc_fp32, acc_int8 = np.mean(fp32 == labels), np.mean(int8 == labels)
+    assert acc_fp32 > 0.9  # the fixtures are trained models, not noise
+    assert acc_int8 >= acc_fp32 - 0.01
+    assert np.mean(int8 == fp32) >= 0.99
+
+
+def test_backends_bit_identical_on_the_whole_test_split(converted):
+    example, path = converted
+    x = example.data()["test_x"]
+    fast, reference = tinyrt.load(path, "numba"), tinyrt.load(path, "reference")
+    np.testing.assert_array_equal(fast(x), reference(x))
+    q = fast.run_quantized({"x": np.zeros((3,) + x.shape[1:], np.int8)})
+    np.testing.assert_array_equal(
+        q["output"], reference.run_quantized({"x": np.zeros((3,) + x.shape[1:], np.int8)})["output"]
+    )
+
+
+def test_provenance_records_conversion(converted):
+    example, path = converted
+    provenance = tinyrt.load(path).provenance
+    assert provenance["source"] == example.spec
+    assert provenance["calibration"]["samples"] == 256
+    assert len(provenance["layers"]) == len(tinyrt.load(path).graph.ops)
+
+
+def test_shipped_data_is_the_generators_held_out_split():
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    generated = make_dataset(get_dataset_args())
+    with np.load(ROOT / "examples" / "data" / "mnist1d.npz") as shipped:
+        np.testing.assert_allclose(shipped["test_x"][:, 0], generated["x_test"], rtol=1e-6)
+        np.testing.assert_array_equal(shipped["test_y"], generated["y_test"])
+        train = {row.astype(np.float32).tobytes() for row in generated["x"]}
+        assert all(row.tobytes() in train for row in shipped["calib_x"][:, 0])
+
+
+def tinyrt_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tinyrt.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_cli_convert_run_inspect(tmp_path):
+    example = EXAMPLES[1]
+    out = tmp_path / "digits.tinyrt"
+    result = tinyrt_cli(
+        "convert",
+        example.spec,
+        "--weights",
+        example.weights,
+        "--calibration",
+        example.data_path,
+        "-o",
+        out,
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    data = example.data()
+    np.save(tmp_path / "x.npy", data["test_x"])
+    result = tinyrt_cli("run", out, "-i", tmp_path / "x.npy", "-o", tmp_path / "y.npy")
+    assert result.returncode == 0, result.stderr
+    accuracy = np.mean(np.load(tmp_path / "y.npy").argmax(axis=1) == data["test_y"])
+    assert accuracy >= np.mean(example.float_predictions(data["test_x"]) == data["test_y"]) - 0.01
+    result = tinyrt_cli("inspect", out)
+    assert result.returncode == 0 and "source=examples/models.py:DigitsCNN" in result.stdout
+
+
+def test_cli_convert_errors(tmp_path):
+    example = EXAMPLES[1]
+    result = tinyrt_cli(
+        "convert",
+        example.spec,
+        "--weights",
+        tmp_path / "none.safetensors",
+        "--calibration",
+        example.data_path,
+        "-o",
+        tmp_path / "m.tinyrt",
+    )
+    assert result.returncode == 1 and "none.safetensors" in result.stderr
+    (tmp_path / "gelu.py").write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(64, 8), nn.GELU())\n"
+    )
+    np.save(tmp_path / "calib.npy", np.zeros((4, 64), np.float32))
+    result = tinyrt_cli(
+        "convert",
+        f"{tmp_path / 'gelu.py'}:make",
+        "--calibration",
+        tmp_path / "calib.npy",
+        "-o",
+        tmp_path / "g.tinyrt",
+    )
+    assert result.returncode == 1
+    assert "'1' (nn.GELU) is not supported" in result.stderr
+    assert not (tmp_path / "g.tinyrt").exists()
