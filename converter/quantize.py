@@ -2,8 +2,8 @@
 
 Conventions (``real = scale * (q - zero_point)``):
 
-* Rounding is to nearest with ties away from zero everywhere (:func:`round_half_away`), the
-  rule the reference kernels use.
+* The converter rounds to nearest with ties away from zero (:func:`round_half_away`), as
+  the final shift of the kernels' requantization does.
 * Activations: int8 per tensor, asymmetric. A calibrated range ``[lo, hi]`` (containing 0)
   gives ``scale = (hi - lo) / 255`` and ``zero_point = round(-128 - lo / scale)`` clamped to
   [-128, 127], so ``lo`` maps to -128 and ``hi`` to 127. A range of only 0 gets scale 1, zp 0.

@@ -10,6 +10,7 @@ accuracy, how often the two agree, the file sizes and tinyrt's batch-1 latency. 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -61,7 +62,7 @@ def main() -> None:
         print(f"{example.name}: {model}")
         for label, text in rows.items():
             print(f"  {label:<22}: {text}")
-        print(f"  wrote {path}")
+        print(f"  wrote {os.path.relpath(path)}")
 
 
 if __name__ == "__main__":
