@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -257,3 +258,17 @@ def test_file_round_trip_through_a_path(tmp_path, every_op, models):
     x = random_input(2, 9)
     np.testing.assert_array_equal(model(x)[0], models[0](x)[0])
     assert json.dumps(model.provenance)
+
+
+def test_weights_that_could_overflow_int32_are_refused_at_load():
+    g = GraphBuilder()
+    k = 140_000  # 127 * 128 * k > 2^31 - 1
+    x = g.input([1, k])
+    y = g.value([1, 1])
+    tensors = g.layer_tensors("fc", (1, k), 1e-6)
+    weight = tensors["weight"]
+    g.tensors[weight] = replace(g.tensors[weight], data=np.full((1, k), 127, np.int8))
+    g.op("linear", [x], y, tensors, qmin=-128, qmax=127)
+    g.output(y)
+    with pytest.raises(FormatError, match="could overflow"):
+        tinyrt.load(g.serialize())

@@ -338,6 +338,17 @@ def _check_layer_tensors(op: Op) -> None:
     shift = op.tensors["shift"]
     if shift.min() < -31 or shift.max() > 30:
         raise FormatError(f"op '{op.name}' ({op.kind}): shift outside [-31, 30]")
+    # The converter's proof, checked again: every partial sum of an int32 accumulator is
+    # bounded by |bias| + 128 * sum|w| (inputs and padding are int8), so both backends agree.
+    rows = weight.reshape(weight.shape[0], -1)
+    weight_sums = np.abs(rows.astype(np.int16)).sum(axis=1, dtype=np.int64)
+    bound = np.abs(op.tensors["bias"].astype(np.int64)) + 128 * weight_sums
+    if bound.max() > 2**31 - 1:
+        channel = int(bound.argmax())
+        raise FormatError(
+            f"op '{op.name}' ({op.kind}): the int32 accumulator of output channel {channel} "
+            f"could overflow (|bias| + 128 * sum|w| = {int(bound[channel])})"
+        )
 
 
 # --- the whole graph --------------------------------------------------------------------
