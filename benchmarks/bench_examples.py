@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 import tinyrt  # noqa: E402
 from examples.catalog import EXAMPLES, Example  # noqa: E402
 from tinyrt.bench import measure_latency  # noqa: E402
-from tinyrt.converter import convert  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -50,14 +49,7 @@ def bench_example(example: Example, out_dir: Path, runs: int) -> dict:
     data = example.data()
     path = out_dir / f"{example.name}.tinyrt"
     float_model = example.float_model()
-    convert(
-        float_model,
-        torch.from_numpy(data["calib_x"][:1]),
-        path,
-        calibration=data["calib_x"],
-        source=example.spec,
-        progress=False,
-    )
+    example.convert(path, progress=False)
     model = tinyrt.load(path, backend="numba")
     x, labels = data["test_x"], data["test_y"]
     int8 = model(x).argmax(axis=1)

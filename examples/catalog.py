@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from examples.models import DigitsCNN, Mnist1dCNN
+from tinyrt.converter import convert
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,6 +50,18 @@ class Example:
         """``calib_x`` (training samples), ``test_x`` and ``test_y`` (held-out test split)."""
         with np.load(self.data_path) as arrays:
             return {key: arrays[key] for key in ("calib_x", "test_x", "test_y")}
+
+    def convert(self, out: Path, progress: bool = True) -> Path:
+        """Convert the trained model to ``out``, calibrating on ``calib_x``."""
+        calib_x = self.data()["calib_x"]
+        return convert(
+            self.float_model(),
+            torch.from_numpy(calib_x[:1]),
+            out,
+            calibration=calib_x,
+            source=self.spec,
+            progress=progress,
+        )
 
     def float_predictions(self, x: np.ndarray) -> np.ndarray:
         """Class predictions of the fp32 PyTorch model."""

@@ -16,7 +16,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -24,7 +23,6 @@ sys.path.insert(0, str(ROOT))
 import tinyrt  # noqa: E402
 from examples.catalog import EXAMPLES  # noqa: E402
 from tinyrt.bench import measure_latency  # noqa: E402
-from tinyrt.converter import convert  # noqa: E402
 
 
 def main() -> None:
@@ -38,13 +36,7 @@ def main() -> None:
     for example in EXAMPLES:
         data = example.data()
         path = args.out / f"{example.name}.tinyrt"
-        convert(
-            example.float_model(),
-            torch.from_numpy(data["calib_x"][:1]),
-            path,
-            calibration=data["calib_x"],
-            source=example.spec,
-        )
+        example.convert(path)
         model = tinyrt.load(path)
         int8 = model(data["test_x"]).argmax(axis=1)
         fp32 = example.float_predictions(data["test_x"])

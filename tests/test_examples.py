@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import tinyrt
 from examples.catalog import EXAMPLES, Example
-from tinyrt.converter import convert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,16 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module", params=EXAMPLES, ids=lambda e: e.name)
 def converted(request, tmp_path_factory) -> tuple[Example, Path]:
     example: Example = request.param
-    data = example.data()
     path = tmp_path_factory.mktemp("examples") / f"{example.name}.tinyrt"
-    convert(
-        example.float_model(),
-        torch.from_numpy(data["calib_x"][:1]),
-        path,
-        calibration=data["calib_x"],
-        source=example.spec,
-        progress=False,
-    )
+    example.convert(path, progress=False)
     return example, path
 
 
