@@ -10,20 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from graph_builder import every_op_graph
+from run_cli import tinyrt_cli
 
 import tinyrt
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tinyrt_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinyrt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from run_cli import ROOT, tinyrt_cli
 
 import tinyrt
 from examples.catalog import EXAMPLES, Example
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module", params=EXAMPLES, ids=lambda e: e.name)
@@ -63,16 +60,6 @@ def test_shipped_data_is_the_generators_held_out_split():
         np.testing.assert_array_equal(shipped["test_y"], generated["y_test"])
         train = {row.astype(np.float32).tobytes() for row in generated["x"]}
         assert all(row.tobytes() in train for row in shipped["calib_x"][:, 0])
-
-
-def tinyrt_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinyrt.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
-    )
 
 
 def test_cli_convert_run_inspect(tmp_path):
