@@ -61,6 +61,15 @@ def test_batch_items_are_independent(models):
             np.testing.assert_array_equal(alone[name][0], together[name][i])
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float64, np.longdouble])
+def test_every_float_dtype_and_layout_is_accepted(models, dtype):
+    reference, fast = models
+    x = random_input(2, 11).astype(dtype)[:, :, ::-1]  # a strided view, too
+    want = reference.run({"x": x})
+    for name, got in fast.run({"x": x}).items():
+        np.testing.assert_array_equal(got, want[name])
+
+
 def test_outputs_are_fresh_arrays(models):
     _, fast = models
     first = fast.run({"x": random_input(1, 1)})["features"]

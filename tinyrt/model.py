@@ -193,6 +193,8 @@ class Model:
                 continue
             value = self.graph.values[port.value]
             if self._kernels is not None:
+                if array.dtype not in (np.float32, np.float64):  # float16, longdouble
+                    array = array.astype(np.float64)  # the quantization is float64 arithmetic
                 flat = np.ascontiguousarray(array).reshape(-1)
                 self._kernels.quantize(flat, value.scale, value.zero_point, buffer.reshape(-1))
             else:
