@@ -195,7 +195,7 @@ BAD_GRAPHS = {
     "pass-through scale": (set_path(["values", 3, "scale"], 0.5), "keep the input's scale"),
     "output never computed": (lambda g: g["ops"].pop(), "never computed"),
     "output activation": (set_path(["outputs", 0, "activation"], "gelu"), "activation"),
-    "reshape size": (set_path(["values", 5, "shape"], [1, 8, 5]), "differ in size"),
+    "reshape size": (set_path(["values", 5, "shape"], [1, 8, 5]), "elements per batch item"),
 }
 
 

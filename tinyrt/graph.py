@@ -22,6 +22,7 @@ MAX_VALUES = 100_000
 MAX_ELEMENTS_PER_VALUE = 2**28  # per batch item; a larger activation is not a small-device model
 MAX_RANK = 8
 OUTPUT_ACTIVATIONS = (None, "softmax", "log_softmax")
+VALUE_DTYPES = ("int8", "int32")  # int32: token ids, model inputs of embeddings
 
 
 @dataclass(frozen=True)
@@ -32,16 +33,19 @@ class Value:
     shape: tuple[int, ...]
     scale: float
     zero_point: int
+    dtype: str = "int8"
 
 
 @dataclass(frozen=True)
 class Port:
-    """A model input or output: name, value index and (outputs) float activation and its axis."""
+    """A model input or output: name, value index; inputs may have axes of any length
+    (``dynamic_axes``, e.g. time); outputs may have a float activation along ``dim``."""
 
     name: str
     value: int
     activation: str | None = None
     dim: int = 1
+    dynamic_axes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -109,10 +113,11 @@ class _OpRule:
     """What an op kind takes: input count (None: one or more), tensors, attrs, output shape."""
 
     n_inputs: int | None
-    tensors: dict[str, str]
+    tensors: dict[str, str] | Callable[[dict], dict[str, str]]  # role -> dtype (may need attrs)
     read_attrs: Callable[[dict, str, int], dict]
     infer: Callable[[Op, list[tuple[int, ...]]], tuple[int, ...]]
     keeps_quantization: bool = False  # output must have the input's scale and zero point
+    check: Callable[[Op], None] | None = None  # consistency of the op's constant tensors
 
 
 def _clamp_attrs(attrs: dict, where: str) -> dict:
@@ -300,55 +305,163 @@ def _infer_concat(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 _LAYER_TENSORS = {"weight": "int8", "bias": "int32", "multiplier": "int32", "shift": "int32"}
+_GATES = {"lstm": 4, "gru": 3}
+TABLE_SIZE = 4097  # entries of a sigmoid/tanh table (docs/recurrent.md)
 
-OP_RULES: dict[str, _OpRule] = {
-    "linear": _OpRule(1, _LAYER_TENSORS, _clamp_only, _infer_linear),
-    "conv1d": _OpRule(1, _LAYER_TENSORS, _conv_attrs(1), _infer_conv(1)),
-    "conv2d": _OpRule(1, _LAYER_TENSORS, _conv_attrs(2), _infer_conv(2)),
-    "max_pool1d": _OpRule(1, {}, _pool_attrs(1, False), _infer_pool(1), True),
-    "max_pool2d": _OpRule(1, {}, _pool_attrs(2, False), _infer_pool(2), True),
-    "avg_pool1d": _OpRule(1, {}, _pool_attrs(1, True), _infer_pool(1), True),
-    "avg_pool2d": _OpRule(1, {}, _pool_attrs(2, True), _infer_pool(2), True),
-    "global_avg_pool": _OpRule(1, {}, _no_attrs, _infer_global_pool, True),
-    "reshape": _OpRule(1, {}, _no_attrs, lambda op, shapes: (), True),
-    "add": _OpRule(2, {}, _add_attrs, _infer_same),
-    "concat": _OpRule(None, {}, _concat_attrs, _infer_concat),
-    "clamp": _OpRule(1, {}, _clamp_only, _infer_same, True),
-}
+
+def _directions(attrs: dict) -> tuple[str, ...]:
+    """Tensor-role suffixes of a recurrent op's directions."""
+    return ("", "_reverse") if attrs["bidirectional"] else ("",)
+
+
+def _recurrent_tensors(attrs: dict) -> dict[str, str]:
+    roles = {"sigmoid_table": "int16", "tanh_table": "int16"}
+    for d in _directions(attrs):
+        for part in ("ih", "hh"):
+            roles |= {f"weight_{part}{d}": "int8", f"bias_{part}{d}": "int32"}
+            roles |= {f"multiplier_{part}{d}": "int32", f"shift_{part}{d}": "int32"}
+    return roles
+
+
+def _recurrent_attrs(kind: str) -> Callable[[dict, str, int], dict]:
+    def read(attrs: dict, where: str, n_inputs: int) -> dict:
+        found = {
+            "hidden_size": _int(
+                _field(attrs, "hidden_size", where), f"{where}.hidden_size", 1, 2**16
+            ),
+            "bidirectional": _bool(attrs, "bidirectional", where),
+        }
+        names = ("out",) + (("h15",) if kind == "gru" else ())
+        for prefix in names:
+            found.update(_multiplier(attrs, f"{prefix}_multiplier", f"{prefix}_shift", where))
+        if kind == "lstm":
+            count = len(_directions(found))
+            cell = _ints(_field(attrs, "cell_frac", where), f"{where}.cell_frac", count, 0, 15)
+            found["cell_frac"] = cell
+        return found
+
+    return read
+
+
+def _infer_recurrent(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    (x,) = shapes
+    _expect_rank(op, x, 3)
+    hidden = op.attrs["hidden_size"]
+    rows = _GATES[op.kind] * hidden
+    expected = {"weight_ih": (rows, x[2]), "weight_hh": (rows, hidden)}
+    expected |= {f"{r}_{p}": (rows,) for r in ("bias", "multiplier", "shift") for p in ("ih", "hh")}
+    for d in _directions(op.attrs):
+        for role, shape in expected.items():
+            if op.tensors[role + d].shape != shape:
+                raise FormatError(
+                    f"op '{op.name}' ({op.kind}): {role + d} must have shape {shape} for input "
+                    f"{x} and hidden size {hidden}, has {op.tensors[role + d].shape}"
+                )
+    return x[:2] + (len(_directions(op.attrs)) * hidden,)
+
+
+def _check_recurrent(op: Op) -> None:
+    for table in ("sigmoid_table", "tanh_table"):
+        if op.tensors[table].shape != (TABLE_SIZE,):
+            raise FormatError(f"op '{op.name}' ({op.kind}): {table} must have {TABLE_SIZE} entries")
+    for d in _directions(op.attrs):
+        for part in ("ih", "hh"):
+            roles = (f"{r}_{part}{d}" for r in ("weight", "bias", "multiplier", "shift"))
+            _check_requantized_rows(op, *roles)
+
+
+def _infer_embedding(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+    return shapes[0] + (op.tensors["weight"].shape[1],)
+
+
+def _check_embedding(op: Op) -> None:
+    weight = op.tensors["weight"]
+    if weight.ndim != 2:
+        raise FormatError(f"op '{op.name}' (embedding): weight must be [V, E], is {weight.shape}")
+    _check_multipliers(op, "multiplier", "shift", weight.shape[0])
+
 
 _WEIGHT_RANK = {"linear": 2, "conv1d": 3, "conv2d": 4}
 
 
 def _check_layer_tensors(op: Op) -> None:
-    """Weights, bias and requantization parameters agree in shape and range."""
+    """A conv/linear layer's weight rank, then its per-channel requantization rows."""
     weight = op.tensors["weight"]
     if weight.ndim != _WEIGHT_RANK[op.kind]:
         raise FormatError(
             f"op '{op.name}' ({op.kind}): weight must have rank {_WEIGHT_RANK[op.kind]}, "
             f"has shape {weight.shape}"
         )
-    for role in ("bias", "multiplier", "shift"):
-        if op.tensors[role].shape != (weight.shape[0],):
+    _check_requantized_rows(op, "weight", "bias", "multiplier", "shift")
+
+
+def _check_multipliers(op: Op, multiplier: str, shift: str, rows: int) -> None:
+    for role in (multiplier, shift):
+        if op.tensors[role].shape != (rows,):
             raise FormatError(
-                f"op '{op.name}' ({op.kind}): {role} must have shape ({weight.shape[0]},), "
+                f"op '{op.name}' ({op.kind}): {role} must have shape ({rows},), "
                 f"has {op.tensors[role].shape}"
             )
-    if op.tensors["multiplier"].min() < 0:
-        raise FormatError(f"op '{op.name}' ({op.kind}): negative multiplier")
-    shift = op.tensors["shift"]
-    if shift.min() < -31 or shift.max() > 30:
-        raise FormatError(f"op '{op.name}' ({op.kind}): shift outside [-31, 30]")
+    if op.tensors[multiplier].min() < 0:
+        raise FormatError(f"op '{op.name}' ({op.kind}): negative {multiplier}")
+    shifts = op.tensors[shift]
+    if shifts.min() < -31 or shifts.max() > 30:
+        raise FormatError(f"op '{op.name}' ({op.kind}): {shift} outside [-31, 30]")
+
+
+def _check_requantized_rows(op: Op, weight: str, bias: str, multiplier: str, shift: str) -> None:
+    """Bias and requantization parameters have one entry per weight row, in range, and the
+    row's int32 accumulator cannot overflow."""
+    rows = op.tensors[weight].reshape(op.tensors[weight].shape[0], -1)
+    if op.tensors[bias].shape != (rows.shape[0],):
+        raise FormatError(
+            f"op '{op.name}' ({op.kind}): {bias} must have shape ({rows.shape[0]},), "
+            f"has {op.tensors[bias].shape}"
+        )
+    _check_multipliers(op, multiplier, shift, rows.shape[0])
     # The converter's proof, checked again: every partial sum of an int32 accumulator is
     # bounded by |bias| + 128 * sum|w| (inputs and padding are int8), so both backends agree.
-    rows = weight.reshape(weight.shape[0], -1)
     weight_sums = np.abs(rows.astype(np.int16)).sum(axis=1, dtype=np.int64)
-    bound = np.abs(op.tensors["bias"].astype(np.int64)) + 128 * weight_sums
-    if bound.max() > 2**31 - 1:
+    bound = np.abs(op.tensors[bias].astype(np.int64)) + 128 * weight_sums
+    if bound.size and bound.max() > 2**31 - 1:
         channel = int(bound.argmax())
         raise FormatError(
             f"op '{op.name}' ({op.kind}): the int32 accumulator of output channel {channel} "
             f"could overflow (|bias| + 128 * sum|w| = {int(bound[channel])})"
         )
+
+
+OP_RULES: dict[str, _OpRule] = {
+    "linear": _OpRule(1, _LAYER_TENSORS, _clamp_only, _infer_linear, check=_check_layer_tensors),
+    "conv1d": _OpRule(
+        1, _LAYER_TENSORS, _conv_attrs(1), _infer_conv(1), check=_check_layer_tensors
+    ),
+    "conv2d": _OpRule(
+        1, _LAYER_TENSORS, _conv_attrs(2), _infer_conv(2), check=_check_layer_tensors
+    ),
+    "max_pool1d": _OpRule(1, {}, _pool_attrs(1, False), _infer_pool(1), True),
+    "max_pool2d": _OpRule(1, {}, _pool_attrs(2, False), _infer_pool(2), True),
+    "avg_pool1d": _OpRule(1, {}, _pool_attrs(1, True), _infer_pool(1), True),
+    "avg_pool2d": _OpRule(1, {}, _pool_attrs(2, True), _infer_pool(2), True),
+    "global_avg_pool": _OpRule(1, {}, _no_attrs, _infer_global_pool, True),
+    "reshape": _OpRule(1, {}, _no_attrs, lambda op, shapes: shapes[0], True),
+    "add": _OpRule(2, {}, _add_attrs, _infer_same),
+    "concat": _OpRule(None, {}, _concat_attrs, _infer_concat),
+    "clamp": _OpRule(1, {}, _clamp_only, _infer_same, True),
+    "embedding": _OpRule(
+        1,
+        {"weight": "int8", "multiplier": "int32", "shift": "int32"},
+        _no_attrs,
+        _infer_embedding,
+        check=_check_embedding,
+    ),
+    "lstm": _OpRule(
+        1, _recurrent_tensors, _recurrent_attrs("lstm"), _infer_recurrent, check=_check_recurrent
+    ),
+    "gru": _OpRule(
+        1, _recurrent_tensors, _recurrent_attrs("gru"), _infer_recurrent, check=_check_recurrent
+    ),
+}
 
 
 # --- the whole graph --------------------------------------------------------------------
@@ -373,7 +486,13 @@ def _read_value(raw: Any, where: str) -> Value:
     if not (math.isfinite(scale) and scale > 0):
         raise FormatError(f"{where}.scale: expected a positive finite number, found {scale!r}")
     zero_point = _int(_field(raw, "zero_point", where), f"{where}.zero_point", -128, 127)
-    return Value(_str(_field(raw, "name", where), f"{where}.name"), shape, float(scale), zero_point)
+    dtype = raw.get("dtype", "int8")
+    if dtype not in VALUE_DTYPES:
+        raise FormatError(f"{where}.dtype: expected one of {VALUE_DTYPES}, found {dtype!r}")
+    if dtype == "int32" and (scale, zero_point) != (1.0, 0):
+        raise FormatError(f"{where}: int32 token values must have scale 1.0 and zero point 0")
+    name = _str(_field(raw, "name", where), f"{where}.name")
+    return Value(name, shape, float(scale), zero_point, dtype)
 
 
 def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Port]:
@@ -384,7 +503,12 @@ def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Po
         at = f"{where}[{i}]"
         name = _str(_field(entry, "name", at), f"{at}.name")
         value = _index(_field(entry, "value", at), f"{at}.value", n_values, "value")
-        activation, dim = None, 1
+        activation, dim, dynamic = None, 1, ()
+        if not is_output and "dynamic_axes" in entry:
+            raw_axes = entry["dynamic_axes"]
+            if not isinstance(raw_axes, list) or len(raw_axes) > MAX_RANK:
+                raise FormatError(f"{at}.dynamic_axes: expected a list of axes")
+            dynamic = tuple(_int(a, f"{at}.dynamic_axes", 1, MAX_RANK - 1) for a in raw_axes)
         if is_output:
             activation = entry.get("activation")
             if activation not in OUTPUT_ACTIVATIONS:
@@ -393,7 +517,7 @@ def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Po
                 )
             if activation is not None:  # ``dim`` means nothing without an activation
                 dim = _int(_field(entry, "dim", at), f"{at}.dim", 0, MAX_RANK - 1)
-        ports.append(Port(name, value, activation, dim))
+        ports.append(Port(name, value, activation, dim, dynamic))
     if len({p.name for p in ports}) != len(ports):
         raise FormatError(f"{where}: names are not unique")
     return ports
@@ -420,13 +544,13 @@ def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor
     if not isinstance(outputs_raw, list) or len(outputs_raw) != 1:
         raise FormatError(f"{where}.outputs: expected exactly one value index")
     outputs = (_index(outputs_raw[0], f"{where}.outputs", len(values), "value"),)
+    attrs = rule.read_attrs(raw.get("attrs", {}), f"{where}.attrs", len(inputs))
+    roles = rule.tensors(attrs) if callable(rule.tensors) else rule.tensors
     tensor_refs = raw.get("tensors", {})
-    if not isinstance(tensor_refs, dict) or set(tensor_refs) != set(rule.tensors):
-        raise FormatError(
-            f"{where}.tensors: expected roles {sorted(rule.tensors)}, found {tensor_refs!r}"
-        )
+    if not isinstance(tensor_refs, dict) or set(tensor_refs) != set(roles):
+        raise FormatError(f"{where}.tensors: expected roles {sorted(roles)}, found {tensor_refs!r}")
     bound = {}
-    for role, dtype in rule.tensors.items():
+    for role, dtype in roles.items():
         index = _index(tensor_refs[role], f"{where}.tensors.{role}", len(tensors), "tensor")
         tensor = tensors[index]
         if tensor.dtype != dtype:
@@ -435,7 +559,6 @@ def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor
                 f"is {tensor.dtype}"
             )
         bound[role] = tensor.data
-    attrs = rule.read_attrs(raw.get("attrs", {}), f"{where}.attrs", len(inputs))
     return Op(kind, name, inputs, outputs, bound, attrs)
 
 
@@ -477,25 +600,55 @@ def parse_graph(raw: Any, tensors: Sequence[Tensor]) -> Graph:
     return Graph(values, inputs, outputs, ops)
 
 
+def _output_shape(op: Op, shapes: list[tuple[int, ...]], declared: tuple[int, ...]) -> tuple:
+    """The op's output shape for input ``shapes`` (batch first). A reshape keeps its declared
+    shape after the batch axis, so its input must have that many elements per batch item."""
+    if op.kind != "reshape":
+        return OP_RULES[op.kind].infer(op, shapes)
+    if math.prod(shapes[0][1:]) != math.prod(declared[1:]):
+        raise FormatError(
+            f"op '{op.name}' (reshape): input {shapes[0]} does not have the "
+            f"{math.prod(declared[1:])} elements per batch item of {declared}"
+        )
+    return shapes[0][:1] + declared[1:]
+
+
+def infer_shapes(graph: Graph, input_shapes: dict[int, tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """Every value's shape when the model inputs have ``input_shapes`` (value -> shape).
+
+    Raises FormatError (naming the op) if an input shape does not fit the graph, e.g. a
+    sequence length a flatten + linear head was not built for.
+    """
+    shapes: list[tuple[int, ...]] = [v.shape for v in graph.values]
+    for v, shape in input_shapes.items():
+        shapes[v] = shape
+    for op in graph.ops:
+        out = op.outputs[0]
+        shapes[out] = _output_shape(op, [shapes[v] for v in op.inputs], graph.values[out].shape)
+    return shapes
+
+
 def _check_op(op: Op, values: list[Value]) -> None:
     """Infer the op's output shape and check it, and its quantization, against the file."""
     rule = OP_RULES[op.kind]
-    if rule.tensors:
-        _check_layer_tensors(op)
-    shapes = [values[v].shape for v in op.inputs]
+    if rule.check is not None:
+        rule.check(op)
+    wanted = "int32" if op.kind == "embedding" else "int8"
+    for v in op.inputs:
+        if values[v].dtype != wanted:
+            raise FormatError(
+                f"op '{op.name}' ({op.kind}): input '{values[v].name}' must be {wanted}, "
+                f"is {values[v].dtype}"
+            )
     out = values[op.outputs[0]]
-    if op.kind == "reshape":
-        if math.prod(out.shape) != math.prod(shapes[0]):
-            raise FormatError(
-                f"op '{op.name}' (reshape): {shapes[0]} and {out.shape} differ in size"
-            )
-    else:
-        expected = rule.infer(op, shapes)
-        if expected != out.shape:
-            raise FormatError(
-                f"op '{op.name}' ({op.kind}): output value '{out.name}' is declared with shape "
-                f"{out.shape}, but the op computes {expected}"
-            )
+    if out.dtype != "int8":
+        raise FormatError(f"op '{op.name}' ({op.kind}): output '{out.name}' must be int8")
+    expected = _output_shape(op, [values[v].shape for v in op.inputs], out.shape)
+    if expected != out.shape:
+        raise FormatError(
+            f"op '{op.name}' ({op.kind}): output value '{out.name}' is declared with shape "
+            f"{out.shape}, but the op computes {expected}"
+        )
     if rule.keeps_quantization:
         source = values[op.inputs[0]]
         if (source.scale, source.zero_point) != (out.scale, out.zero_point):

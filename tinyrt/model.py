@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from tinyrt.errors import InputError, TinyrtError
+from tinyrt.errors import FormatError, InputError, TinyrtError
 from tinyrt.format import ModelFile, read_model_file
-from tinyrt.graph import Graph, Port, parse_graph
+from tinyrt.graph import Graph, Port, infer_shapes, parse_graph
 from tinyrt.kernels import reference as ref
-from tinyrt.plan import Executor, arena_nbytes_per_item
+from tinyrt.plan import Executor, activation_nbytes
 
 BACKENDS = ("auto", "numba", "reference")
 MAX_ARENA_NBYTES = 2**31  # a batch whose activations need more than 2 GiB is refused
@@ -55,6 +55,77 @@ def _numba_kernels(backend: str) -> ModuleType | None:
     return numba_kernels
 
 
+class StreamState:
+    """The recurrent state of one stream: run a model with it and calls continue each other.
+
+    Made by :meth:`Model.new_state` for a batch size. Holds, per unidirectional recurrent op,
+    the int8 hidden state ``"<op>.h"`` (``[N, H]``, at the op's output scale and zero point)
+    and for LSTMs the int16 cell ``"<op>.c"`` (``[N, H]``, at ``2^-cell_frac``; see
+    docs/recurrent.md). Feeding a sequence in one call or in pieces through the same state gives
+    identical outputs. Several streams may share one model; one stream belongs to one thread at
+    a time. Bidirectional layers cannot stream and start from zero on every call.
+    """
+
+    def __init__(self, model: Model, batch: int) -> None:
+        if not isinstance(batch, int) or batch < 1:
+            raise InputError(f"a stream state needs a batch size >= 1, got {batch!r}")
+        self.model = model
+        self.batch = batch
+        self._arrays: dict[str, np.ndarray] = {}
+        self._zero_points: dict[str, int] = {}
+        for op in model.graph.ops:
+            if op.kind in ("lstm", "gru") and not op.attrs["bidirectional"]:
+                hidden = op.attrs["hidden_size"]
+                self._arrays[f"{op.name}.h"] = np.empty((batch, hidden), np.int8)
+                self._zero_points[f"{op.name}.h"] = model.graph.values[op.outputs[0]].zero_point
+                if op.kind == "lstm":
+                    self._arrays[f"{op.name}.c"] = np.empty((batch, hidden), np.int16)
+                    self._zero_points[f"{op.name}.c"] = 0
+        self.reset()
+
+    def __repr__(self) -> str:
+        return f"<tinyrt.StreamState batch={self.batch}: {', '.join(self._arrays)}>"
+
+    def reset(self) -> None:
+        """Back to the zero state (hidden state at real 0, cell at 0)."""
+        for name, array in self._arrays.items():
+            array.fill(self._zero_points[name])
+
+    def get(self) -> dict[str, np.ndarray]:
+        """Copies of the state arrays, by name."""
+        return {name: array.copy() for name, array in self._arrays.items()}
+
+    def set(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Replace the state with ``arrays`` (every name :meth:`get` returns, same shapes and
+        dtypes); nothing changes if any array is wrong."""
+        if not isinstance(arrays, Mapping) or set(arrays) != set(self._arrays):
+            found = sorted(arrays) if isinstance(arrays, Mapping) else type(arrays).__name__
+            raise InputError(f"state arrays must be exactly {sorted(self._arrays)}, got {found}")
+        for name, array in arrays.items():
+            mine = self._arrays[name]
+            if not isinstance(array, np.ndarray) or array.dtype != mine.dtype:
+                kind = getattr(array, "dtype", type(array).__name__)
+                raise InputError(f"state '{name}': expected a {mine.dtype} array, got {kind}")
+            if array.shape != mine.shape:
+                raise InputError(f"state '{name}': expected shape {mine.shape}, got {array.shape}")
+        for name, array in arrays.items():
+            self._arrays[name][...] = array
+
+    def _load_into(self, executor: Executor) -> None:
+        for slot in executor.states:
+            if not slot.op.attrs["bidirectional"]:
+                slot.h[...] = self._arrays[f"{slot.op.name}.h"]
+                if slot.c is not None:
+                    slot.c[...] = self._arrays[f"{slot.op.name}.c"]
+
+    def _store_from(self, executor: Executor) -> None:
+        for slot in executor.states:
+            if not slot.op.attrs["bidirectional"]:
+                self._arrays[f"{slot.op.name}.h"][...] = slot.h
+                if slot.c is not None:
+                    self._arrays[f"{slot.op.name}.c"][...] = slot.c
+
+
 class Model:
     """A ``.tinyrt`` model ready to run. Safe to call from several threads at once."""
 
@@ -64,24 +135,43 @@ class Model:
         self.file = model_file
         self.graph: Graph = parse_graph(model_file.graph, model_file.tensors)
         self.provenance = model_file.provenance
-        self._bytes_per_item = arena_nbytes_per_item(self.graph)
         self._local = threading.local()
+        self._token_limits = self._embedding_sizes()
         self.inputs = [self._spec(p) for p in self.graph.inputs]
         self.outputs = [self._spec(p) for p in self.graph.outputs]
 
+    def _embedding_sizes(self) -> dict[int, int]:
+        """Token input value -> the smallest vocabulary of the embeddings that read it."""
+        limits: dict[int, int] = {}
+        for op in self.graph.ops:
+            if op.kind == "embedding":
+                v, vocab = op.inputs[0], op.tensors["weight"].shape[0]
+                limits[v] = min(limits.get(v, vocab), vocab)
+        return limits
+
     def _spec(self, port: Port) -> TensorSpec:
         value = self.graph.values[port.value]
-        shape = (None,) + value.shape[1:]
-        return TensorSpec(port.name, shape, np.dtype(np.float32), value.scale, value.zero_point)
+        shape = tuple(
+            None if axis == 0 or axis in port.dynamic_axes else size
+            for axis, size in enumerate(value.shape)
+        )
+        dtype = np.dtype(np.int32 if value.dtype == "int32" else np.float32)
+        return TensorSpec(port.name, shape, dtype, value.scale, value.zero_point)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
         outs = ", ".join(f"{s.name}{list(s.shape)}" for s in self.outputs)
         return f"<tinyrt.Model ({ins}) -> ({outs}), {len(self.graph.ops)} ops, {self.backend}>"
 
+    def new_state(self, batch: int = 1) -> StreamState:
+        """A zero stream state for ``batch`` parallel streams (see :class:`StreamState`)."""
+        return StreamState(self, batch)
+
     # --- running -----------------------------------------------------------------------
 
-    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+    def __call__(
+        self, *args: Any, state: StreamState | None = None, **kwargs: Any
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Float inputs, positional in input order or by name; float32 output(s)."""
         if len(args) > len(self.inputs):
             raise InputError(f"the model takes {len(self.inputs)} input(s), got {len(args)}")
@@ -90,27 +180,29 @@ class Model:
             if name in named:
                 raise InputError(f"input '{name}' given twice")
         named.update(kwargs)
-        results = self.run(named)
+        results = self.run(named, state=state)
         outputs = tuple(results[s.name] for s in self.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
 
-    def run(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run on float inputs ``{name: array}``; return ``{name: float32 array}``.
+    def run(
+        self, inputs: Mapping[str, Any], state: StreamState | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on float inputs ``{name: array}`` (token ids: integer arrays); return
+        ``{name: float32 array}``.
 
         Inputs are quantized with the calibrated scale and zero point (values outside the
-        calibrated range saturate). NaN or infinite inputs raise :class:`InputError`.
+        calibrated range saturate). NaN or infinite inputs raise :class:`InputError`. With a
+        ``state``, recurrent ops continue from it and leave their final state in it.
         """
-        executor = self._prepare(inputs, quantized=False)
-        executor.run()
+        executor = self._execute(inputs, quantized=False, state=state)
         return {p.name: self._dequantize(p, executor.buffers[p.value]) for p in self.graph.outputs}
 
-    def run_quantized(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run on int8 inputs at the inputs' scale and zero point; return int8 outputs.
-
-        No float arithmetic at all; output activations (softmax) are not applied.
-        """
-        executor = self._prepare(inputs, quantized=True)
-        executor.run()
+    def run_quantized(
+        self, inputs: Mapping[str, Any], state: StreamState | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run on int8 inputs at the inputs' scale and zero point (token ids: integer arrays);
+        return int8 outputs. No float arithmetic at all; output softmaxes are not applied."""
+        executor = self._execute(inputs, quantized=True, state=state)
         return {p.name: executor.buffers[p.value].copy() for p in self.graph.outputs}
 
     def run_values(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -118,28 +210,45 @@ class Model:
 
         For debugging and per-layer error statistics; slower (no memory sharing).
         """
-        batch = self._check_inputs(inputs, quantized=False)
-        executor = Executor(self.graph, batch, self._kernels, share_memory=False)
+        shapes = self._check_inputs(inputs, quantized=False)
+        executor = Executor(self.graph, shapes, self._kernels, share_memory=False)
         self._write_inputs(executor, inputs, quantized=False)
         executor.run()
         return {
-            value.name: ref.dequantize(buffer, value.scale, value.zero_point)
+            value.name: buffer.copy()
+            if value.dtype == "int32"
+            else ref.dequantize(buffer, value.scale, value.zero_point)
             for value, buffer in zip(self.graph.values, executor.buffers, strict=True)
         }
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _prepare(self, inputs: Mapping[str, Any], quantized: bool) -> Executor:
-        batch = self._check_inputs(inputs, quantized)
+    def _execute(
+        self, inputs: Mapping[str, Any], quantized: bool, state: StreamState | None
+    ) -> Executor:
+        shapes = self._check_inputs(inputs, quantized)
+        if state is not None:
+            if not isinstance(state, StreamState) or state.model is not self:
+                raise InputError("state must be a StreamState made by this model's new_state()")
+            batch = shapes[self.graph.inputs[0].value][0]
+            if state.batch != batch:
+                raise InputError(f"the state is for batch size {state.batch}, inputs have {batch}")
         executors = self._local.__dict__.setdefault("executors", {})
-        executor = executors.get(batch)
+        key = tuple(shapes[p.value] for p in self.graph.inputs)
+        executor = executors.get(key)
         if executor is None:
-            executor = executors[batch] = Executor(self.graph, batch, self._kernels)
+            executor = executors[key] = Executor(self.graph, shapes, self._kernels)
         self._write_inputs(executor, inputs, quantized)
+        executor.reset_states()
+        if state is not None:
+            state._load_into(executor)
+        executor.run()
+        if state is not None:
+            state._store_from(executor)
         return executor
 
-    def _check_inputs(self, inputs: Mapping[str, Any], quantized: bool) -> int:
-        """Validate names, dtypes, shapes and values; return the batch size."""
+    def _check_inputs(self, inputs: Mapping[str, Any], quantized: bool) -> list[tuple[int, ...]]:
+        """Validate names, dtypes, shapes and values; return every value's shape."""
         if not isinstance(inputs, Mapping):
             raise InputError(
                 f"inputs must be a mapping of name to array, got {type(inputs).__name__}"
@@ -150,49 +259,73 @@ class Model:
         if missing or unknown:
             raise InputError(f"expected inputs {expected}; missing {missing}, unknown {unknown}")
         batch = None
-        for spec in self.inputs:
+        input_shapes = {}
+        for spec, port in zip(self.inputs, self.graph.inputs, strict=True):
             array = inputs[spec.name]
-            if not isinstance(array, np.ndarray):
-                raise InputError(
-                    f"input '{spec.name}': expected a numpy.ndarray, got {type(array).__name__}"
-                )
-            if quantized and array.dtype != np.int8:
-                raise InputError(f"input '{spec.name}': expected int8 data, got {array.dtype}")
-            if not quantized and array.dtype.kind != "f":
-                raise InputError(
-                    f"input '{spec.name}': expected floating-point data (float32), got "
-                    f"{array.dtype}; for int8 data use Model.run_quantized"
-                )
-            expected_shape = ("N",) + spec.shape[1:]
-            if array.ndim != len(spec.shape) or array.shape[1:] != spec.shape[1:]:
-                raise InputError(
-                    f"input '{spec.name}': expected shape {expected_shape} (N = batch size), "
-                    f"got {array.shape}"
-                )
-            if array.shape[0] < 1:
-                raise InputError(f"input '{spec.name}': the batch is empty")
+            self._check_array(spec, port, array, quantized)
             if batch is not None and array.shape[0] != batch:
                 raise InputError(f"inputs have different batch sizes: {batch} and {array.shape[0]}")
             batch = array.shape[0]
-            if not quantized and not np.isfinite(array).all():
-                raise InputError(f"input '{spec.name}': contains NaN or infinite values")
-        assert batch is not None
-        if batch * self._bytes_per_item > MAX_ARENA_NBYTES:
+            input_shapes[port.value] = array.shape
+        try:
+            shapes = infer_shapes(self.graph, input_shapes)
+        except FormatError as error:
+            raise InputError(f"these input shapes do not fit the model: {error}") from error
+        if activation_nbytes(self.graph, shapes) > MAX_ARENA_NBYTES:
             raise InputError(
-                f"batch size {batch} needs more than {MAX_ARENA_NBYTES} bytes of activations; "
-                "split it into smaller batches"
+                f"inputs of shapes {list(input_shapes.values())} need more than "
+                f"{MAX_ARENA_NBYTES} bytes of activations; split them into smaller batches"
             )
-        return batch
+        return shapes
+
+    def _check_array(self, spec: TensorSpec, port: Port, array: Any, quantized: bool) -> None:
+        name = spec.name
+        if not isinstance(array, np.ndarray):
+            raise InputError(
+                f"input '{name}': expected a numpy.ndarray, got {type(array).__name__}"
+            )
+        if spec.dtype == np.int32:
+            if array.dtype.kind not in "iu":
+                raise InputError(f"input '{name}': expected integer token ids, got {array.dtype}")
+        elif quantized and array.dtype != np.int8:
+            raise InputError(f"input '{name}': expected int8 data, got {array.dtype}")
+        elif not quantized and array.dtype.kind != "f":
+            raise InputError(
+                f"input '{name}': expected floating-point data (float32), got "
+                f"{array.dtype}; for int8 data use Model.run_quantized"
+            )
+        shown = tuple(
+            "N" if size is None and axis == 0 else size or "any"
+            for axis, size in enumerate(spec.shape)
+        )
+        if array.ndim != len(spec.shape) or any(
+            size is not None and size != got
+            for size, got in zip(spec.shape, array.shape, strict=True)
+        ):
+            raise InputError(
+                f"input '{name}': expected shape {shown} (N = batch size), got {array.shape}"
+            )
+        if 0 in array.shape:
+            where = "the batch" if array.shape[0] == 0 else f"axis {array.shape.index(0)}"
+            raise InputError(f"input '{name}': {where} is empty: {array.shape}")
+        if spec.dtype == np.int32:
+            limit = self._token_limits.get(port.value, 2**31)
+            if array.min() < 0 or array.max() >= limit:
+                raise InputError(
+                    f"input '{name}': token ids must be in [0, {limit}), found "
+                    f"{array.min()} .. {array.max()}"
+                )
+        elif not quantized and not np.isfinite(array).all():
+            raise InputError(f"input '{name}': contains NaN or infinite values")
 
     def _write_inputs(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
         for port in self.graph.inputs:
             buffer = executor.buffers[port.value]
             array = inputs[port.name]
-            if quantized:
-                np.copyto(buffer, array)
-                continue
             value = self.graph.values[port.value]
-            if self._kernels is not None:
+            if quantized or value.dtype == "int32":
+                np.copyto(buffer, array, casting="unsafe")  # ids checked in range, int8 exact
+            elif self._kernels is not None:
                 if array.dtype not in (np.float32, np.float64):  # float16, longdouble
                     array = array.astype(np.float64)  # the quantization is float64 arithmetic
                 flat = np.ascontiguousarray(array).reshape(-1)

@@ -53,11 +53,14 @@ def bind_op(
     ins: list[np.ndarray],
     out: np.ndarray,
     scratch: np.ndarray | None,
+    states: list,
     numba_kernels: ModuleType | None,
 ) -> Step:
     """Return the step that computes ``op`` from ``ins`` into ``out``.
 
-    ``numba_kernels`` is the numba kernel module, or None for the reference backend.
+    ``states`` holds a recurrent op's :class:`tinyrt.plan.RecurrentState` per direction (the
+    step continues from them and leaves the final state there). ``numba_kernels`` is the numba
+    kernel module, or None for the reference backend.
     """
     zp_in = values[op.inputs[0]].zero_point
     zp_out = values[op.outputs[0]].zero_point
@@ -223,4 +226,78 @@ def bind_op(
             return lambda: nk.clamp_int8(x, qmin, qmax, y)
         return lambda: np.copyto(y, ref.clamp_int8(x, qmin, qmax))
 
+    if kind == "embedding":
+        t = op.tensors
+        tokens = ins[0].reshape(ins[0].shape[0], -1)
+        y = out.reshape(tokens.shape + (t["weight"].shape[1],))
+        if nk:
+            return lambda: nk.embedding_int8(
+                tokens, t["weight"], t["multiplier"], t["shift"], zp_out, y
+            )
+        return lambda: np.copyto(
+            y, ref.embedding_int8(tokens, t["weight"], t["multiplier"], t["shift"], zp_out)
+        )
+
+    if kind in ("lstm", "gru"):
+        return _bind_recurrent(op, ins[0], out, zp_out, states, nk)
+
     raise AssertionError(f"op kind {kind!r} passed validation but has no binding")
+
+
+def _bind_recurrent(
+    op: Op, x: np.ndarray, out: np.ndarray, zp_h: int, states: list, nk: ModuleType | None
+) -> Step:
+    """One kernel call per direction; the reverse direction writes the second half of the
+    features. Each call continues from and updates its direction's state."""
+    a, t = op.attrs, op.tensors
+    hidden = a["hidden_size"]
+    calls = []
+    for index, state in enumerate(states):
+        d = state.direction
+        weights = tuple(
+            t[f"{name}_{part}{d}"]
+            for name, part in (
+                ("weight", "ih"),
+                ("weight", "hh"),
+                ("bias", "ih"),
+                ("bias", "hh"),
+                ("multiplier", "ih"),
+                ("shift", "ih"),
+                ("multiplier", "hh"),
+                ("shift", "hh"),
+            )
+        )
+        if op.kind == "lstm":
+            params = (zp_h, a["cell_frac"][index], a["out_multiplier"], a["out_shift"])
+        else:
+            params = (
+                zp_h,
+                a["h15_multiplier"],
+                a["h15_shift"],
+                a["out_multiplier"],
+                a["out_shift"],
+            )
+        tables = (t["sigmoid_table"], t["tanh_table"])
+        calls.append((weights + params + tables, d == "_reverse", state, index * hidden))
+
+    if nk:
+        kernel = nk.lstm_int8 if op.kind == "lstm" else nk.gru_int8
+
+        def recurrent() -> None:
+            for args, reverse, state, offset in calls:
+                carried = (state.h, state.c) if state.c is not None else (state.h,)
+                kernel(x, *args, reverse, *carried, state.h_next, out, offset)
+
+        return recurrent
+
+    def recurrent_reference() -> None:
+        for args, reverse, state, offset in calls:
+            if op.kind == "lstm":
+                y, h, c = ref.lstm_int8(x, state.h, state.c, *args, reverse=reverse)
+                state.c[...] = c
+            else:
+                y, h = ref.gru_int8(x, state.h, *args, reverse=reverse)
+            state.h[...] = h
+            out[:, :, offset : offset + hidden] = y
+
+    return recurrent_reference

@@ -11,11 +11,12 @@ a loaded model has no shared mutable state.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
 
-from tinyrt.graph import Graph
+from tinyrt.graph import Graph, Op
 from tinyrt.ops import Step, bind_op, conv_scratch_shape
 
 ALIGNMENT = 64
@@ -48,31 +49,60 @@ def plan_arena(sizes: list[int], lifetimes: list[tuple[int, int]]) -> tuple[list
     return offsets, _aligned(total)
 
 
-def arena_nbytes_per_item(graph: Graph) -> int:
-    """Upper bound of the arena per batch item (all values and scratch, no sharing)."""
-    return sum(math.prod(v.shape) for v in graph.values) + sum(
-        math.prod(conv_scratch_shape(op, graph.values[op.outputs[0]].shape))
-        for op in graph.ops
-        if op.kind in ("conv1d", "conv2d")
+ITEMSIZE = {"int8": 1, "int32": 4}
+
+
+def conv_scratch(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, int] | None:
+    """The im2col scratch shape of a numba convolution, None for other ops."""
+    if op.kind not in ("conv1d", "conv2d"):
+        return None
+    return conv_scratch_shape(op, shapes[op.outputs[0]])
+
+
+def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
+    """Bytes of all values and scratch buffers for these shapes, before any sharing."""
+    values = sum(
+        math.prod(shape) * ITEMSIZE[v.dtype] for v, shape in zip(graph.values, shapes, strict=True)
     )
+    scratch = (conv_scratch(op, shapes) for op in graph.ops)
+    return values + sum(math.prod(s) for s in scratch if s is not None)
+
+
+@dataclass
+class RecurrentState:
+    """One direction of one recurrent op: hidden state ``h`` (int8 ``[N, H]``), the LSTM cell
+    ``c`` (int16 ``[N, H]``, None for GRU) and the kernel's one-step scratch ``h_next``."""
+
+    op: Op
+    direction: str
+    h: np.ndarray
+    c: np.ndarray | None
+    h_next: np.ndarray
+    zero_point: int
+
+    def reset(self) -> None:
+        """The zero state: ``h`` at real 0 (its zero point), ``c`` at 0."""
+        self.h.fill(self.zero_point)
+        if self.c is not None:
+            self.c.fill(0)
 
 
 class Executor:
-    """A model's ops bound to one backend over one arena, for one batch size.
+    """A model's ops bound to one backend over one arena, for one set of input shapes.
 
-    ``buffers[v]`` is value ``v``'s int8 array (batch size first). Write the inputs into
-    their buffers, call :meth:`run`, read the outputs from theirs.
+    ``buffers[v]`` is value ``v``'s array (batch first). Write the inputs into their buffers,
+    call :meth:`run`, read the outputs from theirs. Recurrent ops keep their state in
+    ``states`` (outside the arena), which :meth:`run` continues from.
     """
 
     def __init__(
         self,
         graph: Graph,
-        batch: int,
+        shapes: list[tuple[int, ...]],
         numba_kernels: ModuleType | None,
         share_memory: bool = True,
     ) -> None:
         n_ops = len(graph.ops)
-        shapes = [(batch,) + v.shape[1:] for v in graph.values]
         storage = list(range(len(graph.values)))  # value -> index of the buffer holding it
         first = [-1] * len(graph.values)
         last = [-1] * len(graph.values)
@@ -89,36 +119,59 @@ class Executor:
 
         # Buffers: one per stored value, then one im2col scratch per numba convolution.
         owners = sorted(set(storage))
-        sizes = [math.prod(shapes[v]) for v in owners]
+        sizes = [math.prod(shapes[v]) * ITEMSIZE[graph.values[v].dtype] for v in owners]
         lifetimes = [(first[v], last[v]) for v in owners]
         scratch_of: dict[int, int] = {}
-        if numba_kernels is not None:
-            for i, op in enumerate(graph.ops):
-                if op.kind in ("conv1d", "conv2d"):
-                    scratch_of[i] = len(sizes)
-                    sizes.append(math.prod(conv_scratch_shape(op, shapes[op.outputs[0]])))
-                    lifetimes.append((i, i))
+        for i, op in enumerate(graph.ops):
+            scratch_shape = conv_scratch(op, shapes)
+            if numba_kernels is not None and scratch_shape is not None:
+                scratch_of[i] = len(sizes)
+                sizes.append(math.prod(scratch_shape))
+                lifetimes.append((i, i))
         if not share_memory:
             lifetimes = [(-1, n_ops)] * len(sizes)
         offsets, total = plan_arena(sizes, lifetimes)
-        self.arena = np.zeros(total, dtype=np.int8)
+        self.arena = np.zeros(total, dtype=np.uint8)
 
-        def view(buffer: int, shape: tuple[int, ...]) -> np.ndarray:
+        def view(buffer: int, shape: tuple[int, ...], dtype: str = "int8") -> np.ndarray:
             start = offsets[buffer]
-            return self.arena[start : start + math.prod(shape)].reshape(shape)
+            size = math.prod(shape) * ITEMSIZE[dtype]
+            return self.arena[start : start + size].view(dtype).reshape(shape)
 
         slot = {v: k for k, v in enumerate(owners)}
-        self.buffers = [view(slot[storage[v]], shapes[v]) for v in range(len(graph.values))]
+        self.buffers = [
+            view(slot[storage[v]], shapes[v], graph.values[v].dtype)
+            for v in range(len(graph.values))
+        ]
+        self.states: list[RecurrentState] = []
         self.steps: list[Step] = []
         for i, op in enumerate(graph.ops):
             if op.kind == "reshape":
                 continue
-            scratch = None
-            if i in scratch_of:
-                scratch = view(scratch_of[i], conv_scratch_shape(op, shapes[op.outputs[0]]))
+            scratch = view(scratch_of[i], conv_scratch(op, shapes)) if i in scratch_of else None
+            states = self._new_states(op, graph, shapes) if op.kind in ("lstm", "gru") else []
             ins = [self.buffers[v] for v in op.inputs]
             out = self.buffers[op.outputs[0]]
-            self.steps.append(bind_op(op, graph.values, ins, out, scratch, numba_kernels))
+            self.steps.append(bind_op(op, graph.values, ins, out, scratch, states, numba_kernels))
+        self.reset_states()
+
+    def _new_states(
+        self, op: Op, graph: Graph, shapes: list[tuple[int, ...]]
+    ) -> list[RecurrentState]:
+        batch, hidden = shapes[op.inputs[0]][0], op.attrs["hidden_size"]
+        zero_point = graph.values[op.outputs[0]].zero_point
+        made = []
+        for direction in ("", "_reverse") if op.attrs["bidirectional"] else ("",):
+            c = np.zeros((batch, hidden), np.int16) if op.kind == "lstm" else None
+            h = np.zeros((batch, hidden), np.int8)
+            made.append(RecurrentState(op, direction, h, c, np.zeros(hidden, np.int8), zero_point))
+        self.states.extend(made)
+        return made
+
+    def reset_states(self) -> None:
+        """Put every recurrent op back to the zero state."""
+        for state in self.states:
+            state.reset()
 
     def run(self) -> None:
         """Execute every op, in order, over the arena."""
