@@ -283,3 +283,209 @@ def quantize(x, scale, zero_point, out):
     for i in range(out.size):
         q = np.rint(np.float64(x[i]) / scale) + zero_point
         out[i] = np.int8(min(max(q, -128.0), 127.0))
+
+
+# --- recurrent layers and embeddings (docs/recurrent.md) ---------------------------------
+
+
+@_jit
+def embedding_int8(tokens, weight, multiplier, shift, zp_out, out):
+    """``reference.embedding_int8``: ``tokens`` ``[N, T]`` int32 in ``[0, V)`` (the runtime
+    checks), ``weight`` ``[V, E]``, ``out`` ``[N, T, E]``."""
+    n_batch, steps = tokens.shape
+    dim = weight.shape[1]
+    for n in range(n_batch):
+        for t in range(steps):
+            token = tokens[n, t]
+            row = weight[token]
+            m, s = multiplier[token], shift[token]
+            for e in range(dim):
+                out[n, t, e] = _requantize(row[e], m, s, zp_out, -128, 127)
+
+
+@_inline
+def _rounding_divide_by_pot(x, exponent):
+    """Scalar ``reference.rounding_divide_by_pot`` (int64): nearest, ties away from zero."""
+    x = np.int64(x)
+    mask = (np.int64(1) << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+@_inline
+def _sat16(v):
+    return min(max(np.int64(v), -32768), 32767)
+
+
+@_inline
+def _lookup_q15(table, v):
+    """Scalar ``reference.lookup_q15``: ``v`` Q3.12 in int16 range, result Q0.15 (int64)."""
+    u = np.int64(v) + 32768
+    i = u >> 4
+    low = np.int64(table[i])
+    return low + (((np.int64(table[i + 1]) - low) * (u & 15) + 8) >> 4)
+
+
+@_inline
+def _gate_input(weight, bias, multiplier, shift, v, r):
+    """``mbqm(bias[r] + Σ_k weight[r, k] v[k])``: gate row ``r``'s Q3.12 part from ``v``."""
+    row = weight[r]
+    acc = np.int32(bias[r])
+    for k in range(v.shape[0]):
+        acc = np.int32(acc + np.int32(row[k]) * np.int32(v[k]))
+    return _multiply_by_quantized_multiplier(acc, multiplier[r], shift[r])
+
+
+@_inline
+def _gate_pre(layer, x_t, h_row, r):
+    """``sat16(mbqm(acc_x[r]) + mbqm(acc_h[r]))``: gate row ``r``'s Q3.12 pre-activation.
+
+    ``layer`` is ``(weight_ih, weight_hh, bias_ih, bias_hh, multiplier_ih, shift_ih,
+    multiplier_hh, shift_hh)``.
+    """
+    weight_ih, weight_hh, bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh = layer
+    from_x = _gate_input(weight_ih, bias_ih, multiplier_ih, shift_ih, x_t, r)
+    return _sat16(from_x + _gate_input(weight_hh, bias_hh, multiplier_hh, shift_hh, h_row, r))
+
+
+@_jit
+def lstm_int8(
+    x,
+    weight_ih,
+    weight_hh,
+    bias_ih,
+    bias_hh,
+    multiplier_ih,
+    shift_ih,
+    multiplier_hh,
+    shift_hh,
+    zp_h,
+    cell_frac,
+    out_multiplier,
+    out_shift,
+    sigmoid_table,
+    tanh_table,
+    reverse,
+    h,
+    c,
+    h_next,
+    out,
+    out_offset,
+):
+    """``reference.lstm_int8``, continuing the stream state ``h`` ``[N, H]``, ``c`` ``[N, H]``.
+
+    ``h``/``c`` are read as the initial state and left holding the final one; ``h_next`` is
+    ``[H]`` int8 scratch (a step's new ``h``, kept apart until every unit has read ``h``); the
+    outputs go to ``out[:, :, out_offset : out_offset + H]`` of ``out`` ``[N, T, W]``.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = h.shape[1]
+    layer = (
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        multiplier_ih,
+        shift_ih,
+        multiplier_hh,
+        shift_hh,
+    )
+    for n in range(n_batch):
+        h_row = h[n]
+        c_row = c[n]
+        for step in range(steps):
+            t = steps - 1 - step if reverse else step
+            x_t = x[n, t]
+            for j in range(hidden):
+                pre_i = _gate_pre(layer, x_t, h_row, j)
+                pre_f = _gate_pre(layer, x_t, h_row, hidden + j)
+                pre_g = _gate_pre(layer, x_t, h_row, 2 * hidden + j)
+                pre_o = _gate_pre(layer, x_t, h_row, 3 * hidden + j)
+                i = _lookup_q15(sigmoid_table, pre_i)
+                f = _lookup_q15(sigmoid_table, pre_f)
+                g = _lookup_q15(tanh_table, pre_g)
+                o = _lookup_q15(sigmoid_table, pre_o)
+                cell = _sat16(
+                    _rounding_divide_by_pot(f * c_row[j], 15)
+                    + _rounding_divide_by_pot(i * g, 30 - cell_frac)
+                )
+                c_row[j] = cell
+                if cell_frac >= 12:
+                    c12 = _rounding_divide_by_pot(cell, cell_frac - 12)
+                else:
+                    c12 = _sat16(cell << (12 - cell_frac))
+                scaled = _multiply_by_quantized_multiplier(
+                    o * _lookup_q15(tanh_table, c12), out_multiplier, out_shift
+                )
+                h_next[j] = _clamp_int8(zp_h + scaled)
+            for j in range(hidden):
+                h_row[j] = h_next[j]
+                out[n, t, out_offset + j] = h_next[j]
+
+
+@_jit
+def gru_int8(
+    x,
+    weight_ih,
+    weight_hh,
+    bias_ih,
+    bias_hh,
+    multiplier_ih,
+    shift_ih,
+    multiplier_hh,
+    shift_hh,
+    zp_h,
+    h15_multiplier,
+    h15_shift,
+    out_multiplier,
+    out_shift,
+    sigmoid_table,
+    tanh_table,
+    reverse,
+    h,
+    h_next,
+    out,
+    out_offset,
+):
+    """``reference.gru_int8``, continuing the stream state ``h`` ``[N, H]``.
+
+    ``h``, ``h_next`` and ``out``/``out_offset`` as in :func:`lstm_int8`.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = h.shape[1]
+    layer = (
+        weight_ih,
+        weight_hh,
+        bias_ih,
+        bias_hh,
+        multiplier_ih,
+        shift_ih,
+        multiplier_hh,
+        shift_hh,
+    )
+    for n in range(n_batch):
+        h_row = h[n]
+        for step in range(steps):
+            t = steps - 1 - step if reverse else step
+            x_t = x[n, t]
+            for j in range(hidden):
+                pre_r = _gate_pre(layer, x_t, h_row, j)
+                pre_z = _gate_pre(layer, x_t, h_row, hidden + j)
+                row = 2 * hidden + j
+                xn = _sat16(_gate_input(weight_ih, bias_ih, multiplier_ih, shift_ih, x_t, row))
+                hn = _sat16(_gate_input(weight_hh, bias_hh, multiplier_hh, shift_hh, h_row, row))
+                reset = _lookup_q15(sigmoid_table, pre_r)
+                update = _lookup_q15(sigmoid_table, pre_z)
+                new = _lookup_q15(tanh_table, _sat16(xn + _rounding_divide_by_pot(reset * hn, 15)))
+                h15 = _sat16(
+                    _multiply_by_quantized_multiplier(
+                        np.int64(h_row[j]) - zp_h, h15_multiplier, h15_shift
+                    )
+                )
+                h15_new = _sat16(new + _rounding_divide_by_pot(update * (h15 - new), 15))
+                scaled = _multiply_by_quantized_multiplier(h15_new, out_multiplier, out_shift)
+                h_next[j] = _clamp_int8(zp_h + scaled)
+            for j in range(hidden):
+                h_row[j] = h_next[j]
+                out[n, t, out_offset + j] = h_next[j]

@@ -342,3 +342,208 @@ def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     """int8 to float32 at the model's output: ``scale * (q - zp)``."""
     return (np.float32(scale) * (q.astype(np.float32) - np.float32(zero_point))).astype(np.float32)
+
+
+# --- recurrent layers and embeddings (docs/recurrent.md) ---------------------------------
+
+TABLE_SIZE = 4097
+INT16_MIN = -(2**15)
+INT16_MAX = 2**15 - 1
+
+
+def _sat16(v: np.ndarray) -> np.ndarray:
+    return np.clip(v, INT16_MIN, INT16_MAX)
+
+
+def activation_table(name: str) -> np.ndarray:
+    """The int16 table of ``sigmoid`` or ``tanh`` (docs/recurrent.md, "Activation tables").
+
+    ``T[k] = clamp(round_half_away(fn((k - 2048) / 256) * 2^15), -32768, 32767)`` for
+    ``k = 0 .. 4096``, in float64: entry ``k`` is ``fn`` at the Q3.12 input ``16 k - 32768``.
+    """
+    points = (np.arange(TABLE_SIZE, dtype=np.float64) - 2048) / 256
+    if name == "sigmoid":
+        values = 1.0 / (1.0 + np.exp(-points))
+    elif name == "tanh":
+        values = np.tanh(points)
+    else:
+        raise ValueError(f"no activation table for {name!r} (sigmoid or tanh)")
+    scaled = values * 2.0**15
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5)
+    return _sat16(rounded).astype(np.int16)
+
+
+def lookup_q15(table: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``fn(v)`` for Q3.12 int16 values ``v``, as Q0.15 int16, from :func:`activation_table`.
+
+    Linear interpolation between the two entries around ``v``: with ``u = v + 32768``,
+    ``i = u >> 4`` and ``f = u & 15``, ``y = T[i] + (((T[i+1] - T[i]) * f + 8) >> 4)``
+    (arithmetic shift, so the correction rounds to nearest with ties toward +infinity).
+    """
+    u = np.asarray(v, dtype=np.int64) + 32768
+    i, f = u >> 4, u & 15
+    t = table.astype(np.int64)
+    return (t[i] + (((t[i + 1] - t[i]) * f + 8) >> 4)).astype(np.int16)
+
+
+def embedding_int8(
+    tokens: np.ndarray,
+    weight: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    zp_out: int,
+) -> np.ndarray:
+    """Rows of ``weight [V, E]`` for the token ids ``tokens [N, ...]``, requantized per row.
+
+    ``y[..., :] = clamp(zp_out + mbqm(W[tok], multiplier[tok], shift[tok]), -128, 127)`` with
+    ``M[v] = s_w[v] / s_out`` (docs/recurrent.md, "Embedding"). Ids outside ``[0, V)`` are an
+    error.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= weight.shape[0]):
+        raise ValueError(f"token ids must be in [0, {weight.shape[0]})")
+    rows = weight[tokens].astype(np.int64)
+    return requantize(rows, multiplier[tokens][..., None], shift[tokens][..., None], zp_out)
+
+
+def _gate_inputs(
+    v: np.ndarray, weight: np.ndarray, bias: np.ndarray, multiplier: np.ndarray, shift: np.ndarray
+) -> np.ndarray:
+    """``mbqm(bias + weight @ v)`` per gate row: one input's Q3.12 part of the pre-activations.
+
+    ``v`` is ``[N, K]`` int8 (the zero point is folded into ``bias``); the result is ``[N, G*H]``
+    int64, not yet saturated.
+    """
+    acc = v.astype(np.int64) @ weight.astype(np.int64).T + bias.astype(np.int64)
+    _check_int32(acc, "recurrent gate")
+    return multiply_by_quantized_multiplier(acc, multiplier, shift)
+
+
+def _time_steps(steps: int, reverse: bool) -> range:
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
+def lstm_int8(
+    x: np.ndarray,
+    h0: np.ndarray,
+    c0: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    bias_ih: np.ndarray,
+    bias_hh: np.ndarray,
+    multiplier_ih: np.ndarray,
+    shift_ih: np.ndarray,
+    multiplier_hh: np.ndarray,
+    shift_hh: np.ndarray,
+    zp_h: int,
+    cell_frac: int,
+    out_multiplier: int,
+    out_shift: int,
+    sigmoid_table: np.ndarray,
+    tanh_table: np.ndarray,
+    reverse: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One direction of an integer LSTM layer (docs/recurrent.md, "LSTM step").
+
+    ``x [N, T, I]`` int8, ``h0 [N, H]`` int8, ``c0 [N, H]`` int16 (``2^-cell_frac``), weights
+    ``[4H, I]``/``[4H, H]`` int8 in PyTorch's gate order i, f, g, o; biases, multipliers and
+    shifts ``[4H]`` int32 (``M_x = s_x s_wih / 2^-12``, ``M_h = s_h s_whh / 2^-12``); the
+    output multiplier encodes ``M_o = 2^-30 / s_h``. Per step::
+
+        pre = sat16(mbqm(acc_x) + mbqm(acc_h))                          Q3.12
+        i, f, o = sigmoid(pre_i, pre_f, pre_o);  g = tanh(pre_g)        Q0.15
+        c = sat16(rdpot(f c, 15) + rdpot(i g, 30 - cell_frac))           2^-cell_frac
+        c12 = c to Q3.12 (rdpot(c, cell_frac - 12), or sat16(c 2^(12 - cell_frac)))
+        h = clamp(zp_h + mbqm(o tanh(c12), M_o), -128, 127)
+
+    Returns ``(y [N, T, H] int8, h_n, c_n)``; ``y[:, t]`` is the hidden state produced at input
+    position ``t``. With ``reverse`` the steps run over ``t = T-1 .. 0``.
+    """
+    if not 0 <= cell_frac <= 15:
+        raise ValueError(f"cell_frac must be in [0, 15], got {cell_frac}")
+    n_batch, steps, _ = x.shape
+    hidden = weight_hh.shape[1]
+    h, c = h0.astype(np.int64), c0.astype(np.int64)
+    y = np.empty((n_batch, steps, hidden), dtype=np.int8)
+    for t in _time_steps(steps, reverse):
+        pre = _sat16(
+            _gate_inputs(x[:, t], weight_ih, bias_ih, multiplier_ih, shift_ih)
+            + _gate_inputs(h, weight_hh, bias_hh, multiplier_hh, shift_hh)
+        )
+        pre_i, pre_f, pre_g, pre_o = np.split(pre, 4, axis=1)
+        i = lookup_q15(sigmoid_table, pre_i).astype(np.int64)
+        f = lookup_q15(sigmoid_table, pre_f).astype(np.int64)
+        g = lookup_q15(tanh_table, pre_g).astype(np.int64)
+        o = lookup_q15(sigmoid_table, pre_o).astype(np.int64)
+        c = _sat16(
+            rounding_divide_by_pot(f * c, 15) + rounding_divide_by_pot(i * g, 30 - cell_frac)
+        )
+        if cell_frac >= 12:
+            c12 = rounding_divide_by_pot(c, cell_frac - 12)
+        else:
+            c12 = _sat16(c * 2 ** (12 - cell_frac))
+        tanh_c = lookup_q15(tanh_table, c12).astype(np.int64)
+        h = np.clip(
+            zp_h + multiply_by_quantized_multiplier(o * tanh_c, out_multiplier, out_shift),
+            INT8_MIN,
+            INT8_MAX,
+        )
+        y[:, t] = h
+    return y, h.astype(np.int8), c.astype(np.int16)
+
+
+def gru_int8(
+    x: np.ndarray,
+    h0: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    bias_ih: np.ndarray,
+    bias_hh: np.ndarray,
+    multiplier_ih: np.ndarray,
+    shift_ih: np.ndarray,
+    multiplier_hh: np.ndarray,
+    shift_hh: np.ndarray,
+    zp_h: int,
+    h15_multiplier: int,
+    h15_shift: int,
+    out_multiplier: int,
+    out_shift: int,
+    sigmoid_table: np.ndarray,
+    tanh_table: np.ndarray,
+    reverse: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One direction of an integer GRU layer (docs/recurrent.md, "GRU step").
+
+    Shapes and gate multipliers as :func:`lstm_int8` with ``3H`` rows in PyTorch's gate order
+    r, z, n; ``h15_multiplier`` encodes ``s_h / 2^-15`` and ``out_multiplier``
+    ``2^-15 / s_h``. Per step (``acc_*`` of the r, z, n rows as in the LSTM)::
+
+        r = sigmoid(sat16(mbqm(acc_x_r) + mbqm(acc_h_r)));  z likewise        Q0.15
+        xn = sat16(mbqm(acc_x_n));  hn = sat16(mbqm(acc_h_n))                 Q3.12
+        n = tanh(sat16(xn + rdpot(r hn, 15)))                                 Q0.15
+        h15 = sat16(mbqm(h - zp_h, M_15))                                     Q0.15
+        h15' = sat16(n + rdpot(z (h15 - n), 15))         (1 - z) n + z h
+        h = clamp(zp_h + mbqm(h15', M_o), -128, 127)
+
+    Returns ``(y [N, T, H] int8, h_n)``, ``y`` as for :func:`lstm_int8`.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = weight_hh.shape[1]
+    h = h0.astype(np.int64)
+    y = np.empty((n_batch, steps, hidden), dtype=np.int8)
+    for t in _time_steps(steps, reverse):
+        from_x = _gate_inputs(x[:, t], weight_ih, bias_ih, multiplier_ih, shift_ih)
+        from_h = _gate_inputs(h, weight_hh, bias_hh, multiplier_hh, shift_hh)
+        rz = lookup_q15(sigmoid_table, _sat16(from_x[:, : 2 * hidden] + from_h[:, : 2 * hidden]))
+        r, z = np.split(rz.astype(np.int64), 2, axis=1)
+        xn, hn = _sat16(from_x[:, 2 * hidden :]), _sat16(from_h[:, 2 * hidden :])
+        n = lookup_q15(tanh_table, _sat16(xn + rounding_divide_by_pot(r * hn, 15))).astype(np.int64)
+        h15 = _sat16(multiply_by_quantized_multiplier(h - zp_h, h15_multiplier, h15_shift))
+        h15_new = _sat16(n + rounding_divide_by_pot(z * (h15 - n), 15))
+        h = np.clip(
+            zp_h + multiply_by_quantized_multiplier(h15_new, out_multiplier, out_shift),
+            INT8_MIN,
+            INT8_MAX,
+        )
+        y[:, t] = h
+    return y, h.astype(np.int8)

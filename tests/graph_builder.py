@@ -205,3 +205,105 @@ def every_op_graph(seed: int = 0) -> GraphBuilder:
     g.output(logits, "probs", activation="softmax")
     g.output(c1, "features")
     return g
+
+
+def recurrent_tensors(g: GraphBuilder, name: str, kind: str, sizes, bidirectional, tables):
+    """Random int8 weights and requantization parameters of an lstm/gru op (docs/graph.md)."""
+    input_size, hidden = sizes
+    rows = (4 if kind == "lstm" else 3) * hidden
+    roles = dict(zip(("sigmoid_table", "tanh_table"), tables, strict=True))
+    for d in ("", "_reverse") if bidirectional else ("",):
+        for part, columns, m_real in (("ih", input_size, 0.02), ("hh", hidden, 0.02)):
+            weight = g.rng.integers(-127, 128, size=(rows, columns)).astype(np.int8)
+            encoded = [quantize_multiplier(m_real * f) for f in g.rng.uniform(0.5, 2, rows)]
+            roles[f"weight_{part}{d}"] = g.tensor(f"{name}.weight_{part}{d}", weight)
+            roles[f"bias_{part}{d}"] = g.tensor(
+                f"{name}.bias_{part}{d}", g.rng.integers(-3000, 3000, rows).astype(np.int32)
+            )
+            roles[f"multiplier_{part}{d}"] = g.tensor(
+                f"{name}.multiplier_{part}{d}", np.array([m for m, _ in encoded], np.int32)
+            )
+            roles[f"shift_{part}{d}"] = g.tensor(
+                f"{name}.shift_{part}{d}", np.array([s for _, s in encoded], np.int32)
+            )
+    return roles
+
+
+def recurrent_graph(seed: int = 0, vocab: int = 50) -> GraphBuilder:
+    """tokens -> embedding -> lstm -> gru -> bidirectional lstm -> linear, time axis dynamic."""
+    from tinyrt.kernels.reference import activation_table
+
+    g = GraphBuilder(seed)
+    tables = (
+        g.tensor("sigmoid_table", activation_table("sigmoid")),
+        g.tensor("tanh_table", activation_table("tanh")),
+    )
+    tokens = g.value([1, 7], 1.0, 0, name="tokens")
+    g.values[tokens]["dtype"] = "int32"
+    g.inputs.append({"name": "tokens", "value": tokens, "dynamic_axes": [1]})
+    emb = g.value([1, 7, 6], 0.03, 4)
+    m = [quantize_multiplier(f) for f in g.rng.uniform(0.2, 0.9, vocab)]
+    g.op(
+        "embedding",
+        [tokens],
+        emb,
+        {
+            "weight": g.tensor("emb.weight", g.rng.integers(-127, 128, (vocab, 6)).astype(np.int8)),
+            "multiplier": g.tensor("emb.multiplier", np.array([a for a, _ in m], np.int32)),
+            "shift": g.tensor("emb.shift", np.array([b for _, b in m], np.int32)),
+        },
+    )
+    s_h, zp_h = 1 / 128, 2
+    out_m, out_s = quantize_multiplier(2.0**-30 / s_h)
+    lstm = g.value([1, 7, 5], s_h, zp_h)
+    g.op(
+        "lstm",
+        [emb],
+        lstm,
+        recurrent_tensors(g, "lstm", "lstm", (6, 5), False, tables),
+        hidden_size=5,
+        bidirectional=False,
+        cell_frac=[12],
+        out_multiplier=out_m,
+        out_shift=out_s,
+    )
+    gru = g.value([1, 7, 4], s_h, -3)
+    h15_m, h15_s = quantize_multiplier(s_h / 2.0**-15)
+    gout_m, gout_s = quantize_multiplier(2.0**-15 / s_h)
+    g.op(
+        "gru",
+        [lstm],
+        gru,
+        recurrent_tensors(g, "gru", "gru", (5, 4), False, tables),
+        hidden_size=4,
+        bidirectional=False,
+        h15_multiplier=h15_m,
+        h15_shift=h15_s,
+        out_multiplier=gout_m,
+        out_shift=gout_s,
+    )
+    both = g.value([1, 7, 6], s_h, 0)
+    g.op(
+        "lstm",
+        [gru],
+        both,
+        recurrent_tensors(g, "bilstm", "lstm", (4, 3), True, tables),
+        name="bilstm",
+        hidden_size=3,
+        bidirectional=True,
+        cell_frac=[13, 11],
+        out_multiplier=out_m,
+        out_shift=out_s,
+    )
+    logits = g.value([1, 7, 9], 0.1, 0)
+    g.op(
+        "linear",
+        [gru],
+        logits,
+        g.layer_tensors("fc", (9, 4), 1 / 128 * 0.01 / 0.1),
+        qmin=-128,
+        qmax=127,
+    )
+    g.output(logits, "logits")
+    g.output(both, "both")
+    return g
