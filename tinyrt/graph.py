@@ -22,7 +22,7 @@ MAX_VALUES = 100_000
 MAX_ELEMENTS_PER_VALUE = 2**28  # per batch item; a larger activation is not a small-device model
 MAX_RANK = 8
 OUTPUT_ACTIVATIONS = (None, "softmax", "log_softmax")
-VALUE_DTYPES = ("int8", "int32")  # int32: token ids, model inputs of embeddings
+VALUE_DTYPES = ("int8", "int32", "float32")  # int32: token ids; float32: dynamic mode
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class _OpRule:
     infer: Callable[[Op, list[tuple[int, ...]]], tuple[int, ...]]
     keeps_quantization: bool = False  # output must have the input's scale and zero point
     check: Callable[[Op], None] | None = None  # consistency of the op's constant tensors
+    dtypes: tuple[str, str] | None = ("int8", "int8")  # (inputs, output); None: same as input
 
 
 def _clamp_attrs(attrs: dict, where: str) -> dict:
@@ -314,12 +315,26 @@ def _directions(attrs: dict) -> tuple[str, ...]:
     return ("", "_reverse") if attrs["bidirectional"] else ("",)
 
 
-def _recurrent_tensors(attrs: dict) -> dict[str, str]:
-    roles = {"sigmoid_table": "int16", "tanh_table": "int16"}
-    for d in _directions(attrs):
-        for part in ("ih", "hh"):
-            roles |= {f"weight_{part}{d}": "int8", f"bias_{part}{d}": "int32"}
-            roles |= {f"multiplier_{part}{d}": "int32", f"shift_{part}{d}": "int32"}
+def _is_dynamic(kind: str) -> bool:
+    return kind.endswith("_dynamic")
+
+
+def _recurrent_roles(kind: str) -> dict[str, str]:
+    """Per-direction tensor roles (without the direction suffix) and their dtypes."""
+    if _is_dynamic(kind):
+        per_part = {"weight": "int8", "scale": "float32", "bias": "float32"}
+    else:
+        per_part = {"weight": "int8", "bias": "int32", "multiplier": "int32", "shift": "int32"}
+    return {f"{r}_{part}": dtype for part in ("ih", "hh") for r, dtype in per_part.items()}
+
+
+def _recurrent_tensors(kind: str) -> Callable[[dict], dict[str, str]]:
+    def roles(attrs: dict) -> dict[str, str]:
+        found = {} if _is_dynamic(kind) else {"sigmoid_table": "int16", "tanh_table": "int16"}
+        for d in _directions(attrs):
+            found |= {role + d: dtype for role, dtype in _recurrent_roles(kind).items()}
+        return found
+
     return roles
 
 
@@ -331,6 +346,8 @@ def _recurrent_attrs(kind: str) -> Callable[[dict, str, int], dict]:
             ),
             "bidirectional": _bool(attrs, "bidirectional", where),
         }
+        if _is_dynamic(kind):
+            return found
         names = ("out",) + (("h15",) if kind == "gru" else ())
         for prefix in names:
             found.update(_multiplier(attrs, f"{prefix}_multiplier", f"{prefix}_shift", where))
@@ -347,11 +364,11 @@ def _infer_recurrent(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
     (x,) = shapes
     _expect_rank(op, x, 3)
     hidden = op.attrs["hidden_size"]
-    rows = _GATES[op.kind] * hidden
-    expected = {"weight_ih": (rows, x[2]), "weight_hh": (rows, hidden)}
-    expected |= {f"{r}_{p}": (rows,) for r in ("bias", "multiplier", "shift") for p in ("ih", "hh")}
+    rows = _GATES[op.kind.removesuffix("_dynamic")] * hidden
+    columns = {"weight_ih": x[2], "weight_hh": hidden}
     for d in _directions(op.attrs):
-        for role, shape in expected.items():
+        for role in _recurrent_roles(op.kind):
+            shape = (rows, columns[role]) if role in columns else (rows,)
             if op.tensors[role + d].shape != shape:
                 raise FormatError(
                     f"op '{op.name}' ({op.kind}): {role + d} must have shape {shape} for input "
@@ -361,6 +378,11 @@ def _infer_recurrent(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 def _check_recurrent(op: Op) -> None:
+    if _is_dynamic(op.kind):
+        for d in _directions(op.attrs):
+            for part in ("ih", "hh"):
+                _check_dynamic_rows(op, f"weight_{part}{d}", f"scale_{part}{d}", f"bias_{part}{d}")
+        return
     for table in ("sigmoid_table", "tanh_table"):
         if op.tensors[table].shape != (TABLE_SIZE,):
             raise FormatError(f"op '{op.name}' ({op.kind}): {table} must have {TABLE_SIZE} entries")
@@ -368,6 +390,40 @@ def _check_recurrent(op: Op) -> None:
         for part in ("ih", "hh"):
             roles = (f"{r}_{part}{d}" for r in ("weight", "bias", "multiplier", "shift"))
             _check_requantized_rows(op, *roles)
+
+
+def _check_dynamic_rows(op: Op, weight: str, scale: str, bias: str | None) -> None:
+    """Dynamic mode: finite float scales (and biases) per weight row, and an int32 accumulator
+    that cannot overflow (inputs minus their zero point span at most 255 per element)."""
+    rows = op.tensors[weight].reshape(op.tensors[weight].shape[0], -1)
+    for role in (scale, bias) if bias else (scale,):
+        array = op.tensors[role]
+        if array.shape != (rows.shape[0],):
+            raise FormatError(
+                f"op '{op.name}' ({op.kind}): {role} must have shape ({rows.shape[0]},), "
+                f"has {array.shape}"
+            )
+        if not np.isfinite(array).all():
+            raise FormatError(f"op '{op.name}' ({op.kind}): {role} is not finite")
+    weight_sums = np.abs(rows.astype(np.int16)).sum(axis=1, dtype=np.int64)
+    if weight_sums.size and 256 * weight_sums.max() > 2**31 - 1:
+        raise FormatError(f"op '{op.name}' ({op.kind}): an int32 accumulator could overflow")
+
+
+def _check_linear_dynamic(op: Op) -> None:
+    if op.tensors["weight"].ndim != 2:
+        raise FormatError(f"op '{op.name}' ({op.kind}): weight must be [O, K]")
+    _check_dynamic_rows(op, "weight", "weight_scale", "bias")
+
+
+def _check_embedding_dynamic(op: Op) -> None:
+    if op.tensors["weight"].ndim != 2:
+        raise FormatError(f"op '{op.name}' ({op.kind}): weight must be [V, E]")
+    _check_dynamic_rows(op, "weight", "weight_scale", None)
+
+
+def _relu_attr(attrs: dict, where: str, n_inputs: int) -> dict:
+    return {"relu": _bool(attrs, "relu", where)}
 
 
 def _infer_embedding(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
@@ -444,7 +500,7 @@ OP_RULES: dict[str, _OpRule] = {
     "avg_pool1d": _OpRule(1, {}, _pool_attrs(1, True), _infer_pool(1), True),
     "avg_pool2d": _OpRule(1, {}, _pool_attrs(2, True), _infer_pool(2), True),
     "global_avg_pool": _OpRule(1, {}, _no_attrs, _infer_global_pool, True),
-    "reshape": _OpRule(1, {}, _no_attrs, lambda op, shapes: shapes[0], True),
+    "reshape": _OpRule(1, {}, _no_attrs, lambda op, shapes: shapes[0], True, dtypes=None),
     "add": _OpRule(2, {}, _add_attrs, _infer_same),
     "concat": _OpRule(None, {}, _concat_attrs, _infer_concat),
     "clamp": _OpRule(1, {}, _clamp_only, _infer_same, True),
@@ -454,14 +510,34 @@ OP_RULES: dict[str, _OpRule] = {
         _no_attrs,
         _infer_embedding,
         check=_check_embedding,
+        dtypes=("int32", "int8"),
     ),
-    "lstm": _OpRule(
-        1, _recurrent_tensors, _recurrent_attrs("lstm"), _infer_recurrent, check=_check_recurrent
+    "linear_dynamic": _OpRule(
+        1,
+        {"weight": "int8", "weight_scale": "float32", "bias": "float32"},
+        _relu_attr,
+        _infer_linear,
+        check=_check_linear_dynamic,
+        dtypes=("float32", "float32"),
     ),
-    "gru": _OpRule(
-        1, _recurrent_tensors, _recurrent_attrs("gru"), _infer_recurrent, check=_check_recurrent
+    "embedding_dynamic": _OpRule(
+        1,
+        {"weight": "int8", "weight_scale": "float32"},
+        _no_attrs,
+        _infer_embedding,
+        check=_check_embedding_dynamic,
+        dtypes=("int32", "float32"),
     ),
 }
+for _kind in ("lstm", "gru", "lstm_dynamic", "gru_dynamic"):
+    OP_RULES[_kind] = _OpRule(
+        1,
+        _recurrent_tensors(_kind),
+        _recurrent_attrs(_kind),
+        _infer_recurrent,
+        check=_check_recurrent,
+        dtypes=("float32", "float32") if _is_dynamic(_kind) else ("int8", "int8"),
+    )
 
 
 # --- the whole graph --------------------------------------------------------------------
@@ -489,8 +565,8 @@ def _read_value(raw: Any, where: str) -> Value:
     dtype = raw.get("dtype", "int8")
     if dtype not in VALUE_DTYPES:
         raise FormatError(f"{where}.dtype: expected one of {VALUE_DTYPES}, found {dtype!r}")
-    if dtype == "int32" and (scale, zero_point) != (1.0, 0):
-        raise FormatError(f"{where}: int32 token values must have scale 1.0 and zero point 0")
+    if dtype != "int8" and (scale, zero_point) != (1.0, 0):
+        raise FormatError(f"{where}: {dtype} values must have scale 1.0 and zero point 0")
     name = _str(_field(raw, "name", where), f"{where}.name")
     return Value(name, shape, float(scale), zero_point, dtype)
 
@@ -633,16 +709,16 @@ def _check_op(op: Op, values: list[Value]) -> None:
     rule = OP_RULES[op.kind]
     if rule.check is not None:
         rule.check(op)
-    wanted = "int32" if op.kind == "embedding" else "int8"
+    out = values[op.outputs[0]]
+    wanted_in, wanted_out = rule.dtypes or (values[op.inputs[0]].dtype,) * 2
     for v in op.inputs:
-        if values[v].dtype != wanted:
+        if values[v].dtype != wanted_in:
             raise FormatError(
-                f"op '{op.name}' ({op.kind}): input '{values[v].name}' must be {wanted}, "
+                f"op '{op.name}' ({op.kind}): input '{values[v].name}' must be {wanted_in}, "
                 f"is {values[v].dtype}"
             )
-    out = values[op.outputs[0]]
-    if out.dtype != "int8":
-        raise FormatError(f"op '{op.name}' ({op.kind}): output '{out.name}' must be int8")
+    if out.dtype != wanted_out:
+        raise FormatError(f"op '{op.name}' ({op.kind}): output '{out.name}' must be {wanted_out}")
     expected = _output_shape(op, [values[v].shape for v in op.inputs], out.shape)
     if expected != out.shape:
         raise FormatError(

@@ -18,9 +18,9 @@ import numpy as np
 
 from tinyrt.errors import FormatError, InputError, TinyrtError
 from tinyrt.format import ModelFile, read_model_file
-from tinyrt.graph import Graph, Port, infer_shapes, parse_graph
+from tinyrt.graph import Graph, Port, Value, infer_shapes, parse_graph
 from tinyrt.kernels import reference as ref
-from tinyrt.plan import Executor, activation_nbytes
+from tinyrt.plan import RECURRENT, Executor, activation_nbytes
 
 BACKENDS = ("auto", "numba", "reference")
 MAX_ARENA_NBYTES = 2**31  # a batch whose activations need more than 2 GiB is refused
@@ -59,11 +59,12 @@ class StreamState:
     """The recurrent state of one stream: run a model with it and calls continue each other.
 
     Made by :meth:`Model.new_state` for a batch size. Holds, per unidirectional recurrent op,
-    the int8 hidden state ``"<op>.h"`` (``[N, H]``, at the op's output scale and zero point)
-    and for LSTMs the int16 cell ``"<op>.c"`` (``[N, H]``, at ``2^-cell_frac``; see
-    docs/recurrent.md). Feeding a sequence in one call or in pieces through the same state gives
-    identical outputs. Several streams may share one model; one stream belongs to one thread at
-    a time. Bidirectional layers cannot stream and start from zero on every call.
+    the hidden state ``"<op>.h"`` (``[N, H]``; int8 at the op's output scale and zero point)
+    and for LSTMs the cell ``"<op>.c"`` (``[N, H]``; int16 at ``2^-cell_frac``, see
+    docs/recurrent.md). In dynamic mode both are float32. Feeding a sequence in one call or in
+    pieces through the same state gives identical outputs. Several streams may share one model;
+    one stream belongs to one thread at a time. Bidirectional layers cannot stream and start
+    from zero on every call.
     """
 
     def __init__(self, model: Model, batch: int) -> None:
@@ -74,12 +75,14 @@ class StreamState:
         self._arrays: dict[str, np.ndarray] = {}
         self._zero_points: dict[str, int] = {}
         for op in model.graph.ops:
-            if op.kind in ("lstm", "gru") and not op.attrs["bidirectional"]:
+            if op.kind in RECURRENT and not op.attrs["bidirectional"]:
+                dynamic = op.kind.endswith("_dynamic")
+                h_type, c_type = (np.float32, np.float32) if dynamic else (np.int8, np.int16)
                 hidden = op.attrs["hidden_size"]
-                self._arrays[f"{op.name}.h"] = np.empty((batch, hidden), np.int8)
+                self._arrays[f"{op.name}.h"] = np.empty((batch, hidden), h_type)
                 self._zero_points[f"{op.name}.h"] = model.graph.values[op.outputs[0]].zero_point
-                if op.kind == "lstm":
-                    self._arrays[f"{op.name}.c"] = np.empty((batch, hidden), np.int16)
+                if op.kind.startswith("lstm"):
+                    self._arrays[f"{op.name}.c"] = np.empty((batch, hidden), c_type)
                     self._zero_points[f"{op.name}.c"] = 0
         self.reset()
 
@@ -215,9 +218,7 @@ class Model:
         self._write_inputs(executor, inputs, quantized=False)
         executor.run()
         return {
-            value.name: buffer.copy()
-            if value.dtype == "int32"
-            else ref.dequantize(buffer, value.scale, value.zero_point)
+            value.name: self._real(value, buffer)
             for value, buffer in zip(self.graph.values, executor.buffers, strict=True)
         }
 
@@ -284,10 +285,13 @@ class Model:
             raise InputError(
                 f"input '{name}': expected a numpy.ndarray, got {type(array).__name__}"
             )
+        stored = self.graph.values[port.value].dtype
         if spec.dtype == np.int32:
             if array.dtype.kind not in "iu":
                 raise InputError(f"input '{name}': expected integer token ids, got {array.dtype}")
-        elif quantized and array.dtype != np.int8:
+        elif stored == "float32" and array.dtype.kind != "f":
+            raise InputError(f"input '{name}': expected floating-point data, got {array.dtype}")
+        elif quantized and stored == "int8" and array.dtype != np.int8:
             raise InputError(f"input '{name}': expected int8 data, got {array.dtype}")
         elif not quantized and array.dtype.kind != "f":
             raise InputError(
@@ -315,7 +319,7 @@ class Model:
                     f"input '{name}': token ids must be in [0, {limit}), found "
                     f"{array.min()} .. {array.max()}"
                 )
-        elif not quantized and not np.isfinite(array).all():
+        elif (not quantized or stored == "float32") and not np.isfinite(array).all():
             raise InputError(f"input '{name}': contains NaN or infinite values")
 
     def _write_inputs(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
@@ -323,8 +327,8 @@ class Model:
             buffer = executor.buffers[port.value]
             array = inputs[port.name]
             value = self.graph.values[port.value]
-            if quantized or value.dtype == "int32":
-                np.copyto(buffer, array, casting="unsafe")  # ids checked in range, int8 exact
+            if quantized or value.dtype != "int8":  # int8, token ids (range checked), float32
+                np.copyto(buffer, array, casting="unsafe")
             elif self._kernels is not None:
                 if array.dtype not in (np.float32, np.float64):  # float16, longdouble
                     array = array.astype(np.float64)  # the quantization is float64 arithmetic
@@ -333,9 +337,16 @@ class Model:
             else:
                 np.copyto(buffer, ref.quantize(array, value.scale, value.zero_point))
 
+    @staticmethod
+    def _real(value: Value, stored: np.ndarray) -> np.ndarray:
+        """A fresh array of the real values: int8 dequantized; token ids and floats copied."""
+        if value.dtype == "int8":
+            return ref.dequantize(stored, value.scale, value.zero_point)
+        return stored.copy()
+
     def _dequantize(self, port: Port, q: np.ndarray) -> np.ndarray:
         value = self.graph.values[port.value]
-        y = ref.dequantize(q, value.scale, value.zero_point)
+        y = self._real(value, q)
         if port.activation is None:
             return y
         shifted = y - y.max(axis=port.dim, keepdims=True)

@@ -238,10 +238,59 @@ def bind_op(
             y, ref.embedding_int8(tokens, t["weight"], t["multiplier"], t["shift"], zp_out)
         )
 
-    if kind in ("lstm", "gru"):
+    if kind == "linear_dynamic":
+        t = op.tensors
+        x = ins[0].reshape(-1, t["weight"].shape[1])
+        y = out.reshape(-1, t["weight"].shape[0])
+        args = (t["weight"], t["weight_scale"], t["bias"], a["relu"])
+        if nk:
+            return lambda: nk.linear_dynamic(x, *args, y)
+        return lambda: np.copyto(y, ref.linear_dynamic(x, *args))
+
+    if kind == "embedding_dynamic":
+        t = op.tensors
+        tokens = ins[0].reshape(ins[0].shape[0], -1)
+        y = out.reshape(tokens.shape + (t["weight"].shape[1],))
+        if nk:
+            return lambda: nk.embedding_dynamic(tokens, t["weight"], t["weight_scale"], y)
+        return lambda: np.copyto(y, ref.embedding_dynamic(tokens, t["weight"], t["weight_scale"]))
+
+    if kind in _RECURRENT_KERNELS:
         return _bind_recurrent(op, ins[0], out, zp_out, states, nk)
 
     raise AssertionError(f"op kind {kind!r} passed validation but has no binding")
+
+
+_RECURRENT_KERNELS = {
+    "lstm": "lstm_int8",
+    "gru": "gru_int8",
+    "lstm_dynamic": "lstm_dynamic",
+    "gru_dynamic": "gru_dynamic",
+}
+_STATIC_ROLES = (
+    "weight_ih",
+    "weight_hh",
+    "bias_ih",
+    "bias_hh",
+    "multiplier_ih",
+    "shift_ih",
+    "multiplier_hh",
+    "shift_hh",
+)
+_DYNAMIC_ROLES = ("weight_ih", "weight_hh", "scale_ih", "scale_hh", "bias_ih", "bias_hh")
+
+
+def _recurrent_args(op: Op, index: int, direction: str, zp_h: int) -> tuple:
+    """A direction's kernel arguments between the input and ``reverse`` (docs/graph.md)."""
+    a, t = op.attrs, op.tensors
+    if op.kind.endswith("_dynamic"):
+        return tuple(t[role + direction] for role in _DYNAMIC_ROLES)
+    weights = tuple(t[role + direction] for role in _STATIC_ROLES)
+    if op.kind == "lstm":
+        params = (zp_h, a["cell_frac"][index], a["out_multiplier"], a["out_shift"])
+    else:
+        params = (zp_h, a["h15_multiplier"], a["h15_shift"], a["out_multiplier"], a["out_shift"])
+    return weights + params + (t["sigmoid_table"], t["tanh_table"])
 
 
 def _bind_recurrent(
@@ -249,55 +298,29 @@ def _bind_recurrent(
 ) -> Step:
     """One kernel call per direction; the reverse direction writes the second half of the
     features. Each call continues from and updates its direction's state."""
-    a, t = op.attrs, op.tensors
-    hidden = a["hidden_size"]
-    calls = []
-    for index, state in enumerate(states):
-        d = state.direction
-        weights = tuple(
-            t[f"{name}_{part}{d}"]
-            for name, part in (
-                ("weight", "ih"),
-                ("weight", "hh"),
-                ("bias", "ih"),
-                ("bias", "hh"),
-                ("multiplier", "ih"),
-                ("shift", "ih"),
-                ("multiplier", "hh"),
-                ("shift", "hh"),
-            )
-        )
-        if op.kind == "lstm":
-            params = (zp_h, a["cell_frac"][index], a["out_multiplier"], a["out_shift"])
-        else:
-            params = (
-                zp_h,
-                a["h15_multiplier"],
-                a["h15_shift"],
-                a["out_multiplier"],
-                a["out_shift"],
-            )
-        tables = (t["sigmoid_table"], t["tanh_table"])
-        calls.append((weights + params + tables, d == "_reverse", state, index * hidden))
+    hidden = op.attrs["hidden_size"]
+    calls = [
+        (_recurrent_args(op, i, s.direction, zp_h), s.direction == "_reverse", s, i * hidden)
+        for i, s in enumerate(states)
+    ]
+    name = _RECURRENT_KERNELS[op.kind]
 
     if nk:
-        kernel = nk.lstm_int8 if op.kind == "lstm" else nk.gru_int8
+        kernel = getattr(nk, name)
 
         def recurrent() -> None:
             for args, reverse, state, offset in calls:
-                carried = (state.h, state.c) if state.c is not None else (state.h,)
-                kernel(x, *args, reverse, *carried, state.h_next, out, offset)
+                kernel(x, *args, reverse, *state.carried, *state.scratch, out, offset)
 
         return recurrent
 
+    reference = getattr(ref, name)
+
     def recurrent_reference() -> None:
         for args, reverse, state, offset in calls:
-            if op.kind == "lstm":
-                y, h, c = ref.lstm_int8(x, state.h, state.c, *args, reverse=reverse)
-                state.c[...] = c
-            else:
-                y, h = ref.gru_int8(x, state.h, *args, reverse=reverse)
-            state.h[...] = h
+            y, *final = reference(x, *state.carried, *args, reverse=reverse)
+            for array, value in zip(state.carried, final, strict=True):
+                array[...] = value
             out[:, :, offset : offset + hidden] = y
 
     return recurrent_reference

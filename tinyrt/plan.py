@@ -49,7 +49,8 @@ def plan_arena(sizes: list[int], lifetimes: list[tuple[int, int]]) -> tuple[list
     return offsets, _aligned(total)
 
 
-ITEMSIZE = {"int8": 1, "int32": 4}
+ITEMSIZE = {"int8": 1, "int32": 4, "float32": 4}
+RECURRENT = ("lstm", "gru", "lstm_dynamic", "gru_dynamic")
 
 
 def conv_scratch(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, int] | None:
@@ -70,15 +71,21 @@ def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
 
 @dataclass
 class RecurrentState:
-    """One direction of one recurrent op: hidden state ``h`` (int8 ``[N, H]``), the LSTM cell
-    ``c`` (int16 ``[N, H]``, None for GRU) and the kernel's one-step scratch ``h_next``."""
+    """One direction of one recurrent op: hidden state ``h`` ``[N, H]`` (int8, float32 in
+    dynamic mode), the LSTM cell ``c`` ``[N, H]`` (int16 or float32; None for GRU) and the
+    kernel's scratch buffers."""
 
     op: Op
     direction: str
     h: np.ndarray
     c: np.ndarray | None
-    h_next: np.ndarray
+    scratch: tuple[np.ndarray, ...]
     zero_point: int
+
+    @property
+    def carried(self) -> tuple[np.ndarray, ...]:
+        """The arrays a kernel continues from and updates: ``(h, c)`` or ``(h,)``."""
+        return (self.h,) if self.c is None else (self.h, self.c)
 
     def reset(self) -> None:
         """The zero state: ``h`` at real 0 (its zero point), ``c`` at 0."""
@@ -149,7 +156,7 @@ class Executor:
             if op.kind == "reshape":
                 continue
             scratch = view(scratch_of[i], conv_scratch(op, shapes)) if i in scratch_of else None
-            states = self._new_states(op, graph, shapes) if op.kind in ("lstm", "gru") else []
+            states = self._new_states(op, graph, shapes) if op.kind in RECURRENT else []
             ins = [self.buffers[v] for v in op.inputs]
             out = self.buffers[op.outputs[0]]
             self.steps.append(bind_op(op, graph.values, ins, out, scratch, states, numba_kernels))
@@ -158,13 +165,23 @@ class Executor:
     def _new_states(
         self, op: Op, graph: Graph, shapes: list[tuple[int, ...]]
     ) -> list[RecurrentState]:
-        batch, hidden = shapes[op.inputs[0]][0], op.attrs["hidden_size"]
+        (batch, _, features), hidden = shapes[op.inputs[0]], op.attrs["hidden_size"]
         zero_point = graph.values[op.outputs[0]].zero_point
+        dynamic = op.kind.endswith("_dynamic")
+        h_type, c_type = (np.float32, np.float32) if dynamic else (np.int8, np.int16)
+        rows = (4 if op.kind.startswith("lstm") else 3) * hidden
         made = []
         for direction in ("", "_reverse") if op.attrs["bidirectional"] else ("",):
-            c = np.zeros((batch, hidden), np.int16) if op.kind == "lstm" else None
-            h = np.zeros((batch, hidden), np.int8)
-            made.append(RecurrentState(op, direction, h, c, np.zeros(hidden, np.int8), zero_point))
+            c = np.zeros((batch, hidden), c_type) if op.kind.startswith("lstm") else None
+            if dynamic:  # one quantized row, and one step's gate pre-activations
+                scratch = (
+                    np.zeros(max(features, hidden), np.int8),
+                    np.zeros((2, rows), np.float32),
+                )
+            else:  # the next hidden state, while the current one is still being read
+                scratch = (np.zeros(hidden, np.int8),)
+            h = np.zeros((batch, hidden), h_type)
+            made.append(RecurrentState(op, direction, h, c, scratch, zero_point))
         self.states.extend(made)
         return made
 
