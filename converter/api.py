@@ -52,11 +52,11 @@ def _convert(
     if not graph.nodes:
         raise ConversionError(f"{type(model).__name__} computes nothing from its inputs")
     shapes = {name: graph.shapes[name][1:] for name in graph.inputs}
-    batches, total = calibration_batches(calibration, shapes, max_samples)
+    batches, total = calibration_batches(calibration, shapes, max_samples, graph.token_inputs)
     calibration_result = calibrate(
         graph, batches, total=total, progress=progress, keep=STATS_SAMPLES
     )
-    graph_dict, tensors = pack(graph, calibration_result.ranges)
+    graph_dict, tensors = pack(graph, calibration_result.ranges, calibration_result.cell_peaks)
     provenance = {
         "converter_version": tinyrt.__version__,
         "torch_version": torch.__version__,
@@ -126,8 +126,9 @@ def convert_from_files(
     in a ``.pt``/``.pth`` file (read with ``torch.load(weights_only=True)``) or a
     ``.safetensors`` file, loaded strictly; None keeps the factory's weights. ``calibration``
     is a ``.npy`` (single input) or ``.npz`` file (see :mod:`tinyrt.converter.data` for the
-    array names). The example input is the first calibration sample, unless ``input_shape``
-    (the full shape of one example input, batch axis first, single-input models) is given.
+    array names); integer arrays are token ids. The example input is the first calibration
+    sample, unless ``input_shape`` (the full shape of one example input, batch axis first,
+    single-input models) is given: then zeros of the calibration array's kind.
     """
     model = load_model(model_spec)
     weights_info = None
@@ -136,21 +137,22 @@ def convert_from_files(
         apply_weights(model, state, repr(weights))
     names = input_names(model)
     arrays = load_calibration_file(calibration, names)
+    for name, array in arrays.items():
+        if array.ndim == 0 or len(array) == 0 or array.dtype.kind not in "fiu":
+            raise ConversionError(
+                f"calibration file {calibration!r}: input {name!r} must be a non-empty "
+                "floating-point array (integer for token ids) with samples on the first axis, "
+                f"got dtype {array.dtype} and shape {list(array.shape)}"
+            )
+    dtypes = {name: np.float32 if a.dtype.kind == "f" else np.int64 for name, a in arrays.items()}
     if input_shape is not None:
         if len(names) != 1:
             raise ConversionError(
                 f"input_shape is for single-input models; this one has inputs {names}"
             )
-        examples = (torch.zeros(tuple(input_shape)),)
+        examples = (torch.from_numpy(np.zeros(tuple(input_shape), dtypes[names[0]])),)
     else:
-        for name, array in arrays.items():
-            if array.ndim == 0 or len(array) == 0 or array.dtype.kind != "f":
-                raise ConversionError(
-                    f"calibration file {calibration!r}: input {name!r} must be a non-empty "
-                    f"floating-point array with samples on the first axis, got dtype "
-                    f"{array.dtype} and shape {list(array.shape)}"
-                )
-        examples = tuple(torch.from_numpy(arrays[name][:1].astype(np.float32)) for name in names)
+        examples = tuple(torch.from_numpy(arrays[name][:1].astype(dtypes[name])) for name in names)
     return _convert(
         model,
         examples,

@@ -2,7 +2,8 @@
 
 :func:`run_float` is the float reference of a converted model: before the passes it reproduces
 the PyTorch model, after them the float model the integer graph approximates (fused activations
-included). :func:`calibrate` runs it over calibration batches with a min/max observer per value.
+included). :func:`calibrate` runs it over calibration batches with a min/max observer per value,
+and records the peak LSTM cell state per layer and direction.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tinyrt.converter.ir import SHARES_INPUT_PARAMS, Bounds, Graph, Node
+from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Bounds, Graph, Node, directions
 from tinyrt.errors import ConversionError
 
 
@@ -61,6 +62,43 @@ def _batch_norm(node: Node, x: torch.Tensor) -> torch.Tensor:
     )
 
 
+def _recurrent_direction(node: Node, x: torch.Tensor, suffix: str) -> tuple[torch.Tensor, float]:
+    """One direction of an LSTM/GRU layer over ``x [N, T, I]`` from a zero state, step by step
+    as PyTorch computes it; returns the hidden states ``[N, T, H]`` (at their input positions)
+    and, for an LSTM, ``max|c|`` over all steps (0 for a GRU).
+
+    LSTM (gates i, f, g, o): ``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``.
+    GRU (gates r, z, n): ``r, z = σ(x_r + h_r), σ(x_z + h_z)``, ``n = tanh(x_n + r h_n)``,
+    ``h' = (1 - z) n + z h``, where ``x_* = W_i* x + b_i*`` and ``h_* = W_h* h + b_h*``.
+    """
+    p = node.params
+    from_x = F.linear(x, p[f"weight_ih{suffix}"], p[f"bias_ih{suffix}"])
+    steps = x.shape[1]
+    h = c = x.new_zeros(len(x), node.attrs["hidden_size"])
+    peak = x.new_zeros(())
+    ys = [h] * steps
+    for t in range(steps - 1, -1, -1) if suffix == "_reverse" else range(steps):
+        from_h = F.linear(h, p[f"weight_hh{suffix}"], p[f"bias_hh{suffix}"])
+        if node.kind == "lstm":
+            i, f, g, o = (from_x[:, t] + from_h).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            peak = torch.maximum(peak, c.abs().max())
+        else:
+            x_r, x_z, x_n = from_x[:, t].chunk(3, dim=1)
+            h_r, h_z, h_n = from_h.chunk(3, dim=1)
+            r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+            h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
+        ys[t] = h
+    return torch.stack(ys, dim=1), float(peak)
+
+
+def _recurrent(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """An LSTM/GRU layer: the directions' outputs joined on the feature axis, and their peaks."""
+    runs = [_recurrent_direction(node, x, suffix) for suffix in directions(node)]
+    return torch.cat([y for y, _ in runs], dim=2), [peak for _, peak in runs]
+
+
 _KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "conv1d": _conv,
     "conv2d": _conv,
@@ -79,17 +117,32 @@ _KERNELS: dict[str, Callable[..., torch.Tensor]] = {
     "softmax": lambda n, x: F.softmax(x, dim=n.attrs["dim"]),
     "log_softmax": lambda n, x: F.log_softmax(x, dim=n.attrs["dim"]),
     "identity": lambda n, x: x,
+    "embedding": lambda n, tokens: F.embedding(tokens, n.params["weight"]),
 }
 
 
-def run_float(graph: Graph, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Run ``graph`` in float32 on ``inputs`` (name -> batch); return every value by name."""
+def run_float(
+    graph: Graph,
+    inputs: Mapping[str, torch.Tensor],
+    cell_peaks: dict[str, list[float]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Run ``graph`` in float32 on ``inputs`` (name -> batch, token inputs as integer
+    tensors); return every value by name.
+
+    ``cell_peaks``, if given, is updated in place with the running ``max|c|`` of each LSTM
+    node (by output value) and direction.
+    """
     values = dict(inputs)
     with torch.no_grad():
         for node in graph.nodes:
             xs = [values[v] for v in node.inputs]
             if node.kind == "reshape":
                 values[node.output] = xs[0].reshape(len(xs[0]), *graph.shapes[node.output][1:])
+            elif node.kind in RECURRENT:
+                values[node.output], peaks = _recurrent(node, xs[0])
+                if cell_peaks is not None and node.kind == "lstm":
+                    known = cell_peaks.get(node.output, peaks)
+                    cell_peaks[node.output] = [max(a, b) for a, b in zip(known, peaks, strict=True)]
             else:
                 values[node.output] = _KERNELS[node.kind](node, *xs)
     return values
@@ -104,18 +157,22 @@ def float_outputs(graph: Graph, values: Mapping[str, torch.Tensor]) -> list[torc
 @dataclass
 class Calibration:
     """Observed ranges ``value -> (min, max)`` (always containing 0), the number of samples,
-    and the first (up to ``keep``) input samples, kept for error statistics."""
+    the first (up to ``keep``) input samples, kept for error statistics, and the peak cell
+    state ``max|c|`` of each LSTM node (by output value), per direction."""
 
     ranges: dict[str, tuple[float, float]]
     samples: int
     kept_inputs: dict[str, torch.Tensor]
+    cell_peaks: dict[str, list[float]]
 
 
 def observed_values(graph: Graph) -> list[str]:
-    """Values that need an observer: inputs and outputs of ops that choose new parameters
-    (values of reshape, pooling and clamp take their input's parameters)."""
+    """Values that need an observer: float inputs and outputs of ops that choose new
+    parameters (values of reshape, pooling and clamp take their input's parameters; token
+    inputs have none)."""
+    inputs = [name for name in graph.inputs if name not in graph.token_inputs]
     own = [n.output for n in graph.nodes if n.kind not in SHARES_INPUT_PARAMS]
-    return [*graph.inputs, *own]
+    return [*inputs, *own]
 
 
 def calibrate(
@@ -126,7 +183,8 @@ def calibrate(
     progress: bool = True,
     keep: int = 64,
 ) -> Calibration:
-    """Run ``graph`` over ``batches`` (input name -> float32 batch) and record min/max ranges.
+    """Run ``graph`` over ``batches`` (input name -> float32 batch, or int64 token ids) and
+    record min/max ranges and LSTM cell peaks.
 
     ``total`` is the number of batches, if known, for the progress bar.
     """
@@ -134,8 +192,9 @@ def calibrate(
     ranges = {name: (0.0, 0.0) for name in watched}
     samples = 0
     kept: dict[str, list[torch.Tensor]] = {name: [] for name in graph.inputs}
+    cell_peaks: dict[str, list[float]] = {}
     for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
-        values = run_float(graph, batch)
+        values = run_float(graph, batch, cell_peaks)
         for name in watched:
             low, high = torch.aminmax(values[name])
             low, high = float(low), float(high)
@@ -152,4 +211,5 @@ def calibrate(
         samples += n
     if samples == 0:
         raise ConversionError("the calibration data holds no samples")
-    return Calibration(ranges, samples, {k: torch.cat(v) for k, v in kept.items()})
+    kept_inputs = {k: torch.cat(v) for k, v in kept.items()}
+    return Calibration(ranges, samples, kept_inputs, cell_peaks)

@@ -1,4 +1,5 @@
-"""Calibration data in any of the accepted forms, as batches of float32 tensors.
+"""Calibration data in any of the accepted forms, as batches of float32 tensors (int64 for
+token inputs, whose data must be integer ids in ``[0, V)``).
 
 Accepted forms (``names`` are the model's input names, in forward order):
 
@@ -79,8 +80,26 @@ def load_calibration_file(path: str | os.PathLike, names: list[str]) -> dict[str
     )
 
 
-def _tensor(value: Any, name: str, sample_shape: tuple[int, ...], where: str) -> torch.Tensor:
-    """Check one batch of input ``name`` (shape, dtype, finite) and return it as float32."""
+def _tokens(array: np.ndarray, name: str, vocabulary: int, where: str) -> torch.Tensor:
+    """Check one batch of token ids (integer dtype, in ``[0, vocabulary)``); return int64."""
+    if array.dtype.kind not in "iu":
+        raise ConversionError(
+            f"{where}: input {name!r} holds token ids for nn.Embedding and must be an integer "
+            f"array (e.g. int64), got dtype {array.dtype}"
+        )
+    if array.size and (array.min() < 0 or array.max() >= vocabulary):
+        raise ConversionError(
+            f"{where}: input {name!r} holds token ids outside [0, {vocabulary}) (found "
+            f"{array.min()} .. {array.max()}); the embedding has {vocabulary} rows"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+
+def _tensor(
+    value: Any, name: str, sample_shape: tuple[int, ...], where: str, vocabulary: int | None
+) -> torch.Tensor:
+    """Check one batch of input ``name`` (shape, dtype, finite) and return it as float32, or
+    as int64 token ids if ``vocabulary`` is given (the input is a token input)."""
     array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     expected = ["N", *sample_shape]
     if array.shape[1:] != sample_shape or array.ndim != len(expected):
@@ -88,6 +107,8 @@ def _tensor(value: Any, name: str, sample_shape: tuple[int, ...], where: str) ->
             f"{where}: input {name!r} has shape {list(array.shape)}, expected {expected} "
             "(samples first, then the shape of one example input)"
         )
+    if vocabulary is not None:
+        return _tokens(array, name, vocabulary, where)
     if array.dtype.kind != "f":
         raise ConversionError(
             f"{where}: input {name!r} has dtype {array.dtype}, expected a floating-point dtype"
@@ -117,9 +138,14 @@ def _item_inputs(item: Any, names: list[str], where: str) -> dict[str, Any]:
 
 
 def _from_arrays(
-    arrays: dict[str, Any], shapes: dict[str, tuple[int, ...]], max_samples: int | None
+    arrays: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    max_samples: int | None,
+    tokens: Mapping[str, int],
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
-    tensors = {n: _tensor(a, n, shapes[n], "calibration data") for n, a in arrays.items()}
+    tensors = {
+        n: _tensor(a, n, shapes[n], "calibration data", tokens.get(n)) for n, a in arrays.items()
+    }
     counts = {len(t) for t in tensors.values()}
     if len(counts) != 1:
         sizes = {n: len(t) for n, t in tensors.items()}
@@ -131,7 +157,10 @@ def _from_arrays(
 
 
 def _from_iterable(
-    items: Iterable, shapes: dict[str, tuple[int, ...]], max_samples: int | None
+    items: Iterable,
+    shapes: dict[str, tuple[int, ...]],
+    max_samples: int | None,
+    tokens: Mapping[str, int],
 ) -> Iterator[dict[str, torch.Tensor]]:
     names = list(shapes)
     seen = 0
@@ -140,7 +169,8 @@ def _from_iterable(
             return
         where = f"calibration batch {k}"
         batch = {
-            n: _tensor(v, n, shapes[n], where) for n, v in _item_inputs(item, names, where).items()
+            n: _tensor(v, n, shapes[n], where, tokens.get(n))
+            for n, v in _item_inputs(item, names, where).items()
         }
         if max_samples is not None:
             batch = {n: t[: max_samples - seen] for n, t in batch.items()}
@@ -149,15 +179,20 @@ def _from_iterable(
 
 
 def calibration_batches(
-    calibration: Any, shapes: dict[str, tuple[int, ...]], max_samples: int | None = None
+    calibration: Any,
+    shapes: dict[str, tuple[int, ...]],
+    max_samples: int | None = None,
+    tokens: Mapping[str, int] | None = None,
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int | None]:
     """Batches (input name -> float32 tensor) from ``calibration`` and their number if known.
 
     ``shapes`` maps each input name, in forward order, to the shape of one sample (without the
-    batch axis). Arrays are fed in batches of :data:`BATCH_SIZE`; ``max_samples`` caps the
-    number of samples used.
+    batch axis); ``tokens`` maps token inputs to their vocabulary size (their batches are int64
+    ids, checked to be in ``[0, V)``). Arrays are fed in batches of :data:`BATCH_SIZE`;
+    ``max_samples`` caps the number of samples used.
     """
     names = list(shapes)
+    tokens = tokens or {}
     if calibration is None:
         raise ConversionError(
             "calibration data is required: static quantization takes activation ranges from "
@@ -165,21 +200,22 @@ def calibration_batches(
             "path or a DataLoader)"
         )
     if isinstance(calibration, str | os.PathLike):
-        return _from_arrays(load_calibration_file(calibration, names), shapes, max_samples)
+        arrays = load_calibration_file(calibration, names)
+        return _from_arrays(arrays, shapes, max_samples, tokens)
     if isinstance(calibration, np.ndarray | torch.Tensor):
         if len(names) != 1:
             raise ConversionError(
                 f"calibration is a single array, but the model has {len(names)} inputs "
                 f"({', '.join(names)}); pass a dict input name -> array"
             )
-        return _from_arrays({names[0]: calibration}, shapes, max_samples)
+        return _from_arrays({names[0]: calibration}, shapes, max_samples, tokens)
     if isinstance(calibration, Mapping):
         chosen = _pick(calibration.keys(), names, "the calibration dict")
         arrays = {name: calibration[key] for name, key in chosen.items()}
-        return _from_arrays(arrays, shapes, max_samples)
+        return _from_arrays(arrays, shapes, max_samples, tokens)
     if isinstance(calibration, Iterable):
         total = len(calibration) if hasattr(calibration, "__len__") else None
-        return _from_iterable(calibration, shapes, max_samples), total
+        return _from_iterable(calibration, shapes, max_samples, tokens), total
     raise ConversionError(
         f"calibration must be an array, a dict, a .npy/.npz path or an iterable of batches, "
         f"got {type(calibration).__name__}"

@@ -19,9 +19,18 @@ Node kinds and their ``attrs`` (``params`` hold float ``torch`` tensors):
 * ``global_avg_pool``, ``reshape``, ``identity`` (dropped by the passes): no attrs.
 * ``add``: two inputs; attrs ``bounds``. ``concat``: attrs ``axis``.
 * ``softmax``/``log_softmax``: attrs ``dim``. Become an output's activation in the passes.
+* ``embedding``: params ``weight`` [V, E]; no attrs. Its input is a token input (below).
+* ``lstm``/``gru``: ONE layer of a batch-first ``nn.LSTM``/``nn.GRU`` (a multi-layer module
+  becomes one node per layer); params ``weight_ih`` [G*H, I], ``weight_hh`` [G*H, H],
+  ``bias_ih``, ``bias_hh`` [G*H] (zeros for ``bias=False``), each also with the suffix
+  ``_reverse`` when bidirectional (``G`` = 4 or 3, PyTorch's gate order); attrs
+  ``hidden_size``, ``bidirectional``. Output ``[N, T, D*H]``, from a zero initial state.
 
 ``bounds`` is ``None`` or the real interval ``(low, high)`` an activation clamps the output to
 (``high`` may be ``None``): ReLU is ``(0.0, None)``, ReLU6 ``(0.0, 6.0)``.
+
+Values are float, except token inputs: model inputs holding integer token ids, read only by
+``embedding`` nodes (``Graph.token_inputs``).
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ SHARES_INPUT_PARAMS = frozenset(
 )
 # Ops that can absorb a following clamp (their requantization clamps anyway).
 FUSES_ACTIVATION = frozenset({"conv1d", "conv2d", "linear", "add", "clamp"})
+# Recurrent layers (one node per layer and module call).
+RECURRENT = frozenset({"lstm", "gru"})
 
 
 @dataclass
@@ -61,6 +72,11 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def directions(node: Node) -> tuple[str, ...]:
+    """Parameter suffixes of a recurrent node's directions: forward, then backward."""
+    return ("", "_reverse") if node.attrs["bidirectional"] else ("",)
+
+
 @dataclass
 class Output:
     """A model output: a value, optionally passed through a float softmax/log-softmax."""
@@ -72,12 +88,15 @@ class Output:
 
 @dataclass
 class Graph:
-    """A model as nodes in execution order; ``shapes`` maps every value to its batch-1 shape."""
+    """A model as nodes in execution order; ``shapes`` maps every value to its batch-1 shape;
+    ``token_inputs`` maps each token input to its vocabulary size ``V`` (the smallest of the
+    embeddings reading it): valid ids are ``[0, V)``."""
 
     inputs: list[str]
     nodes: list[Node]
     outputs: list[Output]
     shapes: dict[str, tuple[int, ...]]
+    token_inputs: dict[str, int] = field(default_factory=dict)
 
     def producers(self) -> dict[str, Node]:
         """Map each value produced by a node to that node."""

@@ -3,7 +3,9 @@
 :data:`MODULES`, :data:`FUNCTIONS` and :data:`METHODS` map a module class, a function or a tensor
 method name to a handler. A handler receives the :class:`Call` (op name, display name, module,
 arguments with tensors as :class:`Value`), checks the attributes tinyrt cannot handle
-(``ceil_mode``, ``padding_mode``, ...) and returns the IR node (:mod:`tinyrt.converter.ir`).
+(``ceil_mode``, ``padding_mode``, ...) and returns the IR node (:mod:`tinyrt.converter.ir`), or
+the list of nodes computing the call in order (a multi-layer LSTM/GRU: one per layer, every
+output shaped like the call's result).
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tinyrt.converter.ir import RELU, RELU6, Node
+from tinyrt.converter.ir import RELU, RELU6, Node, directions
 from tinyrt.errors import UnsupportedOpError
+
+HIDDEN_STATE_REFUSAL = (
+    "hidden-state inputs/outputs are not supported yet; the runtime keeps stream state itself"
+)
 
 
 @dataclass(frozen=True)
@@ -323,6 +329,60 @@ def _softmax(kind: str, from_module: bool) -> Callable[[Call], Node]:
     return handler
 
 
+def _embedding(call: Call) -> Node:
+    m = call.module
+    refused = {
+        "max_norm": m.max_norm is not None,
+        "scale_grad_by_freq": m.scale_grad_by_freq,
+        "sparse": m.sparse,
+    }
+    for attr, enabled in refused.items():
+        if enabled:
+            raise call.refuse(
+                f"{attr}={getattr(m, attr)!r} is not supported; tinyrt converts a plain table "
+                f"lookup (set {attr} to its default)"
+            )
+    node = call.node("embedding", [call.tensor(call.args[0])])
+    node.params = {"weight": m.weight.detach()}
+    return node
+
+
+def _recurrent_args(input, hx=None) -> dict:
+    return locals()
+
+
+def _recurrent(call: Call) -> list[Node]:
+    """One ``lstm``/``gru`` node per layer of a batch-first ``nn.LSTM``/``nn.GRU``; layer ``k``
+    of a multi-layer module is named ``<module path>.l<k>`` (PyTorch's ``_l<k>`` suffix)."""
+    m = call.module
+    kind = "lstm" if isinstance(m, nn.LSTM) else "gru"
+    p = call.bind(_recurrent_args)
+    if not m.batch_first:
+        raise call.refuse("batch_first=False is not supported yet: use batch_first=True")
+    if getattr(m, "proj_size", 0):
+        raise call.refuse(f"proj_size={m.proj_size} is not supported; only proj_size=0")
+    if p["hx"] is not None:
+        raise call.refuse(f"passes an initial state; {HIDDEN_STATE_REFUSAL}")
+    x = call.tensor(p["input"])
+    _expect_ndim(call, x, (3,), "batch-first [N, T, features]")
+    rows = (4 if kind == "lstm" else 3) * m.hidden_size
+    nodes, source = [], x.name
+    for k in range(m.num_layers):
+        name = call.name if m.num_layers == 1 else f"{call.name}.l{k}"
+        attrs = {"hidden_size": m.hidden_size, "bidirectional": m.bidirectional}
+        node = Node(kind, name, call.op, [source], name, attrs=attrs)
+        for d in directions(node):
+            node.params |= {
+                f"weight_ih{d}": getattr(m, f"weight_ih_l{k}{d}").detach(),
+                f"weight_hh{d}": getattr(m, f"weight_hh_l{k}{d}").detach(),
+                f"bias_ih{d}": _bias(getattr(m, f"bias_ih_l{k}{d}") if m.bias else None, rows),
+                f"bias_hh{d}": _bias(getattr(m, f"bias_hh_l{k}{d}") if m.bias else None, rows),
+            }
+        nodes.append(node)
+        source = name
+    return nodes
+
+
 _DROPOUTS = (
     nn.Dropout,
     nn.Dropout1d,
@@ -332,7 +392,7 @@ _DROPOUTS = (
     nn.FeatureAlphaDropout,
 )
 
-MODULES: dict[type, Callable[[Call], Node]] = {
+MODULES: dict[type, Callable[[Call], Node | list[Node]]] = {
     nn.Conv1d: _conv,
     nn.Conv2d: _conv,
     nn.Linear: _linear,
@@ -348,6 +408,9 @@ MODULES: dict[type, Callable[[Call], Node]] = {
     nn.AdaptiveAvgPool1d: _global_avg_pool(1, True),
     nn.AdaptiveAvgPool2d: _global_avg_pool(2, True),
     nn.Flatten: _reshape,
+    nn.Embedding: _embedding,
+    nn.LSTM: _recurrent,
+    nn.GRU: _recurrent,
     nn.Identity: _identity,
     nn.Softmax: _softmax("softmax", True),
     nn.LogSoftmax: _softmax("log_softmax", True),

@@ -2,30 +2,51 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from tinyrt.converter.ir import SHARES_INPUT_PARAMS, Graph, Node
+from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Graph, Node, directions
 from tinyrt.converter.quantize import (
+    QuantizedLayer,
     activation_params,
     add_attrs,
     clamp_bounds,
     concat_attrs,
+    quantize_embedding,
+    quantize_gru,
     quantize_layer,
+    quantize_lstm,
 )
 from tinyrt.format import Tensor
+from tinyrt.kernels.reference import activation_table
+
+TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
+# Ops that keep axis 1 as the time axis (concat only when joining along a later axis).
+_PER_STEP = frozenset({"embedding", "linear", "clamp", "add", "concat", *RECURRENT})
 
 
 @dataclass
 class _Packer:
-    """Collects the tensor table while ops are emitted; ``params`` maps value -> (scale, zp)."""
+    """Collects the tensor table while ops are emitted; ``params`` maps value -> (scale, zp),
+    ``cell_peaks`` LSTM output value -> calibrated ``max|c|`` per direction."""
 
     params: dict[str, tuple[float, int]]
+    cell_peaks: Mapping[str, Sequence[float]]
     tensors: list[Tensor] = field(default_factory=list)
+    tables: dict[str, int] = field(default_factory=dict)
 
     def add(self, tensor: Tensor) -> int:
         self.tensors.append(tensor)
         return len(self.tensors) - 1
+
+    def table(self, function: str) -> int:
+        """The int16 ``sigmoid``/``tanh`` table, stored once per file (docs/recurrent.md)."""
+        if function not in self.tables:
+            table = activation_table(function)
+            self.tables[function] = self.add(
+                Tensor(f"{function}_table", "int16", table.shape, table)
+            )
+        return self.tables[function]
 
     def layer(self, node: Node) -> tuple[dict, dict]:
         """Tensors and clamp attrs of a conv/linear node."""
@@ -39,7 +60,12 @@ class _Packer:
             zp_in,
             s_out,
         )
-        scale = self.add(Tensor(f"{node.name}.weight_scale", "float32", q.scale.shape, q.scale))
+        return self.rows(node.name, q), self.clamp(node)
+
+    def rows(self, name: str, q: QuantizedLayer, suffix: str = "") -> dict[str, int]:
+        """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
+        None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index."""
+        scale = self.add(Tensor(f"{name}.weight{suffix}_scale", "float32", q.scale.shape, q.scale))
         record = {
             "scheme": "per_channel",
             "axis": 0,
@@ -49,20 +75,13 @@ class _Packer:
             "scale": scale,
             "zero_point": None,
         }
-        tensors = {
-            "weight": self.add(
-                Tensor(f"{node.name}.weight", "int8", q.weight.shape, q.weight, record)
-            ),
-            **{
-                key: self.add(Tensor(f"{node.name}.{key}", "int32", array.shape, array))
-                for key, array in (
-                    ("bias", q.bias),
-                    ("multiplier", q.multiplier),
-                    ("shift", q.shift),
-                )
-            },
-        }
-        return tensors, self.clamp(node)
+        weight = Tensor(f"{name}.weight{suffix}", "int8", q.weight.shape, q.weight, record)
+        tensors = {f"weight{suffix}": self.add(weight)}
+        for key, array in (("bias", q.bias), ("multiplier", q.multiplier), ("shift", q.shift)):
+            if array is not None:
+                role = f"{key}{suffix}"
+                tensors[role] = self.add(Tensor(f"{name}.{role}", "int32", array.shape, array))
+        return tensors
 
     def clamp(self, node: Node) -> dict:
         qmin, qmax = clamp_bounds(node.attrs["bounds"], *self.params[node.output])
@@ -93,6 +112,28 @@ def _concat(p: _Packer, node: Node) -> tuple[dict, dict]:
     }
 
 
+def _embedding(p: _Packer, node: Node) -> tuple[dict, dict]:
+    q = quantize_embedding(node.name, node.params["weight"].numpy(), p.params[node.output][0])
+    return p.rows(node.name, q), {}
+
+
+def _recurrent(p: _Packer, node: Node) -> tuple[dict, dict]:
+    """An lstm/gru op: per direction the gate matrices, then the shared activation tables."""
+    params = {key: value.numpy() for key, value in node.params.items()}
+    x, h = p.params[node.inputs[0]], p.params[node.output]
+    if node.kind == "lstm":
+        peaks = p.cell_peaks[node.output]
+        q = quantize_lstm(node.name, params, directions(node), x, h, peaks)
+    else:
+        q = quantize_gru(node.name, params, directions(node), x, h)
+    tensors = {}
+    for suffix, gates in q.gates.items():
+        tensors |= p.rows(node.name, gates, suffix)
+    tensors |= {f"{f}_table": p.table(f) for f in ("sigmoid", "tanh")}
+    shape = {k: node.attrs[k] for k in ("hidden_size", "bidirectional")}
+    return tensors, {**shape, **q.attrs}
+
+
 _OPS: dict[str, Callable[[_Packer, Node], tuple[dict, dict]]] = {
     "conv1d": _conv,
     "conv2d": _conv,
@@ -106,6 +147,9 @@ _OPS: dict[str, Callable[[_Packer, Node], tuple[dict, dict]]] = {
     "add": _add,
     "concat": _concat,
     "clamp": lambda p, node: ({}, p.clamp(node)),
+    "embedding": _embedding,
+    "lstm": _recurrent,
+    "gru": _recurrent,
 }
 
 
@@ -113,8 +157,11 @@ def value_params(
     graph: Graph, ranges: dict[str, tuple[float, float]]
 ) -> dict[str, tuple[float, int]]:
     """``(scale, zero_point)`` of every value: from its observed range, or its input's for ops
-    that keep their input's parameters."""
-    params = {name: activation_params(*ranges[name]) for name in graph.inputs}
+    that keep their input's parameters; token inputs have scale 1 and zero point 0."""
+    params = {
+        name: TOKEN_PARAMS if name in graph.token_inputs else activation_params(*ranges[name])
+        for name in graph.inputs
+    }
     for node in graph.nodes:
         if node.kind in SHARES_INPUT_PARAMS:
             params[node.output] = params[node.inputs[0]]
@@ -123,9 +170,30 @@ def value_params(
     return params
 
 
-def pack(graph: Graph, ranges: dict[str, tuple[float, float]]) -> tuple[dict, list[Tensor]]:
-    """The graph dict (docs/graph.md) and tensor table of the quantized ``graph``."""
-    packer = _Packer(value_params(graph, ranges))
+def sequence_inputs(graph: Graph) -> set[str]:
+    """Model inputs whose axis 1 is the time axis of a recurrent op: they reach one through
+    per-step ops only. The file declares that axis dynamic (any length per call, for streaming);
+    a head that needs the traced length (a flatten) is the runtime's to report."""
+    carries: dict[str, set[str]] = {name: {name} for name in graph.inputs}
+    found: set[str] = set()
+    for node in graph.nodes:
+        if node.kind not in _PER_STEP or (node.kind == "concat" and node.attrs["axis"] == 1):
+            continue
+        sources = set().union(*(carries.get(v, set()) for v in node.inputs))
+        carries[node.output] = sources
+        if node.kind in RECURRENT:
+            found |= sources
+    return found
+
+
+def pack(
+    graph: Graph,
+    ranges: dict[str, tuple[float, float]],
+    cell_peaks: Mapping[str, Sequence[float]] | None = None,
+) -> tuple[dict, list[Tensor]]:
+    """The graph dict (docs/graph.md) and tensor table of the quantized ``graph``, from the
+    calibrated ``ranges`` and (for LSTMs) ``cell_peaks``, as :class:`.calibrate.Calibration`."""
+    packer = _Packer(value_params(graph, ranges), cell_peaks or {})
     names = [*graph.inputs, *(node.output for node in graph.nodes)]
     index = {name: i for i, name in enumerate(names)}
     values = [
@@ -137,6 +205,8 @@ def pack(graph: Graph, ranges: dict[str, tuple[float, float]]) -> tuple[dict, li
         }
         for name in names
     ]
+    for name in graph.token_inputs:
+        values[index[name]]["dtype"] = "int32"
     ops = []
     for node in graph.nodes:
         tensors, attrs = _OPS[node.kind](packer, node)
@@ -158,8 +228,13 @@ def pack(graph: Graph, ranges: dict[str, tuple[float, float]]) -> tuple[dict, li
         if out.activation is not None:
             entry["dim"] = out.dim
         outputs.append(entry)
+    sequences = sequence_inputs(graph)
+    inputs = [{"name": name, "value": index[name]} for name in graph.inputs]
+    for entry in inputs:
+        if entry["name"] in sequences:
+            entry["dynamic_axes"] = [1]
     graph_dict = {
-        "inputs": [{"name": name, "value": index[name]} for name in graph.inputs],
+        "inputs": inputs,
         "outputs": outputs,
         "values": values,
         "ops": ops,

@@ -13,10 +13,15 @@ Conventions (``real = scale * (q - zero_point)``):
   zero-point correction ``zp_in * sum_k Wq[c, k]`` (the kernels then never see ``zp_in``).
 * Requantization multipliers ``M = s_in * s_w[c] / s_out`` are encoded by
   :func:`tinyrt.kernels.reference.quantize_multiplier`.
+* Embeddings (:func:`quantize_embedding`) and recurrent layers (:func:`quantize_lstm`,
+  :func:`quantize_gru`) reuse the weight rows, bias and multiplier rules above; their fixed-point
+  formats are docs/recurrent.md's.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +32,9 @@ from tinyrt.kernels.reference import INT8_MAX, INT8_MIN, INT32_MAX, quantize_mul
 
 BIAS_LIMIT = 2**30
 ADD_LEFT_SHIFT = 20
+GATE_SCALE = 2.0**-12  # Q3.12: recurrent gate pre-activations
+Q15_SCALE = 2.0**-15  # Q0.15: sigmoid/tanh outputs
+MAX_CELL_EXPONENT = 15  # an LSTM cell state is int16 at 2^-cell_frac, cell_frac = 15 - m
 
 
 def round_half_away(x: np.ndarray | float) -> np.ndarray:
@@ -56,19 +64,35 @@ def encode_multiplier(real: float, where: str) -> tuple[int, int]:
         ) from exc
 
 
+def _row_scales(w: np.ndarray, minimum: np.ndarray | float = 0.0) -> np.ndarray:
+    """float32 ``s_w[r] = max(max|w[r]| / 127, minimum[r])`` (1 for an all-zero row), rounded up
+    to float32 so that no weight exceeds 127 steps."""
+    peak = np.abs(w).max(axis=1)
+    s_w = np.maximum(np.where(peak > 0, peak / 127.0, 1.0), minimum)
+    scale = s_w.astype(np.float32)
+    return np.where(scale < s_w, np.nextafter(scale, np.float32(np.inf)), scale)
+
+
 def _quantize_rows(w: np.ndarray, s_w: np.ndarray) -> np.ndarray:
     return np.clip(round_half_away(w / s_w[:, None].astype(np.float64)), -127, 127).astype(np.int8)
 
 
+def _encode_rows(name: str, reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int32 ``(multiplier, shift)`` arrays encoding the real multipliers ``reals``."""
+    encoded = [encode_multiplier(float(m), name) for m in reals]
+    return tuple(np.array(column, dtype=np.int32) for column in zip(*encoded, strict=True))
+
+
 @dataclass
 class QuantizedLayer:
-    """A conv/linear layer in integers: ``weight`` int8 (the float weight's shape), ``scale``
-    float32 ``s_w`` [O], ``bias`` int32 [O] with the zero-point correction folded in, and the
-    requantization ``multiplier``/``shift`` int32 [O]."""
+    """Requantized weight rows (a conv/linear layer, an embedding table, a recurrent layer's
+    gate matrix): ``weight`` int8 (the float weight's shape), ``scale`` float32 ``s_w`` [O],
+    ``bias`` int32 [O] with the zero-point correction folded in (None for an embedding), and
+    the requantization ``multiplier``/``shift`` int32 [O]."""
 
     weight: np.ndarray
     scale: np.ndarray
-    bias: np.ndarray
+    bias: np.ndarray | None
     multiplier: np.ndarray
     shift: np.ndarray
 
@@ -92,11 +116,7 @@ def quantize_layer(
     out_channels = weight.shape[0]
     w = weight.reshape(out_channels, -1).astype(np.float64)
     b = bias.astype(np.float64)
-    peak = np.abs(w).max(axis=1)
-    s_w = np.where(peak > 0, peak / 127.0, 1.0)
-    s_w = np.maximum(s_w, np.abs(b) / (s_in * BIAS_LIMIT))
-    scale = s_w.astype(np.float32)
-    scale = np.where(scale < s_w, np.nextafter(scale, np.float32(np.inf)), scale)
+    scale = _row_scales(w, np.abs(b) / (s_in * BIAS_LIMIT))
     wq = _quantize_rows(w, scale)
     bias_q = round_half_away(b / (s_in * scale.astype(np.float64))).astype(np.int64)
     row_sums = wq.astype(np.int64).sum(axis=1)
@@ -110,8 +130,7 @@ def quantize_layer(
             f"(input dimension {w.shape[1]} per channel). Use a smaller input dimension for "
             "this layer; splitting a layer's accumulation is not implemented"
         )
-    encoded = [encode_multiplier(s_in * float(scale[c]) / s_out, name) for c in range(out_channels)]
-    multiplier, shift = (np.array(column, dtype=np.int32) for column in zip(*encoded, strict=True))
+    multiplier, shift = _encode_rows(name, s_in * scale.astype(np.float64) / s_out)
     return QuantizedLayer(
         wq.reshape(weight.shape),
         scale.astype(np.float32),
@@ -154,3 +173,115 @@ def concat_attrs(name: str, scales: list[float], s_out: float) -> dict:
     """Multipliers of the ``concat`` op: input ``i`` is rescaled by ``M_i = s_i / s_out``."""
     encoded = [encode_multiplier(s / s_out, name) for s in scales]
     return {"multipliers": [m for m, _ in encoded], "shifts": [s for _, s in encoded]}
+
+
+def quantize_embedding(name: str, weight: np.ndarray, s_out: float) -> QuantizedLayer:
+    """Quantize an embedding table ``weight`` [V, E] for an output of scale ``s_out``.
+
+    A lookup is a linear layer without bias on a one-hot input of scale 1 (the token value's
+    scale): rows are quantized like weights, ``s_w[v] = max|W[v]| / 127``, and
+    ``M[v] = s_w[v] / s_out``. Each output ``zp_out + mbqm(Wq[tok, e], M[tok])`` requantizes a
+    single int8 weight: nothing accumulates, so there is no overflow bound to prove.
+    """
+    w = weight.astype(np.float64)
+    scale = _row_scales(w)
+    multiplier, shift = _encode_rows(name, scale.astype(np.float64) / s_out)
+    return QuantizedLayer(_quantize_rows(w, scale), scale, None, multiplier, shift)
+
+
+def cell_frac(peak: float) -> int:
+    """Fraction bits of an LSTM cell state whose calibrated ``max|c|`` is ``peak``.
+
+    ``cell_frac = 15 - m`` with ``m`` the smallest integer ``>= 0`` such that
+    ``peak <= 2^m``, at most 15 (a larger cell state saturates), so int16 ``c`` at scale
+    ``2^-cell_frac`` covers ``[-2^m, 2^m)``.
+    """
+    fraction, exponent = math.frexp(peak)  # peak = fraction * 2^exponent, fraction in [0.5, 1)
+    m = exponent - 1 if fraction == 0.5 else exponent
+    return MAX_CELL_EXPONENT - min(max(m, 0), MAX_CELL_EXPONENT)
+
+
+@dataclass
+class QuantizedRecurrent:
+    """An LSTM/GRU layer in integers: ``gates`` maps a tensor-role suffix (``_ih``, ``_hh``,
+    and ``_ih_reverse``, ``_hh_reverse`` when bidirectional) to its quantized gate matrix;
+    ``attrs`` are the op's fixed-point attrs (docs/graph.md)."""
+
+    gates: dict[str, QuantizedLayer]
+    attrs: dict
+
+
+def _gate_matrices(
+    name: str,
+    params: dict[str, np.ndarray],
+    directions: Sequence[str],
+    x: tuple[float, int],
+    h: tuple[float, int],
+) -> dict[str, QuantizedLayer]:
+    """The gate matrices of every direction (``directions``: ``""`` and maybe ``"_reverse"``).
+
+    ``W_ih`` reads the layer input ``x = (s_x, zp_x)`` and ``W_hh`` the hidden state, which is
+    the layer's output ``h = (s_h, zp_h)``. Each is a linear layer (:func:`quantize_layer`:
+    rows, bias folding, overflow proof) whose output is the Q3.12 pre-activation, so
+    ``M_x[r] = s_x s_wih[r] / 2^-12`` and ``M_h[r] = s_h s_whh[r] / 2^-12``.
+    """
+    gates = {}
+    for d in directions:
+        for part, (s_in, zp_in) in (("ih", x), ("hh", h)):
+            gates[f"_{part}{d}"] = quantize_layer(
+                f"{name}.weight_{part}{d}",
+                params[f"weight_{part}{d}"],
+                params[f"bias_{part}{d}"],
+                s_in,
+                zp_in,
+                GATE_SCALE,
+            )
+    return gates
+
+
+def quantize_lstm(
+    name: str,
+    params: dict[str, np.ndarray],
+    directions: Sequence[str],
+    x: tuple[float, int],
+    h: tuple[float, int],
+    cell_peaks: Sequence[float],
+) -> QuantizedRecurrent:
+    """Quantize one LSTM layer (params by IR name, float) between input ``x`` and output ``h``
+    (``(scale, zero_point)`` each); ``cell_peaks`` are the calibrated ``max|c|`` per direction.
+
+    Gate matrices as :func:`_gate_matrices`; ``cell_frac`` per direction from
+    :func:`cell_frac`; ``out_*`` encodes ``2^-30 / s_h``, since ``o * tanh(c)`` is the product
+    of two Q0.15 values.
+    """
+    out_multiplier, out_shift = encode_multiplier(2.0**-30 / h[0], name)
+    attrs = {
+        "cell_frac": [cell_frac(peak) for peak in cell_peaks],
+        "out_multiplier": out_multiplier,
+        "out_shift": out_shift,
+    }
+    return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h), attrs)
+
+
+def quantize_gru(
+    name: str,
+    params: dict[str, np.ndarray],
+    directions: Sequence[str],
+    x: tuple[float, int],
+    h: tuple[float, int],
+) -> QuantizedRecurrent:
+    """Quantize one GRU layer, arguments as :func:`quantize_lstm` (without cell peaks).
+
+    Gate matrices as :func:`_gate_matrices`; ``h15_*`` encodes ``s_h / 2^-15`` (the previous
+    hidden state to Q0.15, where it is mixed with the candidate ``n``) and ``out_*`` encodes
+    ``2^-15 / s_h`` (the new Q0.15 state back to int8).
+    """
+    h15_multiplier, h15_shift = encode_multiplier(h[0] / Q15_SCALE, name)
+    out_multiplier, out_shift = encode_multiplier(Q15_SCALE / h[0], name)
+    attrs = {
+        "h15_multiplier": h15_multiplier,
+        "h15_shift": h15_shift,
+        "out_multiplier": out_multiplier,
+        "out_shift": out_shift,
+    }
+    return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h), attrs)

@@ -5,6 +5,10 @@ node on the example inputs repeated to batch 2. Every tensor must keep that 2 on
 runtime can run any batch size), and every call is checked against the supported ops before it
 runs. Shapes are recorded with batch 1. Integer "shape arithmetic" (``x.size(0)``,
 ``x.shape[1] * 4``) may feed ``view``/``reshape``, whose output shape is taken from execution.
+
+Values are float tensors, except token inputs: an integer example input becomes a token input,
+which only ``nn.Embedding`` may read. An ``nn.LSTM``/``nn.GRU`` call returns
+``(output, hidden)``; only ``output`` (element 0, through fx's ``getitem``) may be used.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import torch
 import torch.fx
 from torch import nn
 
-from tinyrt.converter.ir import Graph, Node, Output
+from tinyrt.converter.ir import RECURRENT, Graph, Node, Output
 from tinyrt.converter.ops import (
     FUNCTIONS,
+    HIDDEN_STATE_REFUSAL,
     METADATA_ATTRIBUTES,
     METADATA_METHODS,
     METHODS,
@@ -80,6 +85,12 @@ class _Tracer(torch.fx.Interpreter):
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.values: dict[torch.fx.Node, Value] = {}
         self.used: set[str] = set()
+        # Token inputs -> vocabulary size (None until an embedding reads them).
+        self.tokens: dict[str, int | None] = {}
+        # fx nodes holding a recurrent call's (output, hidden) tuple -> its output value; those
+        # and the nodes holding (part of) a returned hidden state -> the call, as "name (op)".
+        self.recurrent: dict[torch.fx.Node, Value] = {}
+        self.returned_by: dict[torch.fx.Node, str] = {}
 
     def _unique(self, name: str) -> str:
         unique, k = name, 0
@@ -97,7 +108,9 @@ class _Tracer(torch.fx.Interpreter):
     def _reads_tensor(self, n: torch.fx.Node) -> bool:
         return any(arg in self.values for arg in n.all_input_nodes)
 
-    def _describe(self, n: torch.fx.Node) -> tuple[str, str, Callable[[Call], Node] | None]:
+    def _describe(
+        self, n: torch.fx.Node
+    ) -> tuple[str, str, Callable[[Call], Node | list[Node]] | None]:
         """The op name, the op's display name and its handler (None if unsupported)."""
         if n.op == "call_module":
             module = self.module.get_submodule(n.target)
@@ -109,8 +122,11 @@ class _Tracer(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "placeholder":
             result = super().run_node(n)
-            self.values[n] = self._record(self._unique(n.target), n.target, "input", result)
-            self.inputs.append(self.values[n].name)
+            name = self._unique(n.target)
+            if not result.is_floating_point():
+                self.tokens[name] = None
+            self.values[n] = self._record(name, n.target, "input", result)
+            self.inputs.append(name)
             return result
         if n.op == "get_attr":
             raise UnsupportedOpError(
@@ -120,18 +136,78 @@ class _Tracer(torch.fx.Interpreter):
             )
         if n.op == "output":
             return super().run_node(n)
+        if n.target is operator.getitem and self._returned(n.args[0]):
+            return self._select(n)
+        for arg in n.all_input_nodes:
+            self._refuse_hidden_state(arg, n.name)
         name, op, handler = self._describe(n)
         if handler is None:
             return self._shape_arithmetic(n, name, op)
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         call = Call(self._unique(name), op, module, self._arg(n.args), self._arg(n.kwargs))
-        node = handler(call)
-        if node.kind != "identity":
+        converted = handler(call)
+        nodes = converted if isinstance(converted, list) else [converted]
+        self._check_tokens(call, nodes)
+        if nodes[-1].kind != "identity":
             self._check_in_place(n, call, module)
         result = self._execute(n, call.name, op)
-        self.values[n] = self._record(node.output, call.name, op, result)
-        self.nodes.append(node)
+        *layers, last = nodes
+        if last.kind in RECURRENT:
+            self.recurrent[n] = self._record(last.output, call.name, op, result[0])
+            self.returned_by[n] = f"{call.name} ({op})"
+        else:
+            self.values[n] = self._record(last.output, call.name, op, result)
+        for node in layers:
+            self.used.add(node.output)
+            self.shapes[node.output] = self.shapes[last.output]
+        self.nodes.extend(nodes)
         return result
+
+    def _returned(self, arg: Any) -> bool:
+        """Whether ``arg`` holds a recurrent call's result or (part of) its hidden state."""
+        return isinstance(arg, torch.fx.Node) and arg in self.returned_by
+
+    def _select(self, n: torch.fx.Node) -> Any:
+        """``getitem`` on a recurrent call's result: element 0 is the output sequence; anything
+        else is (part of) the hidden state, refused if anything reads it."""
+        result = self._execute(n, n.name, "operator.getitem")
+        source, index = n.args
+        if source in self.recurrent and index in (0, -2):
+            self.values[n] = self.recurrent[source]
+        else:
+            self.returned_by[n] = self.returned_by[source]
+        return result
+
+    def _refuse_hidden_state(self, arg: Any, reader: str) -> None:
+        """Refuse reading a recurrent call's result other than its element 0 (by ``getitem``)."""
+        if self._returned(arg):
+            raise UnsupportedOpError(
+                f"{self.returned_by[arg]}: {reader} uses its returned hidden state (or its whole "
+                f"(output, hidden) result); {HIDDEN_STATE_REFUSAL}. Use only the output "
+                "sequence, as in `out, _ = self.lstm(x)` or `self.lstm(x)[0]`"
+            )
+
+    def _check_tokens(self, call: Call, nodes: list[Node]) -> None:
+        """Token inputs feed only embeddings, and embeddings read only token inputs."""
+        for node in nodes:
+            tokens = [v for v in node.inputs if v in self.tokens]
+            if node.kind == "embedding" and not tokens:
+                raise call.refuse(
+                    f"reads {node.inputs[0]!r}, which is not a model input of integer token ids; "
+                    "nn.Embedding must read a forward argument given as an integer example "
+                    "input (e.g. torch.zeros(1, T, dtype=torch.long))"
+                )
+            if node.kind == "embedding":
+                vocabulary = int(node.params["weight"].shape[0])
+                known = self.tokens[tokens[0]]
+                self.tokens[tokens[0]] = vocabulary if known is None else min(known, vocabulary)
+            elif tokens:
+                raise ConversionError(
+                    f"{call.name} ({call.op}) reads the integer input {tokens[0]!r}: integer "
+                    "inputs are token ids, which only nn.Embedding may read; any other input "
+                    "must be a floating-point tensor with a batch axis (in a calibration file, "
+                    "a non-empty floating-point array)"
+                )
 
     def _shape_arithmetic(self, n: torch.fx.Node, name: str, op: str) -> Any:
         """Run a call that is not a supported tensor op; allow it only if it is integer shape
@@ -189,7 +265,7 @@ class _Tracer(torch.fx.Interpreter):
                 f"shape {list(shape)}; tinyrt keeps axis 0 as the batch axis of every tensor "
                 "(use x.view(x.size(0), -1) or torch.flatten(x, 1), not view(-1, ...))"
             )
-        if not result.is_floating_point():
+        if not result.is_floating_point() and value not in self.tokens:
             raise UnsupportedOpError(f"{name} ({op}) produced a {result.dtype} tensor")
         self.shapes[value] = (1, *shape[1:])
         return Value(value, shape)
@@ -201,12 +277,19 @@ class _Tracer(torch.fx.Interpreter):
         results = list(result) if isinstance(result, tuple | list) else [result]
         outputs = []
         for r in results:
-            if not isinstance(r, torch.fx.Node) or r not in self.values:
+            self._refuse_hidden_state(r, "the model's output")
+            value = self.values.get(r) if isinstance(r, torch.fx.Node) else None
+            if value is None:
                 raise ConversionError(
                     f"the model returns {r!r}; tinyrt supports a tensor or a tuple/list of "
                     "tensors computed by the model"
                 )
-            outputs.append(Output(self.values[r].name))
+            if value.name in self.tokens:
+                raise ConversionError(
+                    f"the model returns its integer input {value.name!r}; integer inputs are "
+                    "token ids, which only nn.Embedding may read"
+                )
+            outputs.append(Output(value.name))
         return outputs
 
 
@@ -235,16 +318,23 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
             )
         batch2, described = [], []
         for name, x in zip(placeholders, example_inputs, strict=True):
-            valid = isinstance(x, torch.Tensor) and x.is_floating_point() and x.ndim > 0
-            if not valid or len(x) == 0:
+            valid = isinstance(x, torch.Tensor) and x.ndim > 0 and len(x) > 0
+            if not valid or x.is_complex() or x.dtype == torch.bool:
                 raise ConversionError(
-                    f"example input {name!r} must be a floating-point tensor with a batch axis, "
-                    f"got {x!r:.80}"
+                    f"example input {name!r} must be a floating-point tensor with a batch axis "
+                    f"(or an integer one of token ids for nn.Embedding), got {x!r:.80}"
                 )
-            first = x[:1].to(torch.float32)
+            first = x[:1].to(torch.float32 if x.is_floating_point() else torch.int64)
             batch2.append(torch.cat([first, first]))
             described.append(f"{name} {list(first.shape)}")
         tracer = _Tracer(gm, ", ".join(described))
         with torch.no_grad():
             tracer.run(*batch2)
-    return Graph(tracer.inputs, tracer.nodes, tracer.outputs(), tracer.shapes)
+    unread = [name for name, vocabulary in tracer.tokens.items() if vocabulary is None]
+    if unread:
+        raise ConversionError(
+            f"example input {unread[0]!r} is an integer tensor, but no nn.Embedding reads it; "
+            "integer inputs are token ids for nn.Embedding (give other inputs as floating-point "
+            "tensors)"
+        )
+    return Graph(tracer.inputs, tracer.nodes, tracer.outputs(), tracer.shapes, tracer.tokens)

@@ -260,13 +260,13 @@ class UsesParameter(nn.Module):
         return x * self.scale
 
 
-class Lstm(nn.Module):
+class Rnn(nn.Module):
     def __init__(self):
         super().__init__()
-        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.rnn = nn.RNN(3, 4, batch_first=True)
 
     def forward(self, x):
-        return self.lstm(x)[0]
+        return self.rnn(x)[0]
 
 
 X4 = (2, 3, 6, 6)
@@ -275,7 +275,7 @@ REFUSED = {
     "sigmoid": (lambda: Lambda(torch.sigmoid), X4, ["sigmoid", "torch.sigmoid", "Supported"]),
     "mul": (lambda: Lambda(lambda x: x * x), X4, ["mul", "operator.mul"]),
     "method": (lambda: Lambda(lambda x: x.exp()), X4, ["exp", "Tensor.exp"]),
-    "lstm": (Lstm, (2, 5, 3), ["lstm", "nn.LSTM"]),
+    "rnn": (Rnn, (2, 5, 3), ["rnn", "nn.RNN"]),
     "ceil_mode": (lambda: Seq(nn.MaxPool2d(2, ceil_mode=True)), X4, ["0", "ceil_mode"]),
     "f_ceil_mode": (
         lambda: Lambda(lambda x: F.avg_pool2d(x, 2, ceil_mode=True)),
