@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from examples.models import DigitsCNN, Mnist1dCNN
+from examples.recurrent_models import Mnist1dGRU
 from tinyrt.converter import convert
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +31,8 @@ class Example:
 
     @property
     def spec(self) -> str:
-        return f"examples/models.py:{self.model_class.__name__}"
+        module = self.model_class.__module__.rsplit(".", 1)[-1]
+        return f"examples/{module}.py:{self.model_class.__name__}"
 
     @property
     def weights(self) -> Path:
@@ -72,4 +74,5 @@ class Example:
 EXAMPLES = (
     Example("mnist1d_cnn", Mnist1dCNN, "mnist1d"),
     Example("digits_cnn", DigitsCNN, "digits"),
+    Example("mnist1d_gru", Mnist1dGRU, "mnist1d_seq"),
 )
