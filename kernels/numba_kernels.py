@@ -489,3 +489,201 @@ def gru_int8(
             for j in range(hidden):
                 h_row[j] = h_next[j]
                 out[n, t, out_offset + j] = h_next[j]
+
+
+# --- dynamic mode (docs/dynamic.md) ------------------------------------------------------
+# Float results, so not bit-exact across the board: linear and embedding match the reference
+# bit for bit; the recurrent layers match to float32 rounding (libm's float64 exp/tanh against
+# NumPy's, rounded to float32).
+
+
+@_inline
+def _round_half_away(v):
+    """Scalar ``reference.round_half_away`` (float64)."""
+    return np.floor(v + 0.5) if v >= 0 else -np.floor(0.5 - v)
+
+
+@_inline
+def _row_quantization(v):
+    """``(s, zp)`` of the float row ``v``, as ``reference.quantize_rows`` (float64, int32)."""
+    lo = 0.0
+    hi = 0.0
+    for k in range(v.shape[0]):
+        value = np.float64(v[k])
+        lo = min(lo, value)
+        hi = max(hi, value)
+    scale = (hi - lo) / 255.0 if hi != lo else 1.0
+    zero_point = min(max(_round_half_away(-128.0 - lo / scale), -128.0), 127.0)
+    return scale, np.int32(zero_point)
+
+
+@_inline
+def _quantize_value(value, scale, zero_point):
+    """One element of ``reference.quantize_rows``: ``clamp(rint(x / s) + zp)`` in float64."""
+    q = np.rint(np.float64(value) / scale) + zero_point
+    return np.int32(min(max(q, -128.0), 127.0))
+
+
+@_inline
+def _dequantize(acc, scale, weight_scale, bias):
+    """``float32(s * s_w) * float32(acc) + b`` (float32)."""
+    return np.float32(scale * weight_scale) * np.float32(acc) + bias
+
+
+@_inline
+def _dynamic_row(v, weight, weight_scale, bias, q, out):
+    """``out[r] = reference._dynamic_rows(v)[r]`` for every row ``r`` of ``weight``.
+
+    ``v`` is quantized into the scratch ``q`` (at least ``K`` long), then each output is
+    ``Σ_k Wq[r, k] q[k] - zp Σ_k Wq[r, k]`` in int32, dequantized.
+    """
+    k_len = weight.shape[1]
+    scale, zero_point = _row_quantization(v)
+    for k in range(k_len):
+        q[k] = _quantize_value(v[k], scale, zero_point)
+    for r in range(weight.shape[0]):
+        row = weight[r]
+        acc = np.int32(0)
+        total = np.int32(0)
+        for k in range(k_len):
+            acc = np.int32(acc + np.int32(row[k]) * np.int32(q[k]))
+            total = np.int32(total + np.int32(row[k]))
+        acc = np.int32(acc - zero_point * total)
+        out[r] = _dequantize(acc, scale, weight_scale[r], bias[r])
+
+
+@_jit
+def linear_dynamic(x, weight, weight_scale, bias, relu, out):
+    """``reference.linear_dynamic``: ``x`` ``[M, K]`` float32, ``weight`` ``[O, K]``, ``out``
+    ``[M, O]`` float32; bit-exact.
+
+    With no scratch to hold a quantized row, each output requantizes its input row on the fly
+    (the same float64 operations, so the same ``q``).
+    """
+    outputs, k_len = weight.shape
+    for m in range(x.shape[0]):
+        row_x = x[m]
+        scale, zero_point = _row_quantization(row_x)
+        for r in range(outputs):
+            row = weight[r]
+            acc = np.int32(0)
+            total = np.int32(0)
+            for k in range(k_len):
+                q = _quantize_value(row_x[k], scale, zero_point)
+                acc = np.int32(acc + np.int32(row[k]) * q)
+                total = np.int32(total + np.int32(row[k]))
+            acc = np.int32(acc - zero_point * total)
+            y = _dequantize(acc, scale, weight_scale[r], bias[r])
+            out[m, r] = max(y, np.float32(0.0)) if relu else y
+
+
+@_jit
+def embedding_dynamic(tokens, weight, weight_scale, out):
+    """``reference.embedding_dynamic``: ``tokens`` ``[N, T]`` int32 in ``[0, V)`` (the runtime
+    checks), ``weight`` ``[V, E]``, ``out`` ``[N, T, E]`` float32; bit-exact."""
+    n_batch, steps = tokens.shape
+    dim = weight.shape[1]
+    for n in range(n_batch):
+        for t in range(steps):
+            token = tokens[n, t]
+            row = weight[token]
+            scale = weight_scale[token]
+            for e in range(dim):
+                out[n, t, e] = scale * np.float32(row[e])
+
+
+@_inline
+def _sigmoid32(v):
+    """``reference._sigmoid32``: float64 ``1 / (1 + exp(-v))`` rounded to float32."""
+    return np.float32(1.0 / (1.0 + np.exp(-np.float64(v))))
+
+
+@_inline
+def _tanh32(v):
+    """``reference._tanh32``: float64 ``tanh(v)`` rounded to float32."""
+    return np.float32(np.tanh(np.float64(v)))
+
+
+@_jit
+def lstm_dynamic(
+    x,
+    weight_ih,
+    weight_hh,
+    scale_ih,
+    scale_hh,
+    bias_ih,
+    bias_hh,
+    reverse,
+    h,
+    c,
+    scratch_q,
+    scratch_gates,
+    out,
+    out_offset,
+):
+    """``reference.lstm_dynamic``, continuing the stream state ``h``, ``c`` ``[N, H]`` float32.
+
+    ``h``/``c`` are read as the initial state and left holding the final one. Scratch:
+    ``scratch_q`` int8 ``[max(I, H)]`` (a quantized row), ``scratch_gates`` float32
+    ``[2, 4H]`` (one step's ``gx`` and ``gh``; every unit's ``gh`` is computed before ``h``
+    changes). The outputs go to ``out[:, :, out_offset : out_offset + H]`` of ``out``
+    ``[N, T, W]``.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = h.shape[1]
+    gx = scratch_gates[0]
+    gh = scratch_gates[1]
+    for n in range(n_batch):
+        h_row = h[n]
+        c_row = c[n]
+        for step in range(steps):
+            t = steps - 1 - step if reverse else step
+            _dynamic_row(x[n, t], weight_ih, scale_ih, bias_ih, scratch_q, gx)
+            _dynamic_row(h_row, weight_hh, scale_hh, bias_hh, scratch_q, gh)
+            for j in range(hidden):
+                i = _sigmoid32(gx[j] + gh[j])
+                f = _sigmoid32(gx[hidden + j] + gh[hidden + j])
+                g = _tanh32(gx[2 * hidden + j] + gh[2 * hidden + j])
+                o = _sigmoid32(gx[3 * hidden + j] + gh[3 * hidden + j])
+                cell = f * c_row[j] + i * g
+                c_row[j] = cell
+                h_row[j] = o * _tanh32(cell)
+                out[n, t, out_offset + j] = h_row[j]
+
+
+@_jit
+def gru_dynamic(
+    x,
+    weight_ih,
+    weight_hh,
+    scale_ih,
+    scale_hh,
+    bias_ih,
+    bias_hh,
+    reverse,
+    h,
+    scratch_q,
+    scratch_gates,
+    out,
+    out_offset,
+):
+    """``reference.gru_dynamic``, continuing the stream state ``h`` ``[N, H]`` float32.
+
+    As :func:`lstm_dynamic` with ``scratch_gates`` ``[2, 3H]``.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = h.shape[1]
+    gx = scratch_gates[0]
+    gh = scratch_gates[1]
+    for n in range(n_batch):
+        h_row = h[n]
+        for step in range(steps):
+            t = steps - 1 - step if reverse else step
+            _dynamic_row(x[n, t], weight_ih, scale_ih, bias_ih, scratch_q, gx)
+            _dynamic_row(h_row, weight_hh, scale_hh, bias_hh, scratch_q, gh)
+            for j in range(hidden):
+                reset = _sigmoid32(gx[j] + gh[j])
+                update = _sigmoid32(gx[hidden + j] + gh[hidden + j])
+                new = _tanh32(gx[2 * hidden + j] + reset * gh[2 * hidden + j])
+                h_row[j] = (np.float32(1.0) - update) * new + update * h_row[j]
+                out[n, t, out_offset + j] = h_row[j]

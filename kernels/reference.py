@@ -547,3 +547,160 @@ def gru_int8(
         )
         y[:, t] = h
     return y, h.astype(np.int8)
+
+
+# --- dynamic mode (docs/dynamic.md) ------------------------------------------------------
+
+
+def round_half_away(v: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties away from zero, in float64."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+
+
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize each row (last axis) of ``x [..., K]`` on its own (docs/dynamic.md, "Arithmetic").
+
+    In float64: ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``s = (hi - lo) / 255`` (1 for
+    an all-zero row), ``zp = clamp(round_half_away(-128 - lo / s), -128, 127)`` and
+    ``q = clamp(rint(x / s) + zp, -128, 127)``. Returns ``(q int8 [..., K], s float64 [...],
+    zp int64 [...])``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lo = np.minimum(x.min(axis=-1), 0.0)
+    hi = np.maximum(x.max(axis=-1), 0.0)
+    scale = np.where(hi == lo, 1.0, (hi - lo) / 255)
+    zero_point = np.clip(round_half_away(-128 - lo / scale), INT8_MIN, INT8_MAX).astype(np.int64)
+    q = np.rint(x / scale[..., None]) + zero_point[..., None]
+    return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8), scale, zero_point
+
+
+def _dynamic_rows(
+    x: np.ndarray, weight: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray
+) -> np.ndarray:
+    """``y[..., r] = float32(s * s_w[r]) * float32(acc[r]) + b[r]`` for each row of ``x [..., K]``.
+
+    ``acc[r] = Σ_k Wq[r, k] q[k] - zp Σ_k Wq[r, k]`` with ``q, s, zp`` from :func:`quantize_rows`
+    (docs/dynamic.md, "Arithmetic"); float32 ``[..., O]``.
+    """
+    q, scale, zero_point = quantize_rows(x)
+    w = weight.astype(np.int64)
+    acc = q.astype(np.int64) @ w.T - zero_point[..., None] * w.sum(axis=1)
+    _check_int32(acc, "dynamic linear")
+    multiplier = (scale[..., None] * weight_scale.astype(np.float64)).astype(np.float32)
+    return multiplier * acc.astype(np.float32) + bias.astype(np.float32)
+
+
+def linear_dynamic(
+    x: np.ndarray, weight: np.ndarray, weight_scale: np.ndarray, bias: np.ndarray, relu: bool
+) -> np.ndarray:
+    """Dynamic-mode fully connected layer (docs/dynamic.md): float32 ``x [M, K]`` to ``[M, O]``.
+
+    ``weight [O, K]`` int8 with per-row scales ``weight_scale [O]`` float32, ``bias [O]``
+    float32; each row of ``x`` is quantized on its own, then ReLU if ``relu``.
+    """
+    y = _dynamic_rows(x, weight, weight_scale, bias)
+    return np.maximum(y, np.float32(0)) if relu else y
+
+
+def embedding_dynamic(
+    tokens: np.ndarray, weight: np.ndarray, weight_scale: np.ndarray
+) -> np.ndarray:
+    """Dynamic-mode embedding (docs/dynamic.md): ``y[..., :] = s_w[v] * Wq[v, :]`` in float32.
+
+    ``tokens [N, ...]`` ids in ``[0, V)`` (others are an error), ``weight [V, E]`` int8,
+    ``weight_scale [V]`` float32; returns float32 ``[N, ..., E]``.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= weight.shape[0]):
+        raise ValueError(f"token ids must be in [0, {weight.shape[0]})")
+    scale = weight_scale.astype(np.float32)[tokens][..., None]
+    return scale * weight[tokens].astype(np.float32)
+
+
+def _sigmoid32(v: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-v))`` evaluated in float64, rounded once to float32.
+
+    Float64 makes the NumPy and numba results agree (their float32 ``exp`` and ``tanh`` differ
+    in the last bits for a third of all inputs; after rounding from float64 practically never).
+    """
+    with np.errstate(over="ignore"):
+        return (1.0 / (1.0 + np.exp(-v.astype(np.float64)))).astype(np.float32)
+
+
+def _tanh32(v: np.ndarray) -> np.ndarray:
+    """``tanh(v)`` evaluated in float64, rounded once to float32 (as :func:`_sigmoid32`)."""
+    return np.tanh(v.astype(np.float64)).astype(np.float32)
+
+
+def lstm_dynamic(
+    x: np.ndarray,
+    h0: np.ndarray,
+    c0: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    scale_ih: np.ndarray,
+    scale_hh: np.ndarray,
+    bias_ih: np.ndarray,
+    bias_hh: np.ndarray,
+    reverse: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One direction of a dynamic-mode LSTM layer (docs/dynamic.md).
+
+    ``x [N, T, I]``, ``h0``, ``c0 [N, H]`` float32; weights ``[4H, I]``/``[4H, H]`` int8 in
+    PyTorch's gate order i, f, g, o with per-row scales and biases ``[4H]`` float32. Per step,
+    in float32 (``gx``, ``gh``: :func:`linear_dynamic` of ``x_t`` and ``h``, each row quantized
+    on its own)::
+
+        i, f, o = sigmoid(gx + gh);  g = tanh(gx + gh)
+        c = f c + i g;  h = o tanh(c)
+
+    Returns ``(y [N, T, H], h_n, c_n)`` float32; ``y[:, t]`` is the hidden state produced at
+    input position ``t``. With ``reverse`` the steps run over ``t = T-1 .. 0``.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = weight_hh.shape[1]
+    h, c = h0.astype(np.float32), c0.astype(np.float32)
+    y = np.empty((n_batch, steps, hidden), dtype=np.float32)
+    for t in _time_steps(steps, reverse):
+        pre = _dynamic_rows(x[:, t], weight_ih, scale_ih, bias_ih) + _dynamic_rows(
+            h, weight_hh, scale_hh, bias_hh
+        )
+        pre_i, pre_f, pre_g, pre_o = np.split(pre, 4, axis=1)
+        c = _sigmoid32(pre_f) * c + _sigmoid32(pre_i) * _tanh32(pre_g)
+        h = _sigmoid32(pre_o) * _tanh32(c)
+        y[:, t] = h
+    return y, h, c
+
+
+def gru_dynamic(
+    x: np.ndarray,
+    h0: np.ndarray,
+    weight_ih: np.ndarray,
+    weight_hh: np.ndarray,
+    scale_ih: np.ndarray,
+    scale_hh: np.ndarray,
+    bias_ih: np.ndarray,
+    bias_hh: np.ndarray,
+    reverse: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One direction of a dynamic-mode GRU layer (docs/dynamic.md).
+
+    As :func:`lstm_dynamic` with ``3H`` rows in PyTorch's gate order r, z, n; per step::
+
+        r, z = sigmoid(gx + gh);  n = tanh(gx_n + r gh_n);  h = (1 - z) n + z h
+
+    Returns ``(y [N, T, H], h_n)`` float32.
+    """
+    n_batch, steps, _ = x.shape
+    hidden = weight_hh.shape[1]
+    h = h0.astype(np.float32)
+    y = np.empty((n_batch, steps, hidden), dtype=np.float32)
+    for t in _time_steps(steps, reverse):
+        x_r, x_z, x_n = np.split(_dynamic_rows(x[:, t], weight_ih, scale_ih, bias_ih), 3, axis=1)
+        h_r, h_z, h_n = np.split(_dynamic_rows(h, weight_hh, scale_hh, bias_hh), 3, axis=1)
+        r, z = _sigmoid32(x_r + h_r), _sigmoid32(x_z + h_z)
+        n = _tanh32(x_n + r * h_n)
+        h = (np.float32(1) - z) * n + z * h
+        y[:, t] = h
+    return y, h
