@@ -436,21 +436,21 @@ def gru_int8(
     multiplier_hh,
     shift_hh,
     zp_h,
-    h15_multiplier,
-    h15_shift,
     out_multiplier,
     out_shift,
     sigmoid_table,
     tanh_table,
     reverse,
     h,
-    h_next,
+    h8,
     out,
     out_offset,
 ):
-    """``reference.gru_int8``, continuing the stream state ``h`` ``[N, H]``.
+    """``reference.gru_int8``, continuing the stream state ``h`` (int16 Q0.15 ``[N, H]``).
 
-    ``h``, ``h_next`` and ``out``/``out_offset`` as in :func:`lstm_int8`.
+    ``h8`` is int8 ``[H]`` scratch: the state quantized for the recurrent product, formed at
+    the start of each step (so every unit can update ``h`` in place). ``out``/``out_offset``
+    as in :func:`lstm_int8`.
     """
     n_batch, steps, _ = x.shape
     hidden = h.shape[1]
@@ -470,25 +470,21 @@ def gru_int8(
             t = steps - 1 - step if reverse else step
             x_t = x[n, t]
             for j in range(hidden):
-                pre_r = _gate_pre(layer, x_t, h_row, j)
-                pre_z = _gate_pre(layer, x_t, h_row, hidden + j)
+                scaled = _multiply_by_quantized_multiplier(h_row[j], out_multiplier, out_shift)
+                h8[j] = _clamp_int8(zp_h + scaled)
+            for j in range(hidden):
+                pre_r = _gate_pre(layer, x_t, h8, j)
+                pre_z = _gate_pre(layer, x_t, h8, hidden + j)
                 row = 2 * hidden + j
                 xn = _sat16(_gate_input(weight_ih, bias_ih, multiplier_ih, shift_ih, x_t, row))
-                hn = _sat16(_gate_input(weight_hh, bias_hh, multiplier_hh, shift_hh, h_row, row))
+                hn = _sat16(_gate_input(weight_hh, bias_hh, multiplier_hh, shift_hh, h8, row))
                 reset = _lookup_q15(sigmoid_table, pre_r)
                 update = _lookup_q15(sigmoid_table, pre_z)
                 new = _lookup_q15(tanh_table, _sat16(xn + _rounding_divide_by_pot(reset * hn, 15)))
-                h15 = _sat16(
-                    _multiply_by_quantized_multiplier(
-                        np.int64(h_row[j]) - zp_h, h15_multiplier, h15_shift
-                    )
-                )
-                h15_new = _sat16(new + _rounding_divide_by_pot(update * (h15 - new), 15))
-                scaled = _multiply_by_quantized_multiplier(h15_new, out_multiplier, out_shift)
-                h_next[j] = _clamp_int8(zp_h + scaled)
-            for j in range(hidden):
-                h_row[j] = h_next[j]
-                out[n, t, out_offset + j] = h_next[j]
+                h15 = _sat16(new + _rounding_divide_by_pot(update * (np.int64(h_row[j]) - new), 15))
+                h_row[j] = h15
+                scaled = _multiply_by_quantized_multiplier(h15, out_multiplier, out_shift)
+                out[n, t, out_offset + j] = _clamp_int8(zp_h + scaled)
 
 
 # --- dynamic mode (docs/dynamic.md) ------------------------------------------------------

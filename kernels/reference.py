@@ -504,8 +504,6 @@ def gru_int8(
     multiplier_hh: np.ndarray,
     shift_hh: np.ndarray,
     zp_h: int,
-    h15_multiplier: int,
-    h15_shift: int,
     out_multiplier: int,
     out_shift: int,
     sigmoid_table: np.ndarray,
@@ -515,38 +513,38 @@ def gru_int8(
     """One direction of an integer GRU layer (docs/recurrent.md, "GRU step").
 
     Shapes and gate multipliers as :func:`lstm_int8` with ``3H`` rows in PyTorch's gate order
-    r, z, n; ``h15_multiplier`` encodes ``s_h / 2^-15`` and ``out_multiplier``
-    ``2^-15 / s_h``. Per step (``acc_*`` of the r, z, n rows as in the LSTM)::
+    r, z, n. The state ``h0`` is int16 Q0.15 ``[N, H]``; ``out_multiplier`` encodes
+    ``2^-15 / s_h``, the quantization of the state to the int8 output. Per step (``acc_*`` of
+    the r, z, n rows as in the LSTM, ``acc_h`` computed from ``h8``)::
 
+        h8 = clamp(zp_h + mbqm(h15, M_o), -128, 127)      the previous step's output
         r = sigmoid(sat16(mbqm(acc_x_r) + mbqm(acc_h_r)));  z likewise        Q0.15
         xn = sat16(mbqm(acc_x_n));  hn = sat16(mbqm(acc_h_n))                 Q3.12
         n = tanh(sat16(xn + rdpot(r hn, 15)))                                 Q0.15
-        h15 = sat16(mbqm(h - zp_h, M_15))                                     Q0.15
-        h15' = sat16(n + rdpot(z (h15 - n), 15))         (1 - z) n + z h
-        h = clamp(zp_h + mbqm(h15', M_o), -128, 127)
+        h15' = sat16(n + rdpot(z (h15 - n), 15))           (1 - z) n + z h
+        y = clamp(zp_h + mbqm(h15', M_o), -128, 127)
 
-    Returns ``(y [N, T, H] int8, h_n)``, ``y`` as for :func:`lstm_int8`.
+    Returns ``(y [N, T, H] int8, h_n [N, H] int16)``, ``y`` as for :func:`lstm_int8`.
     """
     n_batch, steps, _ = x.shape
     hidden = weight_hh.shape[1]
-    h = h0.astype(np.int64)
+
+    def to_int8(h15: np.ndarray) -> np.ndarray:
+        scaled = multiply_by_quantized_multiplier(h15, out_multiplier, out_shift)
+        return np.clip(zp_h + scaled, INT8_MIN, INT8_MAX)
+
+    h15 = h0.astype(np.int64)
     y = np.empty((n_batch, steps, hidden), dtype=np.int8)
     for t in _time_steps(steps, reverse):
         from_x = _gate_inputs(x[:, t], weight_ih, bias_ih, multiplier_ih, shift_ih)
-        from_h = _gate_inputs(h, weight_hh, bias_hh, multiplier_hh, shift_hh)
+        from_h = _gate_inputs(to_int8(h15), weight_hh, bias_hh, multiplier_hh, shift_hh)
         rz = lookup_q15(sigmoid_table, _sat16(from_x[:, : 2 * hidden] + from_h[:, : 2 * hidden]))
         r, z = np.split(rz.astype(np.int64), 2, axis=1)
         xn, hn = _sat16(from_x[:, 2 * hidden :]), _sat16(from_h[:, 2 * hidden :])
         n = lookup_q15(tanh_table, _sat16(xn + rounding_divide_by_pot(r * hn, 15))).astype(np.int64)
-        h15 = _sat16(multiply_by_quantized_multiplier(h - zp_h, h15_multiplier, h15_shift))
-        h15_new = _sat16(n + rounding_divide_by_pot(z * (h15 - n), 15))
-        h = np.clip(
-            zp_h + multiply_by_quantized_multiplier(h15_new, out_multiplier, out_shift),
-            INT8_MIN,
-            INT8_MAX,
-        )
-        y[:, t] = h
-    return y, h.astype(np.int8)
+        h15 = _sat16(n + rounding_divide_by_pot(z * (h15 - n), 15))
+        y[:, t] = to_int8(h15)
+    return y, h15.astype(np.int16)
 
 
 # --- dynamic mode (docs/dynamic.md) ------------------------------------------------------

@@ -268,7 +268,6 @@ def recurrent_graph(seed: int = 0, vocab: int = 50) -> GraphBuilder:
         out_shift=out_s,
     )
     gru = g.value([1, 7, 4], s_h, -3)
-    h15_m, h15_s = quantize_multiplier(s_h / 2.0**-15)
     gout_m, gout_s = quantize_multiplier(2.0**-15 / s_h)
     g.op(
         "gru",
@@ -277,8 +276,6 @@ def recurrent_graph(seed: int = 0, vocab: int = 50) -> GraphBuilder:
         recurrent_tensors(g, "gru", "gru", (5, 4), False, tables),
         hidden_size=4,
         bidirectional=False,
-        h15_multiplier=h15_m,
-        h15_shift=h15_s,
         out_multiplier=gout_m,
         out_shift=gout_s,
     )

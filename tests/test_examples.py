@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from run_cli import ROOT, tinyrt_cli
 
 import tinyrt
 from examples.catalog import EXAMPLES, Example
+from tinyrt.converter import convert
 
 
 @pytest.fixture(scope="module", params=EXAMPLES, ids=lambda e: e.name)
@@ -117,3 +119,48 @@ def test_cli_convert_errors(tmp_path):
     assert result.returncode == 1
     assert "'1' (nn.GELU) is not supported" in result.stderr
     assert not (tmp_path / "g.tinyrt").exists()
+
+
+class GruLayer(torch.nn.Module):
+    """The trained mnist1d GRU's recurrent layer alone: sequence in, hidden states out."""
+
+    def __init__(self, gru: torch.nn.GRU) -> None:
+        super().__init__()
+        self.gru = gru
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gru(x)[0]
+
+
+def test_trained_gru_streams_10000_steps_without_drift(tmp_path):
+    example = next(e for e in EXAMPLES if e.name == "mnist1d_gru")
+    data = example.data()
+    layer = GruLayer(example.float_model().gru).eval()
+    path = tmp_path / "gru_layer.tinyrt"
+    convert(
+        layer,
+        torch.from_numpy(data["calib_x"][:1]),
+        path,
+        calibration=data["calib_x"],
+        progress=False,
+    )
+    model = tinyrt.load(path)
+    # 250 held-out signals back to back: one 10,000-step stream of real data
+    stream = data["test_x"][:250].reshape(1, 10_000, 1)
+    state = model.new_state()
+    chunks = [model(stream[:, t : t + 40], state=state) for t in range(0, 10_000, 40)]
+    got = np.concatenate(chunks, axis=1)[0]
+    with torch.no_grad():
+        want = layer(torch.from_numpy(stream))[0].numpy()
+    step = model.outputs[0].scale
+    blocks = (np.abs(got - want) / step).reshape(10, -1)  # error in output LSBs, per 1000 steps
+    # Measured on four such streams: block means 0.66-1.37 LSB with no trend, block p99 mostly
+    # 4-8 LSB. Rare excursions (up to tens of LSBs, also on single 40-step sequences) come from
+    # the trained GRU amplifying input/weight rounding where its trajectory is sensitive, and
+    # from test inputs beyond the calibrated range; they do not accumulate.
+    assert blocks.mean() < 1.2
+    assert blocks.mean(axis=1).max() < 2.0
+    assert np.median(np.percentile(blocks, 99, axis=1)) < 10
+    assert blocks[-3:].mean() < 1.5 * blocks[:3].mean() + 0.3  # no drift
+    codes = np.rint(got / step) + model.outputs[0].zero_point
+    assert np.mean((codes == 127) | (codes == -128)) < 0.01  # not pinned at the int8 limits

@@ -348,9 +348,7 @@ def _recurrent_attrs(kind: str) -> Callable[[dict, str, int], dict]:
         }
         if _is_dynamic(kind):
             return found
-        names = ("out",) + (("h15",) if kind == "gru" else ())
-        for prefix in names:
-            found.update(_multiplier(attrs, f"{prefix}_multiplier", f"{prefix}_shift", where))
+        found.update(_multiplier(attrs, "out_multiplier", "out_shift", where))
         if kind == "lstm":
             count = len(_directions(found))
             cell = _ints(_field(attrs, "cell_frac", where), f"{where}.cell_frac", count, 0, 15)

@@ -20,7 +20,7 @@ from tinyrt.errors import FormatError, InputError, TinyrtError
 from tinyrt.format import ModelFile, read_model_file
 from tinyrt.graph import Graph, Port, Value, infer_shapes, parse_graph
 from tinyrt.kernels import reference as ref
-from tinyrt.plan import RECURRENT, Executor, activation_nbytes
+from tinyrt.plan import RECURRENT, Executor, activation_nbytes, state_dtypes
 
 BACKENDS = ("auto", "numba", "reference")
 MAX_ARENA_NBYTES = 2**31  # a batch whose activations need more than 2 GiB is refused
@@ -59,12 +59,13 @@ class StreamState:
     """The recurrent state of one stream: run a model with it and calls continue each other.
 
     Made by :meth:`Model.new_state` for a batch size. Holds, per unidirectional recurrent op,
-    the hidden state ``"<op>.h"`` (``[N, H]``; int8 at the op's output scale and zero point)
-    and for LSTMs the cell ``"<op>.c"`` (``[N, H]``; int16 at ``2^-cell_frac``, see
-    docs/recurrent.md). In dynamic mode both are float32. Feeding a sequence in one call or in
-    pieces through the same state gives identical outputs. Several streams may share one model;
-    one stream belongs to one thread at a time. Bidirectional layers cannot stream and start
-    from zero on every call.
+    the hidden state ``"<op>.h"`` ``[N, H]`` (LSTM: int8 at the op's output scale and zero
+    point; GRU: int16 Q0.15) and for LSTMs the cell ``"<op>.c"`` ``[N, H]`` (int16 at
+    ``2^-cell_frac``); see docs/recurrent.md. In dynamic mode both are float32.
+
+    Feeding a sequence in one call or in pieces through the same state gives identical outputs.
+    Several streams may share one model; one stream belongs to one thread at a time.
+    Bidirectional layers cannot stream and start from zero on every call.
     """
 
     def __init__(self, model: Model, batch: int) -> None:
@@ -76,12 +77,12 @@ class StreamState:
         self._zero_points: dict[str, int] = {}
         for op in model.graph.ops:
             if op.kind in RECURRENT and not op.attrs["bidirectional"]:
-                dynamic = op.kind.endswith("_dynamic")
-                h_type, c_type = (np.float32, np.float32) if dynamic else (np.int8, np.int16)
+                h_type, c_type = state_dtypes(op.kind)
                 hidden = op.attrs["hidden_size"]
                 self._arrays[f"{op.name}.h"] = np.empty((batch, hidden), h_type)
-                self._zero_points[f"{op.name}.h"] = model.graph.values[op.outputs[0]].zero_point
-                if op.kind.startswith("lstm"):
+                zero = model.graph.values[op.outputs[0]].zero_point if h_type == np.int8 else 0
+                self._zero_points[f"{op.name}.h"] = zero
+                if c_type is not None:
                     self._arrays[f"{op.name}.c"] = np.empty((batch, hidden), c_type)
                     self._zero_points[f"{op.name}.c"] = 0
         self.reset()

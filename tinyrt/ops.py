@@ -289,7 +289,7 @@ def _recurrent_args(op: Op, index: int, direction: str, zp_h: int) -> tuple:
     if op.kind == "lstm":
         params = (zp_h, a["cell_frac"][index], a["out_multiplier"], a["out_shift"])
     else:
-        params = (zp_h, a["h15_multiplier"], a["h15_shift"], a["out_multiplier"], a["out_shift"])
+        params = (zp_h, a["out_multiplier"], a["out_shift"])
     return weights + params + (t["sigmoid_table"], t["tanh_table"])
 
 

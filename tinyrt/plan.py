@@ -69,11 +69,17 @@ def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
     return values + sum(math.prod(s) for s in scratch if s is not None)
 
 
+def state_dtypes(kind: str) -> tuple[type, type | None]:
+    """dtypes of a recurrent op's hidden state and (LSTM) cell: docs/recurrent.md, dynamic.md."""
+    if kind.endswith("_dynamic"):
+        return np.float32, np.float32 if kind.startswith("lstm") else None
+    return (np.int8, np.int16) if kind == "lstm" else (np.int16, None)  # GRU: Q0.15 state
+
+
 @dataclass
 class RecurrentState:
-    """One direction of one recurrent op: hidden state ``h`` ``[N, H]`` (int8, float32 in
-    dynamic mode), the LSTM cell ``c`` ``[N, H]`` (int16 or float32; None for GRU) and the
-    kernel's scratch buffers."""
+    """One direction of one recurrent op: hidden state ``h`` ``[N, H]`` and the LSTM cell ``c``
+    (None for GRU), of :func:`state_dtypes`, and the kernel's scratch buffers."""
 
     op: Op
     direction: str
@@ -88,8 +94,8 @@ class RecurrentState:
         return (self.h,) if self.c is None else (self.h, self.c)
 
     def reset(self) -> None:
-        """The zero state: ``h`` at real 0 (its zero point), ``c`` at 0."""
-        self.h.fill(self.zero_point)
+        """The zero state: ``h`` at real 0 (an int8 ``h`` at its zero point), ``c`` at 0."""
+        self.h.fill(self.zero_point if self.h.dtype == np.int8 else 0)
         if self.c is not None:
             self.c.fill(0)
 
@@ -167,18 +173,17 @@ class Executor:
     ) -> list[RecurrentState]:
         (batch, _, features), hidden = shapes[op.inputs[0]], op.attrs["hidden_size"]
         zero_point = graph.values[op.outputs[0]].zero_point
-        dynamic = op.kind.endswith("_dynamic")
-        h_type, c_type = (np.float32, np.float32) if dynamic else (np.int8, np.int16)
+        h_type, c_type = state_dtypes(op.kind)
         rows = (4 if op.kind.startswith("lstm") else 3) * hidden
         made = []
         for direction in ("", "_reverse") if op.attrs["bidirectional"] else ("",):
-            c = np.zeros((batch, hidden), c_type) if op.kind.startswith("lstm") else None
-            if dynamic:  # one quantized row, and one step's gate pre-activations
+            c = np.zeros((batch, hidden), c_type) if c_type is not None else None
+            if op.kind.endswith("_dynamic"):  # one quantized row, one step's gate inputs
                 scratch = (
                     np.zeros(max(features, hidden), np.int8),
                     np.zeros((2, rows), np.float32),
                 )
-            else:  # the next hidden state, while the current one is still being read
+            else:  # LSTM: the next h while h is still read; GRU: int8 view of the Q0.15 state
                 scratch = (np.zeros(hidden, np.int8),)
             h = np.zeros((batch, hidden), h_type)
             made.append(RecurrentState(op, direction, h, c, scratch, zero_point))
