@@ -1,7 +1,9 @@
 """The tinyrt converter (host side, needs torch): nn.Module + state dict -> ``.tinyrt`` file.
 
 :func:`convert` takes a model object; :func:`convert_from_files` (used by ``tinyrt convert``)
-takes a model spec, a weights file and a calibration file. See :mod:`tinyrt.converter.api`.
+takes a model spec, a weights file and a calibration file. Both write static mode's integer
+model by default, or with ``mode="dynamic"`` docs/dynamic.md's (no calibration data needed).
+See :mod:`tinyrt.converter.api`.
 """
 
 from tinyrt.converter.api import convert, convert_from_files

@@ -1,15 +1,18 @@
 """The converter's entry points: :func:`convert` and :func:`convert_from_files`.
 
-Pipeline: trace (:mod:`.trace`) -> fold and fuse (:mod:`.passes`) -> calibrate
-(:mod:`.calibrate`) -> choose quantization parameters and pack (:mod:`.quantize`,
-:mod:`.pack`) -> measure per-layer errors with the reference runtime (:mod:`.stats`) -> write
-the file atomically (:func:`tinyrt.format.write_model_file`).
+Pipeline: trace (:mod:`.trace`) -> fold and fuse (:mod:`.passes`) -> in static mode calibrate
+(:mod:`.calibrate`), choose quantization parameters and pack (:mod:`.quantize`, :mod:`.pack`);
+in dynamic mode quantize the weights and pack (:mod:`.dynamic`) -> measure per-layer errors
+with the reference runtime (:mod:`.stats`) -> write the file atomically
+(:func:`tinyrt.format.write_model_file`).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,20 +22,78 @@ from torch import nn
 import tinyrt
 from tinyrt.converter.calibrate import calibrate
 from tinyrt.converter.data import calibration_batches, load_calibration_file
+from tinyrt.converter.dynamic import pack_dynamic
+from tinyrt.converter.ir import Graph
 from tinyrt.converter.loading import apply_weights, load_model, load_weights
 from tinyrt.converter.pack import pack
 from tinyrt.converter.passes import simplify
 from tinyrt.converter.stats import layer_errors
-from tinyrt.converter.trace import input_names, trace
+from tinyrt.converter.trace import embedding_inputs, input_names, trace
 from tinyrt.errors import ConversionError
-from tinyrt.format import serialize, write_model_file
+from tinyrt.format import Tensor, serialize, write_model_file
 
 STATS_SAMPLES = 64
+MODES = ("static", "dynamic")
 
 
 def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
     items = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
     return tuple(torch.as_tensor(x) if isinstance(x, np.ndarray) else x for x in items)
+
+
+@dataclass
+class _Packed:
+    """A quantized model before writing: graph dict, tensor table, the provenance's
+    ``calibration`` entry, and the inputs on which per-layer errors are measured."""
+
+    graph: dict
+    tensors: list[Tensor]
+    calibration: dict | None
+    stats_inputs: dict[str, torch.Tensor]
+
+
+def _sample_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """Each input's shape without the batch axis, in forward order."""
+    return {name: graph.shapes[name][1:] for name in graph.inputs}
+
+
+def _static(graph: Graph, calibration: Any, progress: bool, max_samples: int | None) -> _Packed:
+    """Calibrate on ``calibration`` and pack the integer graph; errors on the first samples."""
+    batches, total = calibration_batches(
+        calibration, _sample_shapes(graph), max_samples, graph.token_inputs
+    )
+    result = calibrate(graph, batches, total=total, progress=progress, keep=STATS_SAMPLES)
+    graph_dict, tensors = pack(graph, result.ranges, result.cell_peaks)
+    entry = {"method": "minmax", "samples": result.samples}
+    return _Packed(graph_dict, tensors, entry, result.kept_inputs)
+
+
+def _joined(batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    batches = list(batches)
+    if not batches:
+        raise ConversionError("the calibration data holds no samples")
+    return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
+
+
+def _dynamic(
+    graph: Graph,
+    examples: Sequence[torch.Tensor],
+    calibration: Any,
+    max_samples: int | None,
+) -> _Packed:
+    """Pack the dynamic-mode graph (no calibration). Per-layer errors are measured on the first
+    samples of ``calibration`` if given (it is checked as in static mode, and used for nothing
+    else), otherwise on the first example sample."""
+    graph_dict, tensors = pack_dynamic(graph)
+    data, label = calibration, "calibration data"
+    if calibration is None:
+        data = {n: x[:1] for n, x in zip(graph.inputs, examples, strict=True)}
+        label = "example inputs"
+    limit = min(max_samples or STATS_SAMPLES, STATS_SAMPLES)
+    batches, _ = calibration_batches(
+        data, _sample_shapes(graph), limit, graph.token_inputs, label=label
+    )
+    return _Packed(graph_dict, tensors, None, _joined(batches))
 
 
 def _convert(
@@ -41,34 +102,36 @@ def _convert(
     out: str | os.PathLike,
     calibration: Any,
     *,
+    mode: str,
     source: str,
     weights: dict | None,
     progress: bool,
     max_samples: int | None,
 ) -> pathlib.Path:
+    if mode not in MODES:
+        raise ConversionError(f"mode must be one of {MODES}, got {mode!r}")
     if max_samples is not None and max_samples < 1:
         raise ConversionError(f"max_calibration_samples must be >= 1, got {max_samples}")
-    graph = simplify(trace(model, _as_tuple(example_inputs)))
+    examples = _as_tuple(example_inputs)
+    graph = simplify(trace(model, examples))
     if not graph.nodes:
         raise ConversionError(f"{type(model).__name__} computes nothing from its inputs")
-    shapes = {name: graph.shapes[name][1:] for name in graph.inputs}
-    batches, total = calibration_batches(calibration, shapes, max_samples, graph.token_inputs)
-    calibration_result = calibrate(
-        graph, batches, total=total, progress=progress, keep=STATS_SAMPLES
-    )
-    graph_dict, tensors = pack(graph, calibration_result.ranges, calibration_result.cell_peaks)
+    if mode == "static":
+        packed = _static(graph, calibration, progress, max_samples)
+    else:
+        packed = _dynamic(graph, examples, calibration, max_samples)
     provenance = {
         "converter_version": tinyrt.__version__,
         "torch_version": torch.__version__,
         "source": source,
         "weights": weights,
-        "mode": "static",
-        "calibration": {"method": "minmax", "samples": calibration_result.samples},
+        "mode": mode,
+        "calibration": packed.calibration,
     }
-    blob = serialize(graph_dict, tensors, provenance)
-    provenance["layers"] = layer_errors(blob, graph, calibration_result.kept_inputs)
+    blob = serialize(packed.graph, packed.tensors, provenance)
+    provenance["layers"] = layer_errors(blob, graph, packed.stats_inputs)
     try:
-        write_model_file(out, graph_dict, tensors, provenance)
+        write_model_file(out, packed.graph, packed.tensors, provenance)
     except OSError as exc:
         raise ConversionError(f"cannot write {os.fspath(out)!r}: {exc}") from exc
     return pathlib.Path(out)
@@ -80,22 +143,31 @@ def convert(
     out: str | os.PathLike,
     calibration: Any = None,
     *,
+    mode: str = "static",
     source: str | None = None,
     progress: bool = True,
     max_calibration_samples: int | None = None,
 ) -> pathlib.Path:
-    """Convert ``model`` into a static int8 ``.tinyrt`` file at ``out``; return its path.
+    """Convert ``model`` into a ``.tinyrt`` file at ``out``; return its path.
+
+    ``mode="static"`` (the default) writes the integer-only int8 model; ``mode="dynamic"``
+    writes docs/dynamic.md's model (int8 weights, activations quantized at run time, float32
+    everywhere else) and supports only what PyTorch's ``quantize_dynamic`` does: nn.Embedding,
+    nn.Linear (+ ReLU), nn.LSTM, nn.GRU, reshapes and an output softmax.
 
     ``example_inputs`` (one tensor or a tuple, one per forward argument) fix the input shapes;
-    only their first sample is used. ``calibration`` supplies representative inputs for the
-    activation ranges (required), in any form :mod:`tinyrt.converter.data` accepts: an array
-    (first axis = samples, single-input models), a dict input name -> array, a ``.npy``/``.npz``
-    path or an iterable of batches such as a DataLoader; at most ``max_calibration_samples``
-    samples are used. ``source`` is recorded in the file's provenance (default: the model's
-    class). ``progress`` shows a progress bar over calibration batches.
+    only their first sample is used. ``calibration`` supplies representative inputs, in any
+    form :mod:`tinyrt.converter.data` accepts: an array (first axis = samples, single-input
+    models), a dict input name -> array, a ``.npy``/``.npz`` path or an iterable of batches such
+    as a DataLoader; at most ``max_calibration_samples`` samples are used. Static mode requires
+    it (activation ranges); dynamic mode needs none, and uses it, if given, only as the inputs
+    of the per-layer error statistics (its first 64 samples; otherwise the first example
+    sample). ``source`` is recorded in the file's provenance (default: the model's class).
+    ``progress`` shows a progress bar over calibration batches.
 
-    Raises UnsupportedOpError for layers tinyrt cannot convert and ConversionError for every
-    other problem; on any error no file is written (an existing ``out`` is left untouched).
+    Raises UnsupportedOpError for layers tinyrt cannot convert (in that mode) and
+    ConversionError for every other problem; on any error no file is written (an existing
+    ``out`` is left untouched).
     """
     cls = type(model)
     return _convert(
@@ -103,6 +175,7 @@ def convert(
         example_inputs,
         out,
         calibration,
+        mode=mode,
         source=source or f"{cls.__module__}.{cls.__qualname__}",
         weights=None,
         progress=progress,
@@ -110,14 +183,56 @@ def convert(
     )
 
 
+def _read_calibration(path: str, names: list[str]) -> dict[str, np.ndarray]:
+    """The arrays of a calibration file by input name, each non-empty, float or integer."""
+    arrays = load_calibration_file(path, names)
+    for name, array in arrays.items():
+        if array.ndim == 0 or len(array) == 0 or array.dtype.kind not in "fiu":
+            raise ConversionError(
+                f"calibration file {path!r}: input {name!r} must be a non-empty "
+                "floating-point array (integer for token ids) with samples on the first axis, "
+                f"got dtype {array.dtype} and shape {list(array.shape)}"
+            )
+    return arrays
+
+
+def _examples(
+    model: nn.Module,
+    names: list[str],
+    arrays: dict[str, np.ndarray] | None,
+    input_shape: tuple[int, ...] | None,
+) -> tuple[torch.Tensor, ...]:
+    """The example inputs of :func:`convert_from_files`: the first calibration sample, or zeros
+    of ``input_shape`` of the calibration array's kind (without calibration data: int64 for an
+    input an nn.Embedding reads, float32 otherwise)."""
+    if arrays is not None:
+        kinds = {n: np.float32 if a.dtype.kind == "f" else np.int64 for n, a in arrays.items()}
+    else:
+        kinds = {n: np.int64 if n in embedding_inputs(model) else np.float32 for n in names}
+    if input_shape is None:
+        if arrays is None:
+            raise ConversionError(
+                "without a calibration file the example input's shape must be given "
+                "(input_shape, or --input-shape)"
+            )
+        return tuple(torch.from_numpy(arrays[n][:1].astype(kinds[n])) for n in names)
+    if len(names) != 1:
+        raise ConversionError(
+            f"input_shape is for single-input models; this one has inputs {names} (give a "
+            "calibration .npz with one array per input instead)"
+        )
+    return (torch.from_numpy(np.zeros(tuple(input_shape), kinds[names[0]])),)
+
+
 def convert_from_files(
     model_spec: str,
     out: str | os.PathLike,
     *,
     weights: str | None,
-    calibration: str,
+    calibration: str | None = None,
     input_shape: tuple[int, ...] | None = None,
     progress: bool = True,
+    mode: str = "static",
 ) -> pathlib.Path:
     """Convert a model described by files (what ``tinyrt convert`` runs); return the path.
 
@@ -126,38 +241,30 @@ def convert_from_files(
     in a ``.pt``/``.pth`` file (read with ``torch.load(weights_only=True)``) or a
     ``.safetensors`` file, loaded strictly; None keeps the factory's weights. ``calibration``
     is a ``.npy`` (single input) or ``.npz`` file (see :mod:`tinyrt.converter.data` for the
-    array names); integer arrays are token ids. The example input is the first calibration
+    array names); integer arrays are token ids. It is required in static ``mode``; in dynamic
+    mode it is optional (see :func:`convert`). The example input is the first calibration
     sample, unless ``input_shape`` (the full shape of one example input, batch axis first,
-    single-input models) is given: then zeros of the calibration array's kind.
+    single-input models) is given: then zeros of the calibration array's kind (without
+    calibration data, token ids if an nn.Embedding reads the input).
     """
+    if mode == "static" and calibration is None:
+        raise ConversionError(
+            "static mode needs a calibration file (activation ranges come from running the "
+            "model on it); dynamic mode (mode='dynamic') needs none"
+        )
     model = load_model(model_spec)
     weights_info = None
     if weights is not None:
         state, weights_info = load_weights(weights)
         apply_weights(model, state, repr(weights))
     names = input_names(model)
-    arrays = load_calibration_file(calibration, names)
-    for name, array in arrays.items():
-        if array.ndim == 0 or len(array) == 0 or array.dtype.kind not in "fiu":
-            raise ConversionError(
-                f"calibration file {calibration!r}: input {name!r} must be a non-empty "
-                "floating-point array (integer for token ids) with samples on the first axis, "
-                f"got dtype {array.dtype} and shape {list(array.shape)}"
-            )
-    dtypes = {name: np.float32 if a.dtype.kind == "f" else np.int64 for name, a in arrays.items()}
-    if input_shape is not None:
-        if len(names) != 1:
-            raise ConversionError(
-                f"input_shape is for single-input models; this one has inputs {names}"
-            )
-        examples = (torch.from_numpy(np.zeros(tuple(input_shape), dtypes[names[0]])),)
-    else:
-        examples = tuple(torch.from_numpy(arrays[name][:1].astype(dtypes[name])) for name in names)
+    arrays = None if calibration is None else _read_calibration(calibration, names)
     return _convert(
         model,
-        examples,
+        _examples(model, names, arrays, input_shape),
         out,
         arrays,
+        mode=mode,
         source=model_spec,
         weights=weights_info,
         progress=progress,

@@ -142,14 +142,13 @@ def _from_arrays(
     shapes: dict[str, tuple[int, ...]],
     max_samples: int | None,
     tokens: Mapping[str, int],
+    label: str = "calibration data",
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
-    tensors = {
-        n: _tensor(a, n, shapes[n], "calibration data", tokens.get(n)) for n, a in arrays.items()
-    }
+    tensors = {n: _tensor(a, n, shapes[n], label, tokens.get(n)) for n, a in arrays.items()}
     counts = {len(t) for t in tensors.values()}
     if len(counts) != 1:
         sizes = {n: len(t) for n, t in tensors.items()}
-        raise ConversionError(f"calibration arrays have different numbers of samples: {sizes}")
+        raise ConversionError(f"{label}: arrays have different numbers of samples: {sizes}")
     total = counts.pop() if max_samples is None else min(counts.pop(), max_samples)
     starts = range(0, total, BATCH_SIZE)
     batches = ({n: t[i : min(i + BATCH_SIZE, total)] for n, t in tensors.items()} for i in starts)
@@ -183,13 +182,15 @@ def calibration_batches(
     shapes: dict[str, tuple[int, ...]],
     max_samples: int | None = None,
     tokens: Mapping[str, int] | None = None,
+    label: str = "calibration data",
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int | None]:
     """Batches (input name -> float32 tensor) from ``calibration`` and their number if known.
 
     ``shapes`` maps each input name, in forward order, to the shape of one sample (without the
     batch axis); ``tokens`` maps token inputs to their vocabulary size (their batches are int64
     ids, checked to be in ``[0, V)``). Arrays are fed in batches of :data:`BATCH_SIZE`;
-    ``max_samples`` caps the number of samples used.
+    ``max_samples`` caps the number of samples used. ``label`` names arrays and dicts in
+    messages (dynamic mode checks its example inputs with this function too).
     """
     names = list(shapes)
     tokens = tokens or {}
@@ -201,18 +202,18 @@ def calibration_batches(
         )
     if isinstance(calibration, str | os.PathLike):
         arrays = load_calibration_file(calibration, names)
-        return _from_arrays(arrays, shapes, max_samples, tokens)
+        return _from_arrays(arrays, shapes, max_samples, tokens, label)
     if isinstance(calibration, np.ndarray | torch.Tensor):
         if len(names) != 1:
             raise ConversionError(
                 f"calibration is a single array, but the model has {len(names)} inputs "
                 f"({', '.join(names)}); pass a dict input name -> array"
             )
-        return _from_arrays({names[0]: calibration}, shapes, max_samples, tokens)
+        return _from_arrays({names[0]: calibration}, shapes, max_samples, tokens, label)
     if isinstance(calibration, Mapping):
-        chosen = _pick(calibration.keys(), names, "the calibration dict")
+        chosen = _pick(calibration.keys(), names, label)
         arrays = {name: calibration[key] for name, key in chosen.items()}
-        return _from_arrays(arrays, shapes, max_samples, tokens)
+        return _from_arrays(arrays, shapes, max_samples, tokens, label)
     if isinstance(calibration, Iterable):
         total = len(calibration) if hasattr(calibration, "__len__") else None
         return _from_iterable(calibration, shapes, max_samples, tokens), total

@@ -1,9 +1,16 @@
-"""Turn the calibrated float IR into the integer graph of docs/graph.md and its tensor table."""
+"""Turn the float IR into the graph of docs/graph.md and its tensor table.
+
+:func:`pack` writes static mode's integer graph from the calibrated ranges; dynamic mode
+(:mod:`.dynamic`) shares :class:`TensorTable` and :func:`graph_dict`, which lays out the
+values, ops, outputs and inputs of either mode.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Graph, Node, directions
 from tinyrt.converter.quantize import (
@@ -24,20 +31,45 @@ TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
 # Ops that keep axis 1 as the time axis (concat only when joining along a later axis).
 _PER_STEP = frozenset({"embedding", "linear", "clamp", "add", "concat", *RECURRENT})
 
+# An op emitter: IR node -> (graph op kind, tensor roles -> tensor index, attrs).
+Emit = Callable[[Node], tuple[str, dict[str, int], dict]]
+
 
 @dataclass
-class _Packer:
-    """Collects the tensor table while ops are emitted; ``params`` maps value -> (scale, zp),
-    ``cell_peaks`` LSTM output value -> calibrated ``max|c|`` per direction."""
+class TensorTable:
+    """The file's tensor table, filled while ops are emitted."""
 
-    params: dict[str, tuple[float, int]]
-    cell_peaks: Mapping[str, Sequence[float]]
     tensors: list[Tensor] = field(default_factory=list)
-    tables: dict[str, int] = field(default_factory=dict)
 
     def add(self, tensor: Tensor) -> int:
         self.tensors.append(tensor)
         return len(self.tensors) - 1
+
+    def weight_rows(self, name: str, weight: np.ndarray, scale: np.ndarray) -> tuple[int, int]:
+        """Add the int8 weight ``name`` quantized per row (axis 0) and its float32 scales
+        ``s_w``, tensor ``name + "_scale"``, which the weight's per_channel quantization record
+        (docs/format.md) points at; return the indices of the weight and of the scales."""
+        index = self.add(Tensor(f"{name}_scale", "float32", scale.shape, scale))
+        record = {
+            "scheme": "per_channel",
+            "axis": 0,
+            "group_size": None,
+            "bits": 8,
+            "symmetric": True,
+            "scale": index,
+            "zero_point": None,
+        }
+        return self.add(Tensor(name, "int8", weight.shape, weight, record)), index
+
+
+@dataclass(kw_only=True)
+class _Packer(TensorTable):
+    """Static mode's tensor table while ops are emitted; ``params`` maps value -> (scale, zp),
+    ``cell_peaks`` LSTM output value -> calibrated ``max|c|`` per direction."""
+
+    params: dict[str, tuple[float, int]]
+    cell_peaks: Mapping[str, Sequence[float]]
+    tables: dict[str, int] = field(default_factory=dict)
 
     def table(self, function: str) -> int:
         """The int16 ``sigmoid``/``tanh`` table, stored once per file (docs/recurrent.md)."""
@@ -65,18 +97,8 @@ class _Packer:
     def rows(self, name: str, q: QuantizedLayer, suffix: str = "") -> dict[str, int]:
         """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
         None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index."""
-        scale = self.add(Tensor(f"{name}.weight{suffix}_scale", "float32", q.scale.shape, q.scale))
-        record = {
-            "scheme": "per_channel",
-            "axis": 0,
-            "group_size": None,
-            "bits": 8,
-            "symmetric": True,
-            "scale": scale,
-            "zero_point": None,
-        }
-        weight = Tensor(f"{name}.weight{suffix}", "int8", q.weight.shape, q.weight, record)
-        tensors = {f"weight{suffix}": self.add(weight)}
+        weight, _ = self.weight_rows(f"{name}.weight{suffix}", q.weight, q.scale)
+        tensors = {f"weight{suffix}": weight}
         for key, array in (("bias", q.bias), ("multiplier", q.multiplier), ("shift", q.shift)):
             if array is not None:
                 role = f"{key}{suffix}"
@@ -186,40 +208,20 @@ def sequence_inputs(graph: Graph) -> set[str]:
     return found
 
 
-def pack(
-    graph: Graph,
-    ranges: dict[str, tuple[float, float]],
-    cell_peaks: Mapping[str, Sequence[float]] | None = None,
-) -> tuple[dict, list[Tensor]]:
-    """The graph dict (docs/graph.md) and tensor table of the quantized ``graph``, from the
-    calibrated ``ranges`` and (for LSTMs) ``cell_peaks``, as :class:`.calibrate.Calibration`."""
-    packer = _Packer(value_params(graph, ranges), cell_peaks or {})
-    names = [*graph.inputs, *(node.output for node in graph.nodes)]
-    index = {name: i for i, name in enumerate(names)}
-    values = [
-        {
-            "name": name,
-            "shape": list(graph.shapes[name]),
-            "scale": float(packer.params[name][0]),
-            "zero_point": int(packer.params[name][1]),
-        }
-        for name in names
-    ]
-    for name in graph.token_inputs:
-        values[index[name]]["dtype"] = "int32"
-    ops = []
-    for node in graph.nodes:
-        tensors, attrs = _OPS[node.kind](packer, node)
-        ops.append(
-            {
-                "op": node.kind,
-                "name": node.name,
-                "inputs": [index[v] for v in node.inputs],
-                "outputs": [index[node.output]],
-                "tensors": tensors,
-                "attrs": attrs,
-            }
-        )
+def value_names(graph: Graph) -> list[str]:
+    """Every value of ``graph`` in file order: the inputs, then each node's output."""
+    return [*graph.inputs, *(node.output for node in graph.nodes)]
+
+
+def _ports(graph: Graph, index: Mapping[str, int]) -> tuple[list[dict], list[dict]]:
+    """The graph's ``inputs`` (with ``dynamic_axes`` for sequence inputs) and ``outputs``."""
+    sequences = sequence_inputs(graph)
+    inputs = []
+    for name in graph.inputs:
+        entry = {"name": name, "value": index[name]}
+        if name in sequences:
+            entry["dynamic_axes"] = [1]
+        inputs.append(entry)
     single = len(graph.outputs) == 1
     outputs = []
     for i, out in enumerate(graph.outputs):
@@ -228,15 +230,56 @@ def pack(
         if out.activation is not None:
             entry["dim"] = out.dim
         outputs.append(entry)
-    sequences = sequence_inputs(graph)
-    inputs = [{"name": name, "value": index[name]} for name in graph.inputs]
-    for entry in inputs:
-        if entry["name"] in sequences:
-            entry["dynamic_axes"] = [1]
-    graph_dict = {
-        "inputs": inputs,
-        "outputs": outputs,
-        "values": values,
-        "ops": ops,
-    }
-    return graph_dict, packer.tensors
+    return inputs, outputs
+
+
+def graph_dict(
+    graph: Graph,
+    params: Mapping[str, tuple[float, int]],
+    dtypes: Mapping[str, str],
+    emit: Emit,
+) -> dict:
+    """The ``graph`` object of docs/graph.md: every value with its ``(scale, zero_point)`` from
+    ``params`` and its ``dtype`` from ``dtypes`` (omitted: int8), the ops ``emit`` makes of the
+    nodes, in order, and the inputs and outputs."""
+    names = value_names(graph)
+    index = {name: i for i, name in enumerate(names)}
+    values = []
+    for name in names:
+        scale, zero_point = params[name]
+        value = {"name": name, "shape": list(graph.shapes[name])}
+        value |= {"scale": float(scale), "zero_point": int(zero_point)}
+        if name in dtypes:
+            value["dtype"] = dtypes[name]
+        values.append(value)
+    ops = []
+    for node in graph.nodes:
+        kind, tensors, attrs = emit(node)
+        ops.append(
+            {
+                "op": kind,
+                "name": node.name,
+                "inputs": [index[v] for v in node.inputs],
+                "outputs": [index[node.output]],
+                "tensors": tensors,
+                "attrs": attrs,
+            }
+        )
+    inputs, outputs = _ports(graph, index)
+    return {"inputs": inputs, "outputs": outputs, "values": values, "ops": ops}
+
+
+def pack(
+    graph: Graph,
+    ranges: dict[str, tuple[float, float]],
+    cell_peaks: Mapping[str, Sequence[float]] | None = None,
+) -> tuple[dict, list[Tensor]]:
+    """The graph dict (docs/graph.md) and tensor table of the quantized ``graph``, from the
+    calibrated ``ranges`` and (for LSTMs) ``cell_peaks``, as :class:`.calibrate.Calibration`."""
+    packer = _Packer(params=value_params(graph, ranges), cell_peaks=cell_peaks or {})
+    dtypes = dict.fromkeys(graph.token_inputs, "int32")
+
+    def emit(node: Node) -> tuple[str, dict[str, int], dict]:
+        return (node.kind, *_OPS[node.kind](packer, node))
+
+    return graph_dict(graph, packer.params, dtypes, emit), packer.tensors

@@ -16,6 +16,8 @@ Conventions (``real = scale * (q - zero_point)``):
 * Embeddings (:func:`quantize_embedding`) and recurrent layers (:func:`quantize_lstm`,
   :func:`quantize_gru`) reuse the weight rows, bias and multiplier rules above; their fixed-point
   formats are docs/recurrent.md's.
+* Dynamic mode (docs/dynamic.md) keeps only the weight rows (:func:`quantize_dynamic_rows`):
+  biases stay float32 and activations are quantized at run time, so nothing else is chosen here.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ADD_LEFT_SHIFT = 20
 GATE_SCALE = 2.0**-12  # Q3.12: recurrent gate pre-activations
 Q15_SCALE = 2.0**-15  # Q0.15: sigmoid/tanh outputs
 MAX_CELL_EXPONENT = 15  # an LSTM cell state is int16 at 2^-cell_frac, cell_frac = 15 - m
+DYNAMIC_SPAN = 256  # dynamic mode: bound on |q - zp| of a row quantized at run time (<= 255)
 
 
 def round_half_away(x: np.ndarray | float) -> np.ndarray:
@@ -175,18 +178,45 @@ def concat_attrs(name: str, scales: list[float], s_out: float) -> dict:
     return {"multipliers": [m for m, _ in encoded], "shifts": [s for _, s in encoded]}
 
 
+def quantize_weight_rows(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """int8 symmetric per output row, nothing else: ``(Wq, s_w)`` with ``Wq`` int8 of
+    ``weight``'s shape ``[O, ...]`` and ``s_w`` float32 ``[O]`` (``max|W[r]| / 127``, rounded
+    up; 1 for an all-zero row), so ``W[r] ~ s_w[r] * Wq[r]``."""
+    w = weight.reshape(len(weight), -1).astype(np.float64)
+    scale = _row_scales(w)
+    return _quantize_rows(w, scale).reshape(weight.shape), scale
+
+
+def quantize_dynamic_rows(name: str, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`quantize_weight_rows` for dynamic mode (docs/dynamic.md), with its overflow proof.
+
+    At run time ``acc[r] = sum_k Wq[r, k] * (q[k] - zp)``, and an input row quantized on its own
+    has ``|q[k] - zp| <= 255``; a weight row with ``256 * sum_k |Wq[r, k]| > 2^31 - 1`` (the
+    bound the runtime's validator checks) is refused.
+    """
+    wq, scale = quantize_weight_rows(weight)
+    sums = np.abs(wq.reshape(len(wq), -1).astype(np.int64)).sum(axis=1)
+    if sums.size and DYNAMIC_SPAN * sums.max() > INT32_MAX:
+        r = int(sums.argmax())
+        raise ConversionError(
+            f"{name}: the int32 accumulator of row {r} could overflow: {DYNAMIC_SPAN} * sum|w| = "
+            f"{DYNAMIC_SPAN * int(sums[r])} > 2^31 - 1 (input dimension {wq[r].size}); "
+            "splitting a layer's accumulation is not implemented"
+        )
+    return wq, scale
+
+
 def quantize_embedding(name: str, weight: np.ndarray, s_out: float) -> QuantizedLayer:
     """Quantize an embedding table ``weight`` [V, E] for an output of scale ``s_out``.
 
     A lookup is a linear layer without bias on a one-hot input of scale 1 (the token value's
-    scale): rows are quantized like weights, ``s_w[v] = max|W[v]| / 127``, and
+    scale): rows are quantized like weights (:func:`quantize_weight_rows`), and
     ``M[v] = s_w[v] / s_out``. Each output ``zp_out + mbqm(Wq[tok, e], M[tok])`` requantizes a
     single int8 weight: nothing accumulates, so there is no overflow bound to prove.
     """
-    w = weight.astype(np.float64)
-    scale = _row_scales(w)
+    wq, scale = quantize_weight_rows(weight)
     multiplier, shift = _encode_rows(name, scale.astype(np.float64) / s_out)
-    return QuantizedLayer(_quantize_rows(w, scale), scale, None, multiplier, shift)
+    return QuantizedLayer(wq, scale, None, multiplier, shift)
 
 
 def cell_frac(peak: float) -> int:
@@ -272,16 +302,9 @@ def quantize_gru(
 ) -> QuantizedRecurrent:
     """Quantize one GRU layer, arguments as :func:`quantize_lstm` (without cell peaks).
 
-    Gate matrices as :func:`_gate_matrices`; ``h15_*`` encodes ``s_h / 2^-15`` (the previous
-    hidden state to Q0.15, where it is mixed with the candidate ``n``) and ``out_*`` encodes
-    ``2^-15 / s_h`` (the new Q0.15 state back to int8).
+    Gate matrices as :func:`_gate_matrices`; ``out_*`` encodes ``2^-15 / s_h``, the layer's
+    Q0.15 state quantized to int8 (its output, and the input of the recurrent product).
     """
-    h15_multiplier, h15_shift = encode_multiplier(h[0] / Q15_SCALE, name)
     out_multiplier, out_shift = encode_multiplier(Q15_SCALE / h[0], name)
-    attrs = {
-        "h15_multiplier": h15_multiplier,
-        "h15_shift": h15_shift,
-        "out_multiplier": out_multiplier,
-        "out_shift": out_shift,
-    }
+    attrs = {"out_multiplier": out_multiplier, "out_shift": out_shift}
     return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h), attrs)

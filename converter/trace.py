@@ -293,6 +293,34 @@ class _Tracer(torch.fx.Interpreter):
         return outputs
 
 
+def _symbolic_trace(model: nn.Module) -> torch.fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, failures as a ConversionError quoting torch.fx."""
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as exc:
+        raise ConversionError(
+            f"torch.fx could not trace {type(model).__name__}: {exc}\n"
+            "tinyrt converts models whose forward is a fixed sequence of ops; data-dependent "
+            "control flow (if/for/while on tensor values) is not supported"
+        ) from exc
+
+
+def embedding_inputs(model: nn.Module) -> set[str]:
+    """The forward arguments an ``nn.Embedding`` reads directly: the token inputs, since only
+    an embedding may read one (for building an example input of the right kind from a shape)."""
+    with _eval_mode(model):
+        gm = _symbolic_trace(model)
+    return {
+        n.target
+        for n in gm.graph.nodes
+        if n.op == "placeholder"
+        and any(
+            u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Embedding)
+            for u in n.users
+        )
+    }
+
+
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
     """Trace ``model`` (in eval mode) into the float IR, using ``example_inputs`` for shapes.
 
@@ -301,14 +329,7 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
     ConversionError when the model cannot be traced or run.
     """
     with _eval_mode(model):
-        try:
-            gm = torch.fx.symbolic_trace(model)
-        except Exception as exc:
-            raise ConversionError(
-                f"torch.fx could not trace {type(model).__name__}: {exc}\n"
-                "tinyrt converts models whose forward is a fixed sequence of ops; data-dependent "
-                "control flow (if/for/while on tensor values) is not supported"
-            ) from exc
+        gm = _symbolic_trace(model)
         placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
         if len(placeholders) != len(example_inputs):
             raise ConversionError(

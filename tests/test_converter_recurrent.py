@@ -4,9 +4,12 @@ runtime."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from run_cli import tinyrt_cli
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -23,7 +26,7 @@ from tinyrt.converter.quantize import (
     round_half_away,
 )
 from tinyrt.converter.trace import trace
-from tinyrt.errors import ConversionError, UnsupportedOpError
+from tinyrt.errors import ConversionError, InputError, UnsupportedOpError
 from tinyrt.format import read_model_file
 from tinyrt.kernels.reference import activation_table
 
@@ -438,7 +441,7 @@ def test_recurrent_tensor_roles_shapes_and_attrs(mixed):
         attrs = {"hidden_size": hidden, "bidirectional": bidirectional}
         assert {k: op["attrs"][k] for k in attrs} == attrs
         multipliers = {"out_multiplier", "out_shift"}
-        extra = {"cell_frac"} if gates == 4 else {"h15_multiplier", "h15_shift"}
+        extra = {"cell_frac"} if gates == 4 else set()
         assert set(op["attrs"]) == set(attrs) | multipliers | extra
 
 
@@ -491,7 +494,6 @@ def test_recurrent_multipliers_and_bias_folding(mixed):
         if op["op"] == "lstm":
             assert decode(a["out_multiplier"], a["out_shift"]) == pytest.approx(2.0**-30 / s_h)
         else:
-            assert decode(a["h15_multiplier"], a["h15_shift"]) == pytest.approx(s_h / Q15_SCALE)
             assert decode(a["out_multiplier"], a["out_shift"]) == pytest.approx(Q15_SCALE / s_h)
 
 
@@ -663,3 +665,20 @@ def test_gru_classifier_runs_in_int8(tmp_path):
     out = convert(model, torch.zeros(1, 10, 1), tmp_path / "c.tinyrt", x, progress=False)
     errors = lsb_errors(out, {"x": x[:64]}, model(torch.from_numpy(x[:64])))
     assert errors.max() <= 3.5 and errors.mean() <= 0.9
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_token_ids_are_range_checked_and_inspect_counts_parameters(tmp_path, mode):
+    torch.manual_seed(0)
+    model = WordLM(vocabulary=40).eval()
+    calibration = np.random.default_rng(0).integers(0, 40, (8, 5))
+    path = tmp_path / f"{mode}.tinyrt"
+    convert(
+        model, torch.zeros(1, 5, dtype=torch.long), path, calibration, mode=mode, progress=False
+    )
+    for backend in ("reference", "numba"):
+        with pytest.raises(InputError, match=r"token ids must be in \[0, 40\)"):
+            tinyrt.load(path, backend).run({"tokens": np.array([[3, 45]])})
+    result = tinyrt_cli("inspect", path, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["parameters"] == sum(p.numel() for p in model.parameters())

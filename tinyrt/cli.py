@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -78,6 +79,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         input_shape=shape,
         progress=not args.quiet,
+        mode=args.mode,
     )
     print(f"wrote {out} ({os.path.getsize(out)} bytes)")
     return EXIT_OK
@@ -125,14 +127,16 @@ def _layer_rows(model: Model) -> list[dict]:
             "params": 0,
             "bytes": 0,
         }
-        refs = list(raw.get("tensors", {}).values())
-        weight_index = raw.get("tensors", {}).get("weight")
-        if weight_index is not None:
-            quant = tensors[weight_index].quant or {}
+        roles = raw.get("tensors", {})
+        refs = list(roles.values())
+        weights = [i for r, i in roles.items() if r.startswith("weight") and r != "weight_scale"]
+        learned = weights + [i for role, i in roles.items() if role.startswith("bias")]
+        for index in weights:
+            quant = tensors[index].quant or {}
             row["bits"] = quant.get("bits", 8)
             row["granularity"] = quant.get("scheme")
             refs += [quant[k] for k in ("scale", "zero_point") if quant.get(k) is not None]
-            row["params"] = int(op.tensors["weight"].size + op.tensors["bias"].size)
+        row["params"] = sum(math.prod(tensors[i].shape) for i in learned)
         row["bytes"] = int(sum(tensors[i].data.nbytes for i in set(refs)))
         rows.append(row)
     return rows
@@ -258,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert",
         help="convert a PyTorch model and its weights to a .tinyrt file (needs torch)",
-        description="Trace, fold, calibrate and quantize a PyTorch model into one .tinyrt file.",
+        description="Trace, fold, calibrate and quantize a PyTorch model into one .tinyrt file "
+        "(static mode), or quantize its weights for dynamic mode (no calibration data).",
     )
     convert.add_argument(
         "model_spec",
@@ -268,13 +273,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", help="state dict: .pt/.pth (loaded weights_only) or .safetensors"
     )
     convert.add_argument(
+        "--mode",
+        choices=("static", "dynamic"),
+        default="static",
+        help="static: integer-only int8 (default, needs --calibration); dynamic: int8 weights, "
+        "activations quantized at run time (Embedding/Linear/LSTM/GRU models, no calibration)",
+    )
+    convert.add_argument(
         "--calibration",
-        required=True,
-        help="calibration inputs: .npy, or .npz with arrays named like the inputs (or calib_x)",
+        help="calibration inputs: .npy, or .npz with arrays named like the inputs (or calib_x); "
+        "required in static mode",
     )
     convert.add_argument("-o", "--output", required=True, help="the .tinyrt file to write")
     convert.add_argument(
-        "--input-shape", help="example input shape, e.g. 1,1,40 (default: from calibration)"
+        "--input-shape",
+        help="example input shape, e.g. 1,1,40 (default: from calibration; needed without it)",
     )
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=cmd_convert)
@@ -308,8 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage rules argparse cannot express (a usage error exits 2)."""
+    if args.command == "convert" and args.mode == "static" and args.calibration is None:
+        parser.error(
+            "convert: --calibration is required in static mode (activation ranges come from "
+            "it); --mode dynamic needs no calibration data"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_usage(parser, args)
     try:
         return args.func(args)
     except TinyrtError as error:

@@ -148,7 +148,7 @@ class Model:
         """Token input value -> the smallest vocabulary of the embeddings that read it."""
         limits: dict[int, int] = {}
         for op in self.graph.ops:
-            if op.kind == "embedding":
+            if op.kind in ("embedding", "embedding_dynamic"):
                 v, vocab = op.inputs[0], op.tensors["weight"].shape[0]
                 limits[v] = min(limits.get(v, vocab), vocab)
         return limits
