@@ -549,28 +549,14 @@ def _dynamic_row(v, weight, weight_scale, bias, q, out):
 
 
 @_jit
-def linear_dynamic(x, weight, weight_scale, bias, relu, out):
+def linear_dynamic(x, weight, weight_scale, bias, relu, scratch_q, out):
     """``reference.linear_dynamic``: ``x`` ``[M, K]`` float32, ``weight`` ``[O, K]``, ``out``
-    ``[M, O]`` float32; bit-exact.
-
-    With no scratch to hold a quantized row, each output requantizes its input row on the fly
-    (the same float64 operations, so the same ``q``).
-    """
-    outputs, k_len = weight.shape
+    ``[M, O]`` float32, ``scratch_q`` int8 ``[K]`` (one quantized row); bit-exact."""
     for m in range(x.shape[0]):
-        row_x = x[m]
-        scale, zero_point = _row_quantization(row_x)
-        for r in range(outputs):
-            row = weight[r]
-            acc = np.int32(0)
-            total = np.int32(0)
-            for k in range(k_len):
-                q = _quantize_value(row_x[k], scale, zero_point)
-                acc = np.int32(acc + np.int32(row[k]) * q)
-                total = np.int32(total + np.int32(row[k]))
-            acc = np.int32(acc - zero_point * total)
-            y = _dequantize(acc, scale, weight_scale[r], bias[r])
-            out[m, r] = max(y, np.float32(0.0)) if relu else y
+        _dynamic_row(x[m], weight, weight_scale, bias, scratch_q, out[m])
+        if relu:
+            for r in range(out.shape[1]):
+                out[m, r] = max(out[m, r], np.float32(0.0))
 
 
 @_jit

@@ -237,7 +237,7 @@ def test_linear_numba_bit_exact(m, k, o, relu, seed):
     x = float_rows(rng, (m, k))
     weight, weight_scale, bias = int8_layer(rng, o, k)
     out = np.full((m, o), np.nan, dtype=np.float32)
-    nk.linear_dynamic(x, weight, weight_scale, bias, relu, out)
+    nk.linear_dynamic(x, weight, weight_scale, bias, relu, np.empty(x.shape[1], np.int8), out)
     assert_bits_equal(out, ref.linear_dynamic(x, weight, weight_scale, bias, relu))
 
 
@@ -374,11 +374,11 @@ def test_linear_batch_independence(m, k, o, relu, seed):
     layer = (*int8_layer(rng, o, k), relu)
     together = ref.linear_dynamic(x, *layer)
     out = np.empty((m, o), dtype=np.float32)
-    nk.linear_dynamic(x, *layer, out)
+    nk.linear_dynamic(x, *layer, np.empty(x.shape[1], np.int8), out)
     for row in range(m):
         assert_bits_equal(ref.linear_dynamic(x[row : row + 1], *layer), together[row : row + 1])
         alone = np.empty((1, o), dtype=np.float32)
-        nk.linear_dynamic(x[row : row + 1], *layer, alone)
+        nk.linear_dynamic(x[row : row + 1], *layer, np.empty(x.shape[1], np.int8), alone)
         assert_bits_equal(alone, out[row : row + 1])
 
 

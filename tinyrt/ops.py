@@ -244,7 +244,7 @@ def bind_op(
         y = out.reshape(-1, t["weight"].shape[0])
         args = (t["weight"], t["weight_scale"], t["bias"], a["relu"])
         if nk:
-            return lambda: nk.linear_dynamic(x, *args, y)
+            return lambda: nk.linear_dynamic(x, *args, scratch, y)
         return lambda: np.copyto(y, ref.linear_dynamic(x, *args))
 
     if kind == "embedding_dynamic":

@@ -53,11 +53,14 @@ ITEMSIZE = {"int8": 1, "int32": 4, "float32": 4}
 RECURRENT = ("lstm", "gru", "lstm_dynamic", "gru_dynamic")
 
 
-def conv_scratch(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, int] | None:
-    """The im2col scratch shape of a numba convolution, None for other ops."""
-    if op.kind not in ("conv1d", "conv2d"):
-        return None
-    return conv_scratch_shape(op, shapes[op.outputs[0]])
+def scratch_shape(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The scratch buffer an op's numba kernel needs (None: none): a convolution's im2col
+    rows, a dynamic linear layer's quantized input row."""
+    if op.kind in ("conv1d", "conv2d"):
+        return conv_scratch_shape(op, shapes[op.outputs[0]])
+    if op.kind == "linear_dynamic":
+        return (op.tensors["weight"].shape[1],)
+    return None
 
 
 def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
@@ -65,7 +68,7 @@ def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
     values = sum(
         math.prod(shape) * ITEMSIZE[v.dtype] for v, shape in zip(graph.values, shapes, strict=True)
     )
-    scratch = (conv_scratch(op, shapes) for op in graph.ops)
+    scratch = (scratch_shape(op, shapes) for op in graph.ops)
     return values + sum(math.prod(s) for s in scratch if s is not None)
 
 
@@ -130,16 +133,16 @@ class Executor:
         for port in graph.outputs:
             last[storage[port.value]] = n_ops
 
-        # Buffers: one per stored value, then one im2col scratch per numba convolution.
+        # Buffers: one per stored value, then the numba kernels' scratch buffers.
         owners = sorted(set(storage))
         sizes = [math.prod(shapes[v]) * ITEMSIZE[graph.values[v].dtype] for v in owners]
         lifetimes = [(first[v], last[v]) for v in owners]
         scratch_of: dict[int, int] = {}
         for i, op in enumerate(graph.ops):
-            scratch_shape = conv_scratch(op, shapes)
-            if numba_kernels is not None and scratch_shape is not None:
+            scratch = scratch_shape(op, shapes)
+            if numba_kernels is not None and scratch is not None:
                 scratch_of[i] = len(sizes)
-                sizes.append(math.prod(scratch_shape))
+                sizes.append(math.prod(scratch))
                 lifetimes.append((i, i))
         if not share_memory:
             lifetimes = [(-1, n_ops)] * len(sizes)
@@ -161,7 +164,7 @@ class Executor:
         for i, op in enumerate(graph.ops):
             if op.kind == "reshape":
                 continue
-            scratch = view(scratch_of[i], conv_scratch(op, shapes)) if i in scratch_of else None
+            scratch = view(scratch_of[i], scratch_shape(op, shapes)) if i in scratch_of else None
             states = self._new_states(op, graph, shapes) if op.kind in RECURRENT else []
             ins = [self.buffers[v] for v in op.inputs]
             out = self.buffers[op.outputs[0]]
