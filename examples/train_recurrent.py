@@ -3,8 +3,8 @@
 Usage (from the repository root)::
 
     python examples/train_recurrent.py             # both models
-    python examples/train_recurrent.py --only gru  # Mnist1dGRU, a few minutes
-    python examples/train_recurrent.py --only lm   # WordLM on the KJV, about 20 minutes
+    python examples/train_recurrent.py --only gru  # Mnist1dGRU, about 1 minute
+    python examples/train_recurrent.py --only lm   # WordLM on the KJV, about 17 minutes
 
 ``--only gru`` writes ``examples/weights/mnist1d_gru.safetensors`` (fp32 state dict) and
 ``examples/data/mnist1d_seq.npz`` (float32 ``calib_x [256, 40, 1]`` from the training split,
@@ -15,8 +15,10 @@ picks the best epoch; the test split is used for nothing else but the final accu
 ``--only lm`` fetches the King James Bible with ``examples/text.py`` (Debian's ``bible-kjv``
 packages), checks that its vocabulary and held-out ids equal ``examples/data/kjv.npz``, trains
 ``WordLM`` on the training chapters with truncated back-propagation through time and writes
-``out/lm/word_lm.safetensors`` (too big to commit) and ``out/lm/word_lm.json`` (configuration,
-training settings and perplexities). The validation chapters pick the best epoch.
+``out/lm/word_lm.safetensors`` (fp32 state dict, 33 MB: not committed) and
+``out/lm/word_lm.json`` (``"model"``: the keyword arguments, ``WordLM(**info["model"])``;
+training settings, per-epoch log and perplexities). The validation chapters pick the best
+epoch.
 
 Perplexity is ``exp`` of the mean next-token NLL over a split's id stream (every token but the
 first scored once). "carried": the stream is cut into 16 contiguous segments read in
@@ -364,8 +366,8 @@ def train_lm(args: argparse.Namespace) -> None:
     meta = out_dir / "word_lm.json"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(weights))
     info = {
-        "model": "examples/recurrent_models.py:WordLM",
-        "kwargs": {
+        "spec": "examples/recurrent_models.py:WordLM",
+        "model": {
             "vocab_size": len(corpus.vocab),
             "embed": cfg.embed,
             "hidden": cfg.hidden,
