@@ -163,3 +163,16 @@ def test_specs_show_the_dynamic_time_axis(models):
     _, fast = models
     (spec,) = fast.inputs
     assert spec.name == "tokens" and spec.shape == (None, None) and spec.dtype == np.int32
+
+
+def test_many_chunk_lengths_keep_a_bounded_number_of_plans(models):
+    _, fast = models
+    state = fast.new_state()
+    x = tokens(1, 210, seed=5)
+    start, pieces = 0, []
+    for length in range(1, 21):  # twenty chunk lengths, more than the plans kept per thread
+        pieces.append(fast.run_quantized({"tokens": x[:, start : start + length]}, state)["logits"])
+        start += length
+    whole = fast.run_quantized({"tokens": x[:, :start]})["logits"]
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole)
+    assert len(fast._local.executors) <= tinyrt.model.MAX_PLANS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -24,6 +25,7 @@ from tinyrt.plan import RECURRENT, Executor, activation_nbytes, state_dtypes
 
 BACKENDS = ("auto", "numba", "reference")
 MAX_ARENA_NBYTES = 2**31  # a batch whose activations need more than 2 GiB is refused
+MAX_PLANS = 16  # execution plans (arenas) kept per thread, one per distinct input shapes
 
 
 @dataclass(frozen=True)
@@ -139,7 +141,9 @@ class Model:
         self.file = model_file
         self.graph: Graph = parse_graph(model_file.graph, model_file.tensors)
         self.provenance = model_file.provenance
-        self._local = threading.local()
+        self._local = threading.local()  # per thread: executors by input shapes (LRU)
+        self._shapes: dict[tuple, list[tuple[int, ...]]] = {}  # by input shapes, all threads
+        self._shapes_lock = threading.Lock()
         self._token_limits = self._embedding_sizes()
         self.inputs = [self._spec(p) for p in self.graph.inputs]
         self.outputs = [self._spec(p) for p in self.graph.outputs]
@@ -235,11 +239,15 @@ class Model:
             batch = shapes[self.graph.inputs[0].value][0]
             if state.batch != batch:
                 raise InputError(f"the state is for batch size {state.batch}, inputs have {batch}")
-        executors = self._local.__dict__.setdefault("executors", {})
+        executors = self._local.__dict__.setdefault("executors", OrderedDict())
         key = tuple(shapes[p.value] for p in self.graph.inputs)
         executor = executors.get(key)
         if executor is None:
+            if len(executors) >= MAX_PLANS:  # e.g. a stream fed chunks of many lengths
+                executors.popitem(last=False)
             executor = executors[key] = Executor(self.graph, shapes, self._kernels)
+        else:
+            executors.move_to_end(key)
         self._write_inputs(executor, inputs, quantized)
         executor.reset_states()
         if state is not None:
@@ -261,23 +269,36 @@ class Model:
         if missing or unknown:
             raise InputError(f"expected inputs {expected}; missing {missing}, unknown {unknown}")
         batch = None
-        input_shapes = {}
         for spec, port in zip(self.inputs, self.graph.inputs, strict=True):
             array = inputs[spec.name]
             self._check_array(spec, port, array, quantized)
             if batch is not None and array.shape[0] != batch:
                 raise InputError(f"inputs have different batch sizes: {batch} and {array.shape[0]}")
             batch = array.shape[0]
-            input_shapes[port.value] = array.shape
+        return self._value_shapes(tuple(inputs[spec.name].shape for spec in self.inputs))
+
+    def _value_shapes(self, key: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
+        """Every value's shape for these input shapes (in input order), worked out and checked
+        against the memory limit once per distinct input shapes."""
+        shapes = self._shapes.get(key)
+        if shapes is not None:
+            return shapes
+        input_shapes = {
+            port.value: shape for port, shape in zip(self.graph.inputs, key, strict=True)
+        }
         try:
             shapes = infer_shapes(self.graph, input_shapes)
         except FormatError as error:
             raise InputError(f"these input shapes do not fit the model: {error}") from error
         if activation_nbytes(self.graph, shapes) > MAX_ARENA_NBYTES:
             raise InputError(
-                f"inputs of shapes {list(input_shapes.values())} need more than "
-                f"{MAX_ARENA_NBYTES} bytes of activations; split them into smaller batches"
+                f"inputs of shapes {list(key)} need more than {MAX_ARENA_NBYTES} bytes of "
+                "activations; split them into smaller batches"
             )
+        with self._shapes_lock:  # reads above need no lock; evicting while another thread
+            if len(self._shapes) >= MAX_PLANS:  # evicts does
+                self._shapes.pop(next(iter(self._shapes)))
+            self._shapes[key] = shapes
         return shapes
 
     def _check_array(self, spec: TensorSpec, port: Port, array: Any, quantized: bool) -> None:
