@@ -136,36 +136,58 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
-def fit(r: Recipe) -> float:
-    """Train ``r.model`` in place with AdamW + one-cycle LR; keep the best-validation epoch.
-
-    Returns the best validation accuracy.
-    """
-    model = r.model
-    x, y = torch.from_numpy(r.train.x), torch.from_numpy(r.train.y)
-    steps = (len(y) + r.batch_size - 1) // r.batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
+def fit_classifier(
+    model: nn.Module,
+    train: Split,
+    val: Split,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    clip: float | None = None,
+) -> float:
+    """Train ``model`` in place with AdamW + one-cycle LR (and gradient-norm clipping at
+    ``clip`` if given); keep the best-validation epoch. Returns the best validation accuracy."""
+    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    steps = (len(y) + batch_size - 1) // batch_size
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=r.lr, epochs=r.epochs, steps_per_epoch=steps
+        opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps
     )
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(SEED)
     best_acc, best_state = -1.0, copy.deepcopy(model.state_dict())
-    for _ in range(r.epochs):
+    for _ in range(epochs):
         model.train()
         perm = torch.randperm(len(y), generator=gen)
         for i in range(steps):
-            idx = perm[i * r.batch_size : (i + 1) * r.batch_size]
+            idx = perm[i * batch_size : (i + 1) * batch_size]
             opt.zero_grad(set_to_none=True)
             loss_fn(model(x[idx]), y[idx]).backward()
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
             sched.step()
-        val_acc = accuracy(model, r.val.x, r.val.y)
+        val_acc = accuracy(model, val.x, val.y)
         if val_acc >= best_acc:
             best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     model.eval()
     return best_acc
+
+
+def fit(r: Recipe) -> float:
+    """Train one example recipe (:func:`fit_classifier`); returns its best validation accuracy."""
+    return fit_classifier(
+        r.model,
+        r.train,
+        r.val,
+        epochs=r.epochs,
+        lr=r.lr,
+        weight_decay=r.weight_decay,
+        batch_size=r.batch_size,
+    )
 
 
 def save(r: Recipe) -> tuple[Path, Path]:

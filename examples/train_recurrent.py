@@ -46,6 +46,7 @@ import torch
 from recurrent_models import Mnist1dGRU, WordLM
 from safetensors.torch import save_file
 from torch import nn
+from train import Split, accuracy, fit_classifier
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -102,42 +103,6 @@ def mnist1d_sequences() -> dict[str, np.ndarray]:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) on float32 inputs ``x``, labels ``y``."""
-    model.eval()
-    pred = model(torch.from_numpy(x)).argmax(dim=1).numpy()
-    return float((pred == y).mean())
-
-
-def fit_gru(model: nn.Module, data: dict[str, np.ndarray], cfg: GruConfig) -> float:
-    """Train ``model`` in place; keep the best-validation epoch. Returns its accuracy."""
-    x, y = torch.from_numpy(data["train_x"]), torch.from_numpy(data["train_y"])
-    steps = (len(y) + cfg.batch_size - 1) // cfg.batch_size
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=cfg.lr, epochs=cfg.epochs, steps_per_epoch=steps
-    )
-    loss_fn = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(SEED)
-    best_acc, best_state = -1.0, copy.deepcopy(model.state_dict())
-    for _ in range(cfg.epochs):
-        model.train()
-        perm = torch.randperm(len(y), generator=gen)
-        for i in range(steps):
-            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x[idx]), y[idx]).backward()
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            opt.step()
-            sched.step()
-        val_acc = accuracy(model, data["val_x"], data["val_y"])
-        if val_acc >= best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    model.eval()
-    return best_acc
-
-
 def train_gru(args: argparse.Namespace) -> None:
     """Train ``Mnist1dGRU`` and write its weights and sequence data."""
     torch.set_num_threads(1)
@@ -147,7 +112,16 @@ def train_gru(args: argparse.Namespace) -> None:
     torch.manual_seed(SEED)
     model = Mnist1dGRU(hidden=cfg.hidden, layers=cfg.layers)
     t1 = time.perf_counter()
-    val_acc = fit_gru(model, data, cfg)
+    val_acc = fit_classifier(
+        model,
+        Split(data["train_x"], data["train_y"]),
+        Split(data["val_x"], data["val_y"]),
+        epochs=cfg.epochs,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        clip=cfg.clip,
+    )
     t2 = time.perf_counter()
     test_acc = accuracy(model, data["test_x"], data["test_y"])
     WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
