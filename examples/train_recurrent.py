@@ -102,7 +102,6 @@ def mnist1d_sequences() -> dict[str, np.ndarray]:
     }
 
 
-@torch.no_grad()
 def train_gru(args: argparse.Namespace) -> None:
     """Train ``Mnist1dGRU`` and write its weights and sequence data."""
     torch.set_num_threads(1)
