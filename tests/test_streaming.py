@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
 import pytest
 from graph_builder import recurrent_graph
+from run_cli import tinyrt_cli
 
 import tinyrt
 from tinyrt.errors import InputError
@@ -176,3 +178,28 @@ def test_many_chunk_lengths_keep_a_bounded_number_of_plans(models):
     whole = fast.run_quantized({"tokens": x[:, :start]})["logits"]
     np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole)
     assert len(fast._local.executors) <= tinyrt.model.MAX_PLANS
+
+
+def test_specs_follow_what_the_graph_accepts(models, tmp_path):
+    _, fast = models
+    by_name = {spec.name: spec.shape for spec in fast.outputs}
+    assert by_name == {"logits": (None, None, 9), "both": (None, None, 6)}  # time follows input
+    g = recurrent_graph(vocab=VOCAB)
+    last = g.value([1, 63], 0.1, 0)  # flatten the whole sequence: fixed at the traced 7 steps
+    g.op("reshape", [g.outputs[0]["value"]], last)
+    g.outputs[0] = {"name": "flat", "value": last, "activation": None, "dim": 1}
+    model = tinyrt.load(g.serialize())
+    assert model.inputs[0].shape == (None, 7)
+    with pytest.raises(InputError, match=r"expected shape \('N', 7\)"):
+        model.run_quantized({"tokens": tokens(1, 8)})
+
+
+def test_cli_bench_on_a_sequence_model(tmp_path):
+    path = tmp_path / "recurrent.tinyrt"
+    path.write_bytes(recurrent_graph(vocab=VOCAB).serialize())
+    out = tmp_path / "bench.json"
+    result = tinyrt_cli(
+        "bench", path, "--runs", "3", "--warmup", "1", "--length", "5", "--json", out
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["input_shapes"] == {"tokens": [1, 5]}

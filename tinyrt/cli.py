@@ -196,24 +196,34 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 # --- bench -------------------------------------------------------------------------------
 
 
-def _bench_inputs(model: Model, batch: int, seed: int) -> dict[str, np.ndarray]:
-    """Random float inputs spanning each input's calibrated range."""
+def _bench_inputs(model: Model, batch: int, length: int | None, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs: floats spanning each input's calibrated range, token ids in range. A
+    dynamic axis (a sequence's time) gets ``length``, or the length recorded in the file."""
     rng = np.random.default_rng(seed)
     inputs = {}
-    for spec in model.inputs:
-        low = spec.scale * (-128 - spec.zero_point)
-        high = spec.scale * (127 - spec.zero_point)
-        inputs[spec.name] = rng.uniform(low, high, (batch,) + spec.shape[1:]).astype(np.float32)
+    for spec, port in zip(model.inputs, model.graph.inputs, strict=True):
+        recorded = model.graph.values[port.value].shape
+        shape = (batch,) + tuple(
+            (length or recorded[axis]) if size is None else size
+            for axis, size in enumerate(spec.shape)
+            if axis > 0
+        )
+        if spec.dtype == np.int32:
+            inputs[spec.name] = rng.integers(0, model.token_limit(spec.name), shape)
+        else:
+            low = spec.scale * (-128 - spec.zero_point)
+            high = spec.scale * (127 - spec.zero_point)
+            inputs[spec.name] = rng.uniform(low, high, shape).astype(np.float32)
     return inputs
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
-        raise InputError("--runs and --batch must be at least 1, --warmup at least 0")
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1 or (args.length or 1) < 1:
+        raise InputError("--runs, --batch and --length must be at least 1, --warmup at least 0")
     start = time.perf_counter()
     model = _load(args)
     load_s = time.perf_counter() - start
-    inputs = _bench_inputs(model, args.batch, args.seed)
+    inputs = _bench_inputs(model, args.batch, args.length, args.seed)
     start = time.perf_counter()
     model.run(inputs)
     first_s = time.perf_counter() - start
@@ -222,6 +232,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "model": str(args.model),
         "backend": model.backend,
         "batch": args.batch,
+        "input_shapes": {name: list(array.shape) for name, array in inputs.items()},
         "runs": args.runs,
         "warmup": args.warmup,
         "load_s": load_s,
@@ -315,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--runs", type=int, default=200, help="timed runs (default 200)")
     bench.add_argument("--warmup", type=int, default=20, help="untimed runs first (default 20)")
     bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    bench.add_argument(
+        "--length",
+        type=int,
+        help="length of dynamic axes, e.g. tokens per call (default: as traced)",
+    )
     bench.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.set_defaults(func=cmd_bench)

@@ -145,8 +145,9 @@ class Model:
         self._shapes: dict[tuple, list[tuple[int, ...]]] = {}  # by input shapes, all threads
         self._shapes_lock = threading.Lock()
         self._token_limits = self._embedding_sizes()
-        self.inputs = [self._spec(p) for p in self.graph.inputs]
-        self.outputs = [self._spec(p) for p in self.graph.outputs]
+        varying = self._varying_axes()
+        self.inputs = [self._spec(p, varying[p.value]) for p in self.graph.inputs]
+        self.outputs = [self._spec(p, varying[p.value]) for p in self.graph.outputs]
 
     def _embedding_sizes(self) -> dict[int, int]:
         """Token input value -> the smallest vocabulary of the embeddings that read it."""
@@ -157,10 +158,31 @@ class Model:
                 limits[v] = min(limits.get(v, vocab), vocab)
         return limits
 
-    def _spec(self, port: Port) -> TensorSpec:
+    def _varying_axes(self) -> list[tuple[int, ...]]:
+        """Per value, the axes (after the batch) whose length follows the inputs' dynamic axes:
+        found by inferring every shape once more with each dynamic axis one longer. If the graph
+        cannot take another length (e.g. a flatten + linear head), no axis varies: the inputs
+        are then checked against the recorded length."""
+        longer = {
+            p.value: tuple(
+                size + 1 if axis in p.dynamic_axes else size
+                for axis, size in enumerate(self.graph.values[p.value].shape)
+            )
+            for p in self.graph.inputs
+        }
+        try:
+            probed = infer_shapes(self.graph, longer)
+        except FormatError:  # a head built for one length (e.g. flatten + linear)
+            return [() for _ in self.graph.values]
+        return [
+            tuple(axis for axis, (a, b) in enumerate(zip(v.shape, shape, strict=True)) if a != b)
+            for v, shape in zip(self.graph.values, probed, strict=True)
+        ]
+
+    def _spec(self, port: Port, dynamic_axes: tuple[int, ...]) -> TensorSpec:
         value = self.graph.values[port.value]
         shape = tuple(
-            None if axis == 0 or axis in port.dynamic_axes else size
+            None if axis == 0 or axis in dynamic_axes else size
             for axis, size in enumerate(value.shape)
         )
         dtype = np.dtype(np.int32 if value.dtype == "int32" else np.float32)
@@ -170,6 +192,11 @@ class Model:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
         outs = ", ".join(f"{s.name}{list(s.shape)}" for s in self.outputs)
         return f"<tinyrt.Model ({ins}) -> ({outs}), {len(self.graph.ops)} ops, {self.backend}>"
+
+    def token_limit(self, name: str) -> int:
+        """The vocabulary size of token input ``name``: ids must be in ``[0, limit)``."""
+        port = next(p for p in self.graph.inputs if p.name == name)
+        return self._token_limits.get(port.value, 2**31)
 
     def new_state(self, batch: int = 1) -> StreamState:
         """A zero stream state for ``batch`` parallel streams (see :class:`StreamState`)."""
@@ -335,7 +362,7 @@ class Model:
             where = "the batch" if array.shape[0] == 0 else f"axis {array.shape.index(0)}"
             raise InputError(f"input '{name}': {where} is empty: {array.shape}")
         if spec.dtype == np.int32:
-            limit = self._token_limits.get(port.value, 2**31)
+            limit = self.token_limit(name)
             if array.min() < 0 or array.max() >= limit:
                 raise InputError(
                     f"input '{name}': token ids must be in [0, {limit}), found "
