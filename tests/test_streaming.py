@@ -203,3 +203,31 @@ def test_cli_bench_on_a_sequence_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(out.read_text())["input_shapes"] == {"tokens": [1, 5]}
+
+
+def test_sequence_first_ports_swap_at_the_boundary(models):
+    g = recurrent_graph(vocab=VOCAB)
+    for entry in (*g.inputs, *g.outputs):
+        entry["batch_axis"] = 1
+    data = g.serialize()
+    seq_first = (tinyrt.load(data, "reference"), tinyrt.load(data, "numba"))
+    for batch_first, model in zip(models, seq_first, strict=True):
+        assert model.inputs[0].shape == (None, None)
+        assert [s.shape for s in model.outputs] == [(None, None, 9), (None, None, 6)]
+        x = tokens(3, 11, seed=6)  # [N, T]
+        want = batch_first.run({"tokens": x})
+        got = model.run({"tokens": np.ascontiguousarray(x.T)})  # [T, N]
+        for name in want:
+            assert got[name].shape == want[name].swapaxes(0, 1).shape
+            assert got[name].flags.c_contiguous
+            np.testing.assert_array_equal(got[name], want[name].swapaxes(0, 1))
+        state = model.new_state(batch=3)
+        steps = [
+            model.run_quantized({"tokens": x.T[t : t + 1]}, state)["logits"] for t in range(11)
+        ]
+        np.testing.assert_array_equal(
+            np.concatenate(steps, axis=0),
+            batch_first.run_quantized({"tokens": x})["logits"].swapaxes(0, 1),
+        )
+        with pytest.raises(InputError, match=r"expected shape \('any', 'N'\)"):
+            model.run({"tokens": x[None]})

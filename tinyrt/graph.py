@@ -46,6 +46,7 @@ class Port:
     activation: str | None = None
     dim: int = 1
     dynamic_axes: tuple[int, ...] = ()
+    batch_axis: int = 0  # 1: the caller's array is [T, N, ...], the value [N, T, ...]
 
 
 @dataclass(frozen=True)
@@ -569,14 +570,14 @@ def _read_value(raw: Any, where: str) -> Value:
     return Value(name, shape, float(scale), zero_point, dtype)
 
 
-def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Port]:
+def _read_ports(raw: Any, where: str, values: list[Value], is_output: bool) -> list[Port]:
     if not isinstance(raw, list) or not 1 <= len(raw) <= 1024:
         raise FormatError(f"{where}: expected a list of 1 to 1024 entries")
     ports = []
     for i, entry in enumerate(raw):
         at = f"{where}[{i}]"
         name = _str(_field(entry, "name", at), f"{at}.name")
-        value = _index(_field(entry, "value", at), f"{at}.value", n_values, "value")
+        value = _index(_field(entry, "value", at), f"{at}.value", len(values), "value")
         activation, dim, dynamic = None, 1, ()
         if not is_output and "dynamic_axes" in entry:
             raw_axes = entry["dynamic_axes"]
@@ -591,7 +592,10 @@ def _read_ports(raw: Any, where: str, n_values: int, is_output: bool) -> list[Po
                 )
             if activation is not None:  # ``dim`` means nothing without an activation
                 dim = _int(_field(entry, "dim", at), f"{at}.dim", 0, MAX_RANK - 1)
-        ports.append(Port(name, value, activation, dim, dynamic))
+        batch_axis = _int(entry.get("batch_axis", 0), f"{at}.batch_axis", 0, 1)
+        if batch_axis and len(values[value].shape) < 2:
+            raise FormatError(f"{at}.batch_axis: value {value} has no axis 1 to swap with")
+        ports.append(Port(name, value, activation, dim, dynamic, batch_axis))
     if len({p.name for p in ports}) != len(ports):
         raise FormatError(f"{where}: names are not unique")
     return ports
@@ -642,8 +646,8 @@ def parse_graph(raw: Any, tensors: Sequence[Tensor]) -> Graph:
     if not isinstance(values_raw, list) or not 1 <= len(values_raw) <= MAX_VALUES:
         raise FormatError(f"graph.values: expected a list of 1 to {MAX_VALUES} values")
     values = [_read_value(v, f"graph.values[{i}]") for i, v in enumerate(values_raw)]
-    inputs = _read_ports(_field(raw, "inputs", "graph"), "graph.inputs", len(values), False)
-    outputs = _read_ports(_field(raw, "outputs", "graph"), "graph.outputs", len(values), True)
+    inputs = _read_ports(_field(raw, "inputs", "graph"), "graph.inputs", values, False)
+    outputs = _read_ports(_field(raw, "outputs", "graph"), "graph.outputs", values, True)
     ops_raw = _field(raw, "ops", "graph")
     if not isinstance(ops_raw, list) or len(ops_raw) > MAX_VALUES:
         raise FormatError(f"graph.ops: expected a list of at most {MAX_VALUES} ops")

@@ -186,7 +186,7 @@ class Model:
             for axis, size in enumerate(value.shape)
         )
         dtype = np.dtype(np.int32 if value.dtype == "int32" else np.float32)
-        return TensorSpec(port.name, shape, dtype, value.scale, value.zero_point)
+        return TensorSpec(port.name, _swap(shape, port), dtype, value.scale, value.zero_point)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
@@ -230,7 +230,10 @@ class Model:
         ``state``, recurrent ops continue from it and leave their final state in it.
         """
         executor = self._execute(inputs, quantized=False, state=state)
-        return {p.name: self._dequantize(p, executor.buffers[p.value]) for p in self.graph.outputs}
+        return {  # dequantizing made fresh arrays; a swapped one is made contiguous
+            p.name: np.ascontiguousarray(_swap(self._dequantize(p, executor.buffers[p.value]), p))
+            for p in self.graph.outputs
+        }
 
     def run_quantized(
         self, inputs: Mapping[str, Any], state: StreamState | None = None
@@ -238,7 +241,7 @@ class Model:
         """Run on int8 inputs at the inputs' scale and zero point (token ids: integer arrays);
         return int8 outputs. No float arithmetic at all; output softmaxes are not applied."""
         executor = self._execute(inputs, quantized=True, state=state)
-        return {p.name: executor.buffers[p.value].copy() for p in self.graph.outputs}
+        return {p.name: _swap(executor.buffers[p.value], p).copy() for p in self.graph.outputs}
 
     def run_values(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on float inputs and return every value of the graph, dequantized, by name.
@@ -299,10 +302,11 @@ class Model:
         for spec, port in zip(self.inputs, self.graph.inputs, strict=True):
             array = inputs[spec.name]
             self._check_array(spec, port, array, quantized)
-            if batch is not None and array.shape[0] != batch:
-                raise InputError(f"inputs have different batch sizes: {batch} and {array.shape[0]}")
-            batch = array.shape[0]
-        return self._value_shapes(tuple(inputs[spec.name].shape for spec in self.inputs))
+            size = array.shape[port.batch_axis]
+            if batch is not None and size != batch:
+                raise InputError(f"inputs have different batch sizes: {batch} and {size}")
+            batch = size
+        return self._value_shapes(tuple(_swap(inputs[p.name].shape, p) for p in self.graph.inputs))
 
     def _value_shapes(self, key: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
         """Every value's shape for these input shapes (in input order), worked out and checked
@@ -348,7 +352,7 @@ class Model:
                 f"{array.dtype}; for int8 data use Model.run_quantized"
             )
         shown = tuple(
-            "N" if size is None and axis == 0 else size or "any"
+            "N" if axis == port.batch_axis else "any" if size is None else size
             for axis, size in enumerate(spec.shape)
         )
         if array.ndim != len(spec.shape) or any(
@@ -359,7 +363,8 @@ class Model:
                 f"input '{name}': expected shape {shown} (N = batch size), got {array.shape}"
             )
         if 0 in array.shape:
-            where = "the batch" if array.shape[0] == 0 else f"axis {array.shape.index(0)}"
+            empty = array.shape.index(0)
+            where = "the batch" if empty == port.batch_axis else f"axis {empty}"
             raise InputError(f"input '{name}': {where} is empty: {array.shape}")
         if spec.dtype == np.int32:
             limit = self.token_limit(name)
@@ -374,7 +379,7 @@ class Model:
     def _write_inputs(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
         for port in self.graph.inputs:
             buffer = executor.buffers[port.value]
-            array = inputs[port.name]
+            array = _swap(inputs[port.name], port)
             value = self.graph.values[port.value]
             if quantized or value.dtype != "int8":  # int8, token ids (range checked), float32
                 np.copyto(buffer, array, casting="unsafe")
@@ -403,6 +408,16 @@ class Model:
         if port.activation == "log_softmax":
             return (shifted - log_sum).astype(np.float32)
         return np.exp(shifted - log_sum).astype(np.float32)
+
+
+def _swap(data: Any, port: Port) -> Any:
+    """A shape or array between the caller's layout and the graph's: axes 0 and 1 swapped
+    (a view) when the port's batch is on axis 1 (docs/graph.md, batch_axis)."""
+    if not port.batch_axis:
+        return data
+    if isinstance(data, tuple):
+        return (data[1], data[0]) + data[2:]
+    return data.swapaxes(0, 1)
 
 
 def load(
