@@ -24,6 +24,7 @@ from tinyrt.converter.calibrate import calibrate
 from tinyrt.converter.data import calibration_batches, load_calibration_file
 from tinyrt.converter.dynamic import pack_dynamic
 from tinyrt.converter.ir import Graph
+from tinyrt.converter.layout import batch_axis
 from tinyrt.converter.loading import apply_weights, load_model, load_weights
 from tinyrt.converter.pack import pack
 from tinyrt.converter.passes import simplify
@@ -60,7 +61,11 @@ def _sample_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
 def _static(graph: Graph, calibration: Any, progress: bool, max_samples: int | None) -> _Packed:
     """Calibrate on ``calibration`` and pack the integer graph; errors on the first samples."""
     batches, total = calibration_batches(
-        calibration, _sample_shapes(graph), max_samples, graph.token_inputs
+        calibration,
+        _sample_shapes(graph),
+        max_samples,
+        graph.token_inputs,
+        batch_axis=graph.batch_axis,
     )
     result = calibrate(graph, batches, total=total, progress=progress, keep=STATS_SAMPLES)
     graph_dict, tensors = pack(graph, result.ranges, result.cell_peaks)
@@ -87,11 +92,13 @@ def _dynamic(
     graph_dict, tensors = pack_dynamic(graph)
     data, label = calibration, "calibration data"
     if calibration is None:
-        data = {n: x[:1] for n, x in zip(graph.inputs, examples, strict=True)}
+        data = {
+            n: x.narrow(graph.batch_axis, 0, 1) for n, x in zip(graph.inputs, examples, strict=True)
+        }
         label = "example inputs"
     limit = min(max_samples or STATS_SAMPLES, STATS_SAMPLES)
     batches, _ = calibration_batches(
-        data, _sample_shapes(graph), limit, graph.token_inputs, label=label
+        data, _sample_shapes(graph), limit, graph.token_inputs, label, graph.batch_axis
     )
     return _Packed(graph_dict, tensors, None, _joined(batches))
 
@@ -204,7 +211,8 @@ def _examples(
 ) -> tuple[torch.Tensor, ...]:
     """The example inputs of :func:`convert_from_files`: the first calibration sample, or zeros
     of ``input_shape`` of the calibration array's kind (without calibration data: int64 for an
-    input an nn.Embedding reads, float32 otherwise)."""
+    input an nn.Embedding reads, float32 otherwise). A sequence-first model's first sample is
+    on axis 1 of the calibration arrays."""
     if arrays is not None:
         kinds = {n: np.float32 if a.dtype.kind == "f" else np.int64 for n, a in arrays.items()}
     else:
@@ -215,7 +223,15 @@ def _examples(
                 "without a calibration file the example input's shape must be given "
                 "(input_shape, or --input-shape)"
             )
-        return tuple(torch.from_numpy(arrays[n][:1].astype(kinds[n])) for n in names)
+        axis = batch_axis(model)
+        flat = [n for n in names if arrays[n].ndim <= axis]
+        if flat:
+            raise ConversionError(
+                f"calibration array {flat[0]!r} has no axis {axis}; a sequence-first model "
+                "takes [T, S, ...] arrays, samples on axis 1"
+            )
+        first = {n: arrays[n].take([0], axis=axis) for n in names}
+        return tuple(torch.from_numpy(first[n].astype(kinds[n])) for n in names)
     if len(names) != 1:
         raise ConversionError(
             f"input_shape is for single-input models; this one has inputs {names} (give a "
@@ -243,9 +259,10 @@ def convert_from_files(
     is a ``.npy`` (single input) or ``.npz`` file (see :mod:`tinyrt.converter.data` for the
     array names); integer arrays are token ids. It is required in static ``mode``; in dynamic
     mode it is optional (see :func:`convert`). The example input is the first calibration
-    sample, unless ``input_shape`` (the full shape of one example input, batch axis first,
-    single-input models) is given: then zeros of the calibration array's kind (without
-    calibration data, token ids if an nn.Embedding reads the input).
+    sample, unless ``input_shape`` (the full shape of one example input, batch axis first, or
+    second for a sequence-first model; single-input models) is given: then zeros of the
+    calibration array's kind (without calibration data, token ids if an nn.Embedding reads the
+    input).
     """
     if mode == "static" and calibration is None:
         raise ConversionError(

@@ -10,6 +10,10 @@ Accepted forms (``names`` are the model's input names, in forward order):
   input), a tuple/list whose first k elements are the k inputs (labels after them are
   ignored), or a dict input name -> batch.
 
+Samples are on the first axis of every array, except for a sequence-first model (nn.LSTM/nn.GRU
+with ``batch_first=False``): its arrays are shaped like its inputs, ``[T, S, ...]`` with the
+samples on axis 1, and are turned batch-first here.
+
 A dict or ``.npz`` needs an array named after every input. For a single-input model it may
 instead hold exactly one array (whatever its key), or, next to other arrays such as labels, an
 array named ``calib_x`` or ``x``, tried in that order.
@@ -95,18 +99,39 @@ def _tokens(array: np.ndarray, name: str, vocabulary: int, where: str) -> torch.
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
 
 
-def _tensor(
-    value: Any, name: str, sample_shape: tuple[int, ...], where: str, vocabulary: int | None
-) -> torch.Tensor:
-    """Check one batch of input ``name`` (shape, dtype, finite) and return it as float32, or
-    as int64 token ids if ``vocabulary`` is given (the input is a token input)."""
-    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    expected = ["N", *sample_shape]
-    if array.shape[1:] != sample_shape or array.ndim != len(expected):
+def _batch_first(
+    array: np.ndarray, name: str, sample_shape: tuple[int, ...], where: str, axis: int
+) -> np.ndarray:
+    """``array`` with its samples moved from ``axis`` (0, or 1 for a sequence-first model) to
+    axis 0, after checking that the rest of its shape is ``sample_shape`` (batch-first)."""
+    shape = tuple(array.shape)
+    if axis:
+        shape = shape[1::-1] + shape[2:] if len(shape) >= 2 else ()
+    if shape[1:] != sample_shape or len(shape) != len(sample_shape) + 1:
+        expected = ["N", *sample_shape]
+        layout = "samples first, then the shape of one example input"
+        if axis:
+            expected = [*sample_shape[:1], "N", *sample_shape[1:]]
+            layout = "sequence-first: time, then samples, as the example input"
         raise ConversionError(
-            f"{where}: input {name!r} has shape {list(array.shape)}, expected {expected} "
-            "(samples first, then the shape of one example input)"
+            f"{where}: input {name!r} has shape {list(array.shape)}, expected {expected} ({layout})"
         )
+    return array.swapaxes(0, 1) if axis else array
+
+
+def _tensor(
+    value: Any,
+    name: str,
+    sample_shape: tuple[int, ...],
+    where: str,
+    vocabulary: int | None,
+    axis: int = 0,
+) -> torch.Tensor:
+    """Check one batch of input ``name`` (shape, dtype, finite; samples on ``axis``) and return
+    it batch-first as float32, or as int64 token ids if ``vocabulary`` is given (the input is
+    a token input)."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    array = _batch_first(array, name, sample_shape, where, axis)
     if vocabulary is not None:
         return _tokens(array, name, vocabulary, where)
     if array.dtype.kind != "f":
@@ -142,9 +167,10 @@ def _from_arrays(
     shapes: dict[str, tuple[int, ...]],
     max_samples: int | None,
     tokens: Mapping[str, int],
-    label: str = "calibration data",
+    label: str,
+    axis: int,
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int]:
-    tensors = {n: _tensor(a, n, shapes[n], label, tokens.get(n)) for n, a in arrays.items()}
+    tensors = {n: _tensor(a, n, shapes[n], label, tokens.get(n), axis) for n, a in arrays.items()}
     counts = {len(t) for t in tensors.values()}
     if len(counts) != 1:
         sizes = {n: len(t) for n, t in tensors.items()}
@@ -160,6 +186,7 @@ def _from_iterable(
     shapes: dict[str, tuple[int, ...]],
     max_samples: int | None,
     tokens: Mapping[str, int],
+    axis: int,
 ) -> Iterator[dict[str, torch.Tensor]]:
     names = list(shapes)
     seen = 0
@@ -168,7 +195,7 @@ def _from_iterable(
             return
         where = f"calibration batch {k}"
         batch = {
-            n: _tensor(v, n, shapes[n], where, tokens.get(n))
+            n: _tensor(v, n, shapes[n], where, tokens.get(n), axis)
             for n, v in _item_inputs(item, names, where).items()
         }
         if max_samples is not None:
@@ -183,6 +210,7 @@ def calibration_batches(
     max_samples: int | None = None,
     tokens: Mapping[str, int] | None = None,
     label: str = "calibration data",
+    batch_axis: int = 0,
 ) -> tuple[Iterator[dict[str, torch.Tensor]], int | None]:
     """Batches (input name -> float32 tensor) from ``calibration`` and their number if known.
 
@@ -190,7 +218,9 @@ def calibration_batches(
     batch axis); ``tokens`` maps token inputs to their vocabulary size (their batches are int64
     ids, checked to be in ``[0, V)``). Arrays are fed in batches of :data:`BATCH_SIZE`;
     ``max_samples`` caps the number of samples used. ``label`` names arrays and dicts in
-    messages (dynamic mode checks its example inputs with this function too).
+    messages (dynamic mode checks its example inputs with this function too). ``batch_axis``
+    1 (a sequence-first model) takes samples on axis 1 of every array; batches are always
+    batch-first.
     """
     names = list(shapes)
     tokens = tokens or {}
@@ -202,21 +232,23 @@ def calibration_batches(
         )
     if isinstance(calibration, str | os.PathLike):
         arrays = load_calibration_file(calibration, names)
-        return _from_arrays(arrays, shapes, max_samples, tokens, label)
+        return _from_arrays(arrays, shapes, max_samples, tokens, label, batch_axis)
     if isinstance(calibration, np.ndarray | torch.Tensor):
         if len(names) != 1:
             raise ConversionError(
                 f"calibration is a single array, but the model has {len(names)} inputs "
                 f"({', '.join(names)}); pass a dict input name -> array"
             )
-        return _from_arrays({names[0]: calibration}, shapes, max_samples, tokens, label)
+        single = {names[0]: calibration}
+        return _from_arrays(single, shapes, max_samples, tokens, label, batch_axis)
     if isinstance(calibration, Mapping):
         chosen = _pick(calibration.keys(), names, label)
         arrays = {name: calibration[key] for name, key in chosen.items()}
-        return _from_arrays(arrays, shapes, max_samples, tokens, label)
+        return _from_arrays(arrays, shapes, max_samples, tokens, label, batch_axis)
     if isinstance(calibration, Iterable):
         total = len(calibration) if hasattr(calibration, "__len__") else None
-        return _from_iterable(calibration, shapes, max_samples, tokens), total
+        batches = _from_iterable(calibration, shapes, max_samples, tokens, batch_axis)
+        return batches, total
     raise ConversionError(
         f"calibration must be an array, a dict, a .npy/.npz path or an iterable of batches, "
         f"got {type(calibration).__name__}"

@@ -90,13 +90,16 @@ class Output:
 class Graph:
     """A model as nodes in execution order; ``shapes`` maps every value to its batch-1 shape;
     ``token_inputs`` maps each token input to its vocabulary size ``V`` (the smallest of the
-    embeddings reading it): valid ids are ``[0, V)``."""
+    embeddings reading it): valid ids are ``[0, V)``. Shapes and nodes are batch-first;
+    ``batch_axis`` 1 marks a sequence-first model, whose callers pass and receive every input
+    and output with axes 0 and 1 swapped (``[T, N, ...]``, docs/graph.md)."""
 
     inputs: list[str]
     nodes: list[Node]
     outputs: list[Output]
     shapes: dict[str, tuple[int, ...]]
     token_inputs: dict[str, int] = field(default_factory=dict)
+    batch_axis: int = 0
 
     def producers(self) -> dict[str, Node]:
         """Map each value produced by a node to that node."""

@@ -40,7 +40,8 @@ class Call:
     """A call being converted: op name, display name of the op, its module and arguments.
 
     Tensor arguments appear as :class:`Value`; results of shape arithmetic as their concrete
-    values.
+    values. ``batch_axis`` is the axis of the batch in the model's own layout (1 for a
+    sequence-first model, whose tensors are ``[T, N, ...]``).
     """
 
     name: str
@@ -48,6 +49,7 @@ class Call:
     module: nn.Module | None
     args: tuple
     kwargs: dict
+    batch_axis: int = 0
 
     def refuse(self, reason: str) -> UnsupportedOpError:
         return UnsupportedOpError(f"{self.name} ({self.op}): {reason}")
@@ -301,10 +303,10 @@ def _cat(call: Call) -> Node:
     inputs = [call.tensor(t, "inputs") for t in p["tensors"]]
     ndim = len(inputs[0].shape)
     axis = int(p["dim"]) % ndim
-    if axis == 0:
+    if axis == call.batch_axis:
         raise call.refuse(
             f"concatenating along the batch axis (dim={p['dim']}) is not supported; "
-            "concatenate along a feature axis (dim >= 1)"
+            "concatenate along a feature axis"
         )
     return call.node("concat", inputs, axis=axis)
 
@@ -322,7 +324,7 @@ def _softmax(kind: str, from_module: bool) -> Callable[[Call], Node]:
         if p.get("dtype") is not None:
             raise call.refuse("the dtype argument is not supported")
         dim = int(p["dim"]) % len(x.shape)
-        if dim == 0:
+        if dim == call.batch_axis:
             raise call.refuse(f"{kind} over the batch axis (dim={p['dim']}) is not supported")
         return call.node(kind, [x], dim=dim)
 
@@ -352,19 +354,20 @@ def _recurrent_args(input, hx=None) -> dict:
 
 
 def _recurrent(call: Call) -> list[Node]:
-    """One ``lstm``/``gru`` node per layer of a batch-first ``nn.LSTM``/``nn.GRU``; layer ``k``
-    of a multi-layer module is named ``<module path>.l<k>`` (PyTorch's ``_l<k>`` suffix)."""
+    """One ``lstm``/``gru`` node per layer of an ``nn.LSTM``/``nn.GRU``; layer ``k`` of a
+    multi-layer module is named ``<module path>.l<k>`` (PyTorch's ``_l<k>`` suffix). The nodes
+    are batch-first; a ``batch_first=False`` module is traced in a sequence-first model
+    (:mod:`.layout`), whose IR is batch-first too."""
     m = call.module
     kind = "lstm" if isinstance(m, nn.LSTM) else "gru"
     p = call.bind(_recurrent_args)
-    if not m.batch_first:
-        raise call.refuse("batch_first=False is not supported yet: use batch_first=True")
     if getattr(m, "proj_size", 0):
         raise call.refuse(f"proj_size={m.proj_size} is not supported; only proj_size=0")
     if p["hx"] is not None:
         raise call.refuse(f"passes an initial state; {HIDDEN_STATE_REFUSAL}")
     x = call.tensor(p["input"])
-    _expect_ndim(call, x, (3,), "batch-first [N, T, features]")
+    layout = "sequence-first [T, N, features]" if call.batch_axis else "[N, T, features]"
+    _expect_ndim(call, x, (3,), layout)
     rows = (4 if kind == "lstm" else 3) * m.hidden_size
     nodes, source = [], x.name
     for k in range(m.num_layers):

@@ -214,11 +214,13 @@ def value_names(graph: Graph) -> list[str]:
 
 
 def _ports(graph: Graph, index: Mapping[str, int]) -> tuple[list[dict], list[dict]]:
-    """The graph's ``inputs`` (with ``dynamic_axes`` for sequence inputs) and ``outputs``."""
+    """The graph's ``inputs`` (with ``dynamic_axes`` for sequence inputs) and ``outputs``, each
+    with ``"batch_axis": 1`` in a sequence-first model."""
     sequences = sequence_inputs(graph)
+    layout = {"batch_axis": 1} if graph.batch_axis else {}
     inputs = []
     for name in graph.inputs:
-        entry = {"name": name, "value": index[name]}
+        entry = {"name": name, "value": index[name], **layout}
         if name in sequences:
             entry["dynamic_axes"] = [1]
         inputs.append(entry)
@@ -226,7 +228,7 @@ def _ports(graph: Graph, index: Mapping[str, int]) -> tuple[list[dict], list[dic
     outputs = []
     for i, out in enumerate(graph.outputs):
         name = "output" if single else f"output_{i}"
-        entry = {"name": name, "value": index[out.value], "activation": out.activation}
+        entry = {"name": name, "value": index[out.value], "activation": out.activation, **layout}
         if out.activation is not None:
             entry["dim"] = out.dim
         outputs.append(entry)

@@ -27,9 +27,15 @@ def _errors(reference: np.ndarray, quantized: np.ndarray) -> tuple[float | None,
 
 def layer_errors(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor]) -> list[dict]:
     """For each op: its output value, SQNR (dB) and max abs error of the int8 model's
-    dequantized value (``blob`` run by the reference backend) against the float IR's."""
+    dequantized value (``blob`` run by the reference backend) against the float IR's.
+
+    ``inputs`` are in the graph's batch-first layout; a sequence-first model's file takes them
+    with axes 0 and 1 swapped."""
     model = tinyrt.load(blob, backend="reference")
-    quantized = model.run_values({name: x.numpy() for name, x in inputs.items()})
+    arrays = {name: x.numpy() for name, x in inputs.items()}
+    if graph.batch_axis:
+        arrays = {name: x.swapaxes(0, 1) for name, x in arrays.items()}
+    quantized = model.run_values(arrays)
     reference = run_float(graph, inputs)
     layers = []
     for node in graph.nodes:

@@ -9,6 +9,9 @@ runs. Shapes are recorded with batch 1. Integer "shape arithmetic" (``x.size(0)`
 Values are float tensors, except token inputs: an integer example input becomes a token input,
 which only ``nn.Embedding`` may read. An ``nn.LSTM``/``nn.GRU`` call returns
 ``(output, hidden)``; only ``output`` (element 0, through fx's ``getitem``) may be used.
+
+A sequence-first model (:mod:`.layout`) is run with the batch on axis 1 instead, and every
+tensor must keep it there; its IR is built batch-first (axes 0 and 1 of every shape swapped).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.fx
 from torch import nn
 
 from tinyrt.converter.ir import RECURRENT, Graph, Node, Output
+from tinyrt.converter.layout import batch_axis, swap, to_batch_first
 from tinyrt.converter.ops import (
     FUNCTIONS,
     HIDDEN_STATE_REFUSAL,
@@ -75,9 +79,10 @@ def _is_tensor_tree(value: Any) -> bool:
 class _Tracer(torch.fx.Interpreter):
     """Executes a traced model node by node, checking and converting each call."""
 
-    def __init__(self, gm: torch.fx.GraphModule, inputs: str) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, inputs: str, axis: int) -> None:
         super().__init__(gm)
         self.described_inputs = inputs
+        self.batch_axis = axis
         self.extra_traceback = False  # our messages name the node already
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.nodes: list[Node] = []
@@ -144,13 +149,18 @@ class _Tracer(torch.fx.Interpreter):
         if handler is None:
             return self._shape_arithmetic(n, name, op)
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
-        call = Call(self._unique(name), op, module, self._arg(n.args), self._arg(n.kwargs))
+        args, kwargs = self._arg(n.args), self._arg(n.kwargs)
+        call = Call(self._unique(name), op, module, args, kwargs, self.batch_axis)
         converted = handler(call)
         nodes = converted if isinstance(converted, list) else [converted]
         self._check_tokens(call, nodes)
         if nodes[-1].kind != "identity":
             self._check_in_place(n, call, module)
         result = self._execute(n, call.name, op)
+        if self.batch_axis:
+            shape = tuple(result[0].shape if nodes[-1].kind in RECURRENT else result.shape)
+            for node in nodes:
+                to_batch_first(call, node, shape)
         *layers, last = nodes
         if last.kind in RECURRENT:
             self.recurrent[n] = self._record(last.output, call.name, op, result[0])
@@ -249,25 +259,33 @@ class _Tracer(torch.fx.Interpreter):
             raise ConversionError(
                 f"{name} ({op}) failed when the model ran on the example inputs "
                 f"({self.described_inputs}) repeated to batch 2: {exc}. Check the example "
-                "input shapes; tinyrt models must accept any batch size on axis 0"
+                "input shapes; tinyrt models must accept any batch size on axis "
+                f"{self.batch_axis}"
             ) from exc
 
     def _record(self, value: str, name: str, op: str, result: Any) -> Value:
-        """Check that ``result`` is a float tensor with the batch (2) on axis 0; keep its shape."""
+        """Check that ``result`` is a float tensor with the batch (2) on the batch axis; keep
+        its batch-1 shape in the batch-first layout."""
         if not isinstance(result, torch.Tensor):
             raise UnsupportedOpError(
                 f"{name} ({op}) produced {type(result).__name__}, not a tensor"
             )
-        shape = tuple(result.shape)
-        if not shape or shape[0] != 2:
+        shape, axis = tuple(result.shape), self.batch_axis
+        if len(shape) <= axis or shape[axis] != 2:
+            hint = (
+                "x.flatten(2), not view(-1, ...); sequence-first tensors keep [T, N, ...]"
+                if axis
+                else "x.view(x.size(0), -1) or torch.flatten(x, 1), not view(-1, ...)"
+            )
             raise UnsupportedOpError(
                 f"{name} ({op}) mixes the batch dimension: with inputs of batch 2 it produced "
-                f"shape {list(shape)}; tinyrt keeps axis 0 as the batch axis of every tensor "
-                "(use x.view(x.size(0), -1) or torch.flatten(x, 1), not view(-1, ...))"
+                f"shape {list(shape)}; tinyrt keeps axis {axis} as the batch axis of every "
+                f"tensor (use {hint})"
             )
         if not result.is_floating_point() and value not in self.tokens:
             raise UnsupportedOpError(f"{name} ({op}) produced a {result.dtype} tensor")
-        self.shapes[value] = (1, *shape[1:])
+        batch_first = swap(shape) if axis else shape
+        self.shapes[value] = (1, *batch_first[1:])
         return Value(value, shape)
 
     def outputs(self) -> list[Output]:
@@ -324,10 +342,12 @@ def embedding_inputs(model: nn.Module) -> set[str]:
 def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
     """Trace ``model`` (in eval mode) into the float IR, using ``example_inputs`` for shapes.
 
-    Each example input is cut to its first sample and repeated to batch 2 for execution; the
-    graph records batch-1 shapes. Raises UnsupportedOpError for ops tinyrt cannot convert and
+    Each example input is cut to its first sample and repeated to batch 2 for execution (along
+    axis 1 for a sequence-first model, :func:`.layout.batch_axis`); the graph records batch-1
+    shapes, batch-first. Raises UnsupportedOpError for ops tinyrt cannot convert and
     ConversionError when the model cannot be traced or run.
     """
+    axis = batch_axis(model)
     with _eval_mode(model):
         gm = _symbolic_trace(model)
         placeholders = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -339,16 +359,18 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
             )
         batch2, described = [], []
         for name, x in zip(placeholders, example_inputs, strict=True):
-            valid = isinstance(x, torch.Tensor) and x.ndim > 0 and len(x) > 0
+            valid = isinstance(x, torch.Tensor) and x.ndim > axis and x.shape[axis] > 0
             if not valid or x.is_complex() or x.dtype == torch.bool:
                 raise ConversionError(
                     f"example input {name!r} must be a floating-point tensor with a batch axis "
-                    f"(or an integer one of token ids for nn.Embedding), got {x!r:.80}"
+                    f"(axis {axis}; or an integer one of token ids for nn.Embedding), got "
+                    f"{x!r:.80}"
                 )
-            first = x[:1].to(torch.float32 if x.is_floating_point() else torch.int64)
-            batch2.append(torch.cat([first, first]))
+            first = x.narrow(axis, 0, 1)
+            first = first.to(torch.float32 if x.is_floating_point() else torch.int64)
+            batch2.append(torch.cat([first, first], dim=axis))
             described.append(f"{name} {list(first.shape)}")
-        tracer = _Tracer(gm, ", ".join(described))
+        tracer = _Tracer(gm, ", ".join(described), axis)
         with torch.no_grad():
             tracer.run(*batch2)
     unread = [name for name, vocabulary in tracer.tokens.items() if vocabulary is None]
@@ -358,4 +380,5 @@ def trace(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> Graph:
             "integer inputs are token ids for nn.Embedding (give other inputs as floating-point "
             "tensors)"
         )
-    return Graph(tracer.inputs, tracer.nodes, tracer.outputs(), tracer.shapes, tracer.tokens)
+    outputs = tracer.outputs()
+    return Graph(tracer.inputs, tracer.nodes, outputs, tracer.shapes, tracer.tokens, axis)

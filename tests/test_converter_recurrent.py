@@ -281,18 +281,6 @@ class LastStep(nn.Module):
 X = torch.zeros(1, 7, 5)
 TOKENS = torch.zeros(1, 7, dtype=torch.long)
 REFUSED = {
-    "batch_first": (
-        lambda: Encoder(nn.LSTM(5, 8)),
-        (X,),
-        UnsupportedOpError,
-        ["encoder (nn.LSTM): batch_first=False is not supported yet: use batch_first=True"],
-    ),
-    "batch_first_gru": (
-        lambda: Encoder(nn.GRU(5, 8, num_layers=2)),
-        (X,),
-        UnsupportedOpError,
-        ["encoder (nn.GRU): batch_first=False is not supported yet: use batch_first=True"],
-    ),
     "proj_size": (
         lambda: Encoder(nn.LSTM(5, 8, batch_first=True, proj_size=4)),
         (X,),
