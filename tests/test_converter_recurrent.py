@@ -540,7 +540,9 @@ def test_bad_token_calibration_data(tmp_path, ids, message):
     assert not out.exists()
 
 
-def test_convert_from_files_with_token_ids(tmp_path):
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_convert_from_files_with_token_ids(tmp_path, batch_first):
+    """The example input is the first calibration sample, along the model's batch axis."""
     (tmp_path / "lm.py").write_text(
         "import torch\nfrom torch import nn\n\n\n"
         "class LM(nn.Module):\n"
@@ -548,11 +550,12 @@ def test_convert_from_files_with_token_ids(tmp_path):
         "        super().__init__()\n"
         "        torch.manual_seed(0)\n"
         "        self.embedding = nn.Embedding(40, 8)\n"
-        "        self.gru = nn.GRU(8, 8, batch_first=True)\n\n"
+        f"        self.gru = nn.GRU(8, 8, batch_first={batch_first})\n\n"
         "    def forward(self, tokens):\n"
         "        return self.gru(self.embedding(tokens))[0]\n"
     )
-    np.savez(tmp_path / "calib.npz", tokens=token_ids(50))
+    calibration = token_ids(50) if batch_first else token_ids(50).T  # [S, T] or [T, S]
+    np.savez(tmp_path / "calib.npz", tokens=calibration)
     files = [
         convert_from_files(
             f"{tmp_path / 'lm.py'}:LM",
@@ -562,11 +565,13 @@ def test_convert_from_files_with_token_ids(tmp_path):
             input_shape=shape,
             progress=False,
         )
-        for k, shape in enumerate([None, (1, 9)])
+        for k, shape in enumerate([None, (1, 9) if batch_first else (9, 1)])
     ]
     graphs = [read_model_file(f).graph for f in files]
-    assert graphs[0]["values"][0]["dtype"] == "int32"
-    assert graphs[0]["values"][1:] == graphs[1]["values"][1:]
+    token_value = graphs[0]["values"][0]
+    assert token_value["dtype"] == "int32" and token_value["shape"] == [1, 9]  # graph layout
+    assert graphs[0]["inputs"][0].get("batch_axis", 0) == (0 if batch_first else 1)
+    assert graphs[0]["values"] == graphs[1]["values"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tinyrt
-from tinyrt.converter import convert, convert_from_files
+from tinyrt.converter import convert
 from tinyrt.converter.calibrate import float_outputs, run_float
 from tinyrt.converter.data import calibration_batches
 from tinyrt.converter.passes import simplify
@@ -178,35 +178,6 @@ def test_calibration_data_is_sequence_first():
     assert (got[0]["tokens"].numpy() == token_ids(9, 70)[:, :64].T).all()
     with pytest.raises(ConversionError, match=r"expected \[9, 'N'\] \(sequence-first"):
         next(calibration_batches(token_ids(70, 9), shapes, tokens={"tokens": 40}, batch_axis=1)[0])
-
-
-def test_convert_from_files_takes_the_first_sample_on_axis_1(tmp_path):
-    (tmp_path / "lm.py").write_text(
-        "import torch\nfrom torch import nn\n\n\n"
-        "class LM(nn.Module):\n"
-        "    def __init__(self):\n"
-        "        super().__init__()\n"
-        "        torch.manual_seed(0)\n"
-        "        self.embedding = nn.Embedding(40, 8)\n"
-        "        self.gru = nn.GRU(8, 8)\n\n"
-        "    def forward(self, tokens):\n"
-        "        return self.gru(self.embedding(tokens))[0]\n"
-    )
-    np.savez(tmp_path / "calib.npz", tokens=token_ids(9, 50))
-    files = [
-        convert_from_files(
-            f"{tmp_path / 'lm.py'}:LM",
-            tmp_path / f"lm{k}.tinyrt",
-            weights=None,
-            calibration=str(tmp_path / "calib.npz"),
-            input_shape=shape,
-            progress=False,
-        )
-        for k, shape in enumerate([None, (9, 1)])
-    ]
-    graphs = [read_model_file(f).graph for f in files]
-    assert graphs[0]["values"][0]["shape"] == [1, 9] and graphs[0]["inputs"][0]["batch_axis"] == 1
-    assert graphs[0]["values"] == graphs[1]["values"]
 
 
 def test_calibration_batches_from_an_iterable_are_sequence_first(tmp_path):
