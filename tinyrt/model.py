@@ -149,14 +149,14 @@ class Model:
         self.inputs = [self._spec(p, varying[p.value]) for p in self.graph.inputs]
         self.outputs = [self._spec(p, varying[p.value]) for p in self.graph.outputs]
 
-    def _embedding_sizes(self) -> dict[int, int]:
-        """Token input value -> the smallest vocabulary of the embeddings that read it."""
-        limits: dict[int, int] = {}
+    def _embedding_sizes(self) -> dict[str, int]:
+        """Token input name -> the smallest vocabulary of the embeddings that read it."""
+        by_value: dict[int, int] = {}
         for op in self.graph.ops:
             if op.kind in ("embedding", "embedding_dynamic"):
                 v, vocab = op.inputs[0], op.tensors["weight"].shape[0]
-                limits[v] = min(limits.get(v, vocab), vocab)
-        return limits
+                by_value[v] = min(by_value.get(v, vocab), vocab)
+        return {p.name: by_value[p.value] for p in self.graph.inputs if p.value in by_value}
 
     def _varying_axes(self) -> list[tuple[int, ...]]:
         """Per value, the axes (after the batch) whose length follows the inputs' dynamic axes:
@@ -195,8 +195,7 @@ class Model:
 
     def token_limit(self, name: str) -> int:
         """The vocabulary size of token input ``name``: ids must be in ``[0, limit)``."""
-        port = next(p for p in self.graph.inputs if p.name == name)
-        return self._token_limits.get(port.value, 2**31)
+        return self._token_limits.get(name, 2**31)
 
     def new_state(self, batch: int = 1) -> StreamState:
         """A zero stream state for ``batch`` parallel streams (see :class:`StreamState`)."""
@@ -269,7 +268,9 @@ class Model:
             batch = shapes[self.graph.inputs[0].value][0]
             if state.batch != batch:
                 raise InputError(f"the state is for batch size {state.batch}, inputs have {batch}")
-        executors = self._local.__dict__.setdefault("executors", OrderedDict())
+        executors = getattr(self._local, "executors", None)
+        if executors is None:  # this thread's first call
+            executors = self._local.executors = OrderedDict()
         key = tuple(shapes[p.value] for p in self.graph.inputs)
         executor = executors.get(key)
         if executor is None:
