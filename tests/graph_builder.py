@@ -84,6 +84,27 @@ class GraphBuilder:
         )
         return output
 
+    def op_index(self, name: str) -> int:
+        """The index in ``graph.ops`` of the op called ``name``."""
+        return next(i for i, op in enumerate(self.ops) if op["name"] == name)
+
+    def state_port(self, name: str, parts, stacked: bool = True, output: bool = False) -> None:
+        """Add a state port (docs/graph.md, "State ports"): ``parts`` are ``(op, direction,
+        part)`` triples, ``op`` an op index or name, ``part`` ``"h"`` or ``"c"``."""
+        entry = {
+            "name": name,
+            "state": [
+                {
+                    "op": op if isinstance(op, int) else self.op_index(op),
+                    "direction": direction,
+                    "part": part,
+                }
+                for op, direction, part in parts
+            ],
+            "stacked": stacked,
+        }
+        (self.outputs if output else self.inputs).append(entry)
+
     def graph(self) -> dict:
         return {
             "values": self.values,
@@ -207,13 +228,16 @@ def every_op_graph(seed: int = 0) -> GraphBuilder:
     return g
 
 
-def recurrent_tensors(g: GraphBuilder, name: str, kind: str, sizes, bidirectional, tables):
-    """Random int8 weights and requantization parameters of an lstm/gru op (docs/graph.md)."""
+def recurrent_tensors(
+    g: GraphBuilder, name: str, kind: str, sizes, bidirectional, tables, m_real: float = 0.02
+):
+    """Random int8 weights and requantization parameters of an lstm/gru op (docs/graph.md);
+    ``m_real`` is the typical gate multiplier (larger: larger gate pre-activations)."""
     input_size, hidden = sizes
     rows = (4 if kind == "lstm" else 3) * hidden
     roles = dict(zip(("sigmoid_table", "tanh_table"), tables, strict=True))
     for d in ("", "_reverse") if bidirectional else ("",):
-        for part, columns, m_real in (("ih", input_size, 0.02), ("hh", hidden, 0.02)):
+        for part, columns in (("ih", input_size), ("hh", hidden)):
             weight = g.rng.integers(-127, 128, size=(rows, columns)).astype(np.int8)
             encoded = [quantize_multiplier(m_real * f) for f in g.rng.uniform(0.5, 2, rows)]
             roles[f"weight_{part}{d}"] = g.tensor(f"{name}.weight_{part}{d}", weight)
@@ -303,4 +327,149 @@ def recurrent_graph(seed: int = 0, vocab: int = 50) -> GraphBuilder:
     )
     g.output(logits, "logits")
     g.output(both, "both")
+    return g
+
+
+def dynamic_recurrent_tensors(g: GraphBuilder, name: str, kind: str, sizes, bidirectional):
+    """Random int8 weights, float32 row scales and biases of an lstm_dynamic/gru_dynamic op."""
+    input_size, hidden = sizes
+    rows = (4 if kind == "lstm" else 3) * hidden
+    roles = {}
+    for d in ("", "_reverse") if bidirectional else ("",):
+        for part, columns in (("ih", input_size), ("hh", hidden)):
+            weight = g.rng.integers(-127, 128, size=(rows, columns)).astype(np.int8)
+            scale = g.rng.uniform(0.002, 0.01, rows).astype(np.float32)
+            bias = g.rng.uniform(-0.5, 0.5, rows).astype(np.float32)
+            roles[f"weight_{part}{d}"] = g.tensor(f"{name}.weight_{part}{d}", weight)
+            roles[f"scale_{part}{d}"] = g.tensor(f"{name}.scale_{part}{d}", scale)
+            roles[f"bias_{part}{d}"] = g.tensor(f"{name}.bias_{part}{d}", bias)
+    return roles
+
+
+def stacked_recurrent_graph(
+    seed: int = 0, vocab: int = 50, dynamic: bool = False, side_reshape: bool = False
+) -> GraphBuilder:
+    """tokens -> embedding -> 2-layer lstm ("rnn.l0", "rnn.l1", hidden 5) -> gru ("gru",
+    hidden 5) -> bidirectional lstm ("bilstm", hidden 3); outputs "y" (a linear layer on the
+    gru's output), "both" (the bidirectional lstm's) and "g" (the gru's). Time is dynamic.
+
+    ``dynamic``: the same in dynamic mode (``*_dynamic`` ops, float32 values). ``side_reshape``:
+    a second input "side" ``[N, 4]`` reshaped to the output "side_out" ``[N, 2, 2]`` by the
+    first op, so graph op indices differ from the executor's steps (reshapes are not steps).
+    No state ports: add them with :meth:`GraphBuilder.state_port`.
+    """
+    from tinyrt.kernels.reference import activation_table
+
+    g = GraphBuilder(seed)
+    if side_reshape:
+        side = g.input([1, 4], 0.05, 0, name="side")
+        side_out = g.value([1, 2, 2], 0.05, 0)
+        g.op("reshape", [side], side_out, name="side")
+        g.output(side_out, "side_out")
+    tokens = g.value([1, 7], 1.0, 0, name="tokens")
+    g.values[tokens]["dtype"] = "int32"
+    g.inputs.append({"name": "tokens", "value": tokens, "dynamic_axes": [1]})
+
+    def value(shape, scale, zero_point, name=None):
+        v = g.value(shape, 1.0 if dynamic else scale, 0 if dynamic else zero_point, name)
+        if dynamic:
+            g.values[v]["dtype"] = "float32"
+        return v
+
+    emb = value([1, 7, 6], 0.03, 4)
+    if dynamic:
+        g.op(
+            "embedding_dynamic",
+            [tokens],
+            emb,
+            {
+                "weight": g.tensor("emb.weight", g.rng.integers(-127, 128, (vocab, 6), np.int8)),
+                "weight_scale": g.tensor(
+                    "emb.weight_scale", g.rng.uniform(0.002, 0.01, vocab).astype(np.float32)
+                ),
+            },
+            name="emb",
+        )
+    else:
+        m = [quantize_multiplier(f) for f in g.rng.uniform(0.2, 0.9, vocab)]
+        g.op(
+            "embedding",
+            [tokens],
+            emb,
+            {
+                "weight": g.tensor("emb.weight", g.rng.integers(-127, 128, (vocab, 6), np.int8)),
+                "multiplier": g.tensor("emb.multiplier", np.array([a for a, _ in m], np.int32)),
+                "shift": g.tensor("emb.shift", np.array([b for _, b in m], np.int32)),
+            },
+            name="emb",
+        )
+    tables = (
+        ()
+        if dynamic
+        else (
+            g.tensor("sigmoid_table", activation_table("sigmoid")),
+            g.tensor("tanh_table", activation_table("tanh")),
+        )
+    )
+
+    def recurrent(kind, name, x, out, sizes, bidirectional, cell_frac=None):
+        if dynamic:
+            tensors = dynamic_recurrent_tensors(g, name, kind, sizes, bidirectional)
+            attrs = {}
+        else:
+            tensors = recurrent_tensors(g, name, kind, sizes, bidirectional, tables, 0.3)
+            s_h = g.values[out]["scale"]
+            target = 2.0**-30 if kind == "lstm" else 2.0**-15
+            out_m, out_s = quantize_multiplier(target / s_h)
+            attrs = {"out_multiplier": out_m, "out_shift": out_s}
+            if kind == "lstm":
+                attrs["cell_frac"] = cell_frac
+        g.op(
+            kind + ("_dynamic" if dynamic else ""),
+            [x],
+            out,
+            tensors,
+            name=name,
+            hidden_size=sizes[1],
+            bidirectional=bidirectional,
+            **attrs,
+        )
+
+    l0 = value([1, 7, 5], 1 / 128, 2)
+    recurrent("lstm", "rnn.l0", emb, l0, (6, 5), False, [12])
+    l1 = value([1, 7, 5], 1 / 100, -5)
+    recurrent("lstm", "rnn.l1", l0, l1, (5, 5), False, [11])
+    gru = value([1, 7, 5], 1 / 120, -3, name="gru.out")
+    recurrent("gru", "gru", l1, gru, (5, 5), False)
+    both = value([1, 7, 6], 1 / 128, 0)
+    recurrent("lstm", "bilstm", gru, both, (5, 3), True, [13, 11])
+    logits = value([1, 7, 9], 0.1, 0)
+    if dynamic:
+        g.op(
+            "linear_dynamic",
+            [gru],
+            logits,
+            {
+                "weight": g.tensor("fc.weight", g.rng.integers(-127, 128, (9, 5), np.int8)),
+                "weight_scale": g.tensor(
+                    "fc.weight_scale", g.rng.uniform(0.005, 0.02, 9).astype(np.float32)
+                ),
+                "bias": g.tensor("fc.bias", g.rng.uniform(-0.5, 0.5, 9).astype(np.float32)),
+            },
+            name="fc",
+            relu=False,
+        )
+    else:
+        g.op(
+            "linear",
+            [gru],
+            logits,
+            g.layer_tensors("fc", (9, 5), 0.004),
+            name="fc",
+            qmin=-128,
+            qmax=127,
+        )
+    g.output(logits, "y")
+    g.output(both, "both")
+    g.output(gru, "g")
     return g

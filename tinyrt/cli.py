@@ -22,7 +22,8 @@ import numpy as np
 import tinyrt
 from tinyrt.bench import measure_latency
 from tinyrt.errors import InputError, TinyrtError
-from tinyrt.model import BACKENDS, Model
+from tinyrt.graph import Port
+from tinyrt.model import BACKENDS, Model, TensorSpec
 
 EXIT_OK, EXIT_ERROR = 0, 1
 
@@ -142,6 +143,33 @@ def _layer_rows(model: Model) -> list[dict]:
     return rows
 
 
+def _state_parts(model: Model, port: Port) -> list[str]:
+    """A state port's parts as ``"<op> h"``, ``"<op> reverse c"``, ..."""
+    return [
+        f"{model.graph.ops[p.op].name}{' reverse' if p.direction else ''} {p.part}"
+        for p in port.state
+    ]
+
+
+def _port_rows(model: Model, specs: list[TensorSpec], ports: list[Port]) -> list[dict]:
+    rows = []
+    for spec, port in zip(specs, ports, strict=True):
+        row = {"name": spec.name, "shape": list(spec.shape)}
+        if port.is_state:
+            row["state"] = _state_parts(model, port)
+            row["stacked"] = port.stacked
+            row["quantized_dtype"] = str(spec.quantized_dtype)
+        rows.append(row)
+    return rows
+
+
+def _port_line(model: Model, spec: TensorSpec, port: Port) -> str:
+    if port.is_state:
+        parts = ", ".join(_state_parts(model, port))
+        return f"{spec.name}: {list(spec.shape)} state of {parts} ({spec.quantized_dtype})"
+    return f"{spec.name}: {list(spec.shape)}"
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = tinyrt.load(args.model, backend="reference")
     rows = _layer_rows(model)
@@ -152,8 +180,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "file_bytes": file_bytes,
         "parameters": params,
         "fp32_bytes": 4 * params,
-        "inputs": [{"name": s.name, "shape": list(s.shape)} for s in model.inputs],
-        "outputs": [{"name": s.name, "shape": list(s.shape)} for s in model.outputs],
+        "inputs": _port_rows(model, model.inputs, model.graph.inputs),
+        "outputs": _port_rows(model, model.outputs, model.graph.outputs),
         "layers": rows,
         "provenance": model.provenance,
     }
@@ -177,10 +205,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for line in [header, tuple("-" * w for w in widths), *table]:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)))
     print()
-    for spec in model.inputs:
-        print(f"input  {spec.name}: {list(spec.shape)} scale={spec.scale:.6g} zp={spec.zero_point}")
-    for spec in model.outputs:
-        print(f"output {spec.name}: {list(spec.shape)}")
+    for spec, port in zip(model.inputs, model.graph.inputs, strict=True):
+        quant = "" if port.is_state else f" scale={spec.scale:.6g} zp={spec.zero_point}"
+        print(f"input  {_port_line(model, spec, port)}{quant}")
+    for spec, port in zip(model.outputs, model.graph.outputs, strict=True):
+        print(f"output {_port_line(model, spec, port)}")
     ratio = file_bytes / max(4 * params, 1)
     print(
         f"parameters: {params}; file: {file_bytes} bytes; fp32 weights: {4 * params} bytes "
@@ -197,11 +226,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _bench_inputs(model: Model, batch: int, length: int | None, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs: floats spanning each input's calibrated range, token ids in range. A
-    dynamic axis (a sequence's time) gets ``length``, or the length recorded in the file."""
+    """Random inputs: floats spanning each input's calibrated range, token ids in range, initial
+    recurrent states uniform in [-0.5, 0.5]. A dynamic axis (a sequence's time) gets
+    ``length``, or the length recorded in the file."""
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec, port in zip(model.inputs, model.graph.inputs, strict=True):
+        if port.is_state:
+            shape = tuple(batch if size is None else size for size in spec.shape)
+            inputs[spec.name] = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
+            continue
         recorded = model.graph.values[port.value].shape
         shape = (batch,) + tuple(
             (length or recorded[axis]) if size is None else size

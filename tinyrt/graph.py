@@ -37,16 +37,37 @@ class Value:
 
 
 @dataclass(frozen=True)
+class StatePart:
+    """One part of a state port: the hidden state ``"h"`` or cell ``"c"`` of direction
+    ``direction`` (0 forward, 1 reverse) of recurrent op ``op`` (an index into ``Graph.ops``)."""
+
+    op: int
+    direction: int
+    part: str
+
+
+@dataclass(frozen=True)
 class Port:
-    """A model input or output: name, value index; inputs may have axes of any length
-    (``dynamic_axes``, e.g. time); outputs may have a float activation along ``dim``."""
+    """A model input or output, in the file's order.
+
+    A value port has a value index; inputs may have axes of any length (``dynamic_axes``, e.g.
+    time); outputs may have a float activation along ``dim``. A state port (``value`` None)
+    has ``state``: the initial (input) or final (output) recurrent state parts it carries,
+    ``[P, N, H]`` when ``stacked`` (part ``i`` is ``array[i]``), else one part ``[N, H]``.
+    """
 
     name: str
-    value: int
+    value: int | None
     activation: str | None = None
     dim: int = 1
     dynamic_axes: tuple[int, ...] = ()
     batch_axis: int = 0  # 1: the caller's array is [T, N, ...], the value [N, T, ...]
+    state: tuple[StatePart, ...] = ()
+    stacked: bool = False
+
+    @property
+    def is_state(self) -> bool:
+        return self.value is None
 
 
 @dataclass(frozen=True)
@@ -64,9 +85,17 @@ class Op:
 @dataclass(frozen=True)
 class Graph:
     values: list[Value]
-    inputs: list[Port]
+    inputs: list[Port]  # value and state ports, in the file's (positional) order
     outputs: list[Port]
     ops: list[Op]
+
+    @property
+    def value_inputs(self) -> list[Port]:
+        return [p for p in self.inputs if not p.is_state]
+
+    @property
+    def state_inputs(self) -> list[Port]:
+        return [p for p in self.inputs if p.is_state]
 
 
 # --- small typed readers: each names the field it reads in its error ----------------------
@@ -570,13 +599,28 @@ def _read_value(raw: Any, where: str) -> Value:
     return Value(name, shape, float(scale), zero_point, dtype)
 
 
-def _read_ports(raw: Any, where: str, values: list[Value], is_output: bool) -> list[Port]:
+STATE_PORT_KEYS = ("value", "activation", "dim", "dynamic_axes", "batch_axis")
+MAX_STATE_PARTS = 1024
+RECURRENT_KINDS = ("lstm", "gru", "lstm_dynamic", "gru_dynamic")
+
+
+def _read_ports(
+    raw: Any, where: str, values: list[Value], ops: list[Op], is_output: bool
+) -> list[Port]:
     if not isinstance(raw, list) or not 1 <= len(raw) <= 1024:
         raise FormatError(f"{where}: expected a list of 1 to 1024 entries")
     ports = []
     for i, entry in enumerate(raw):
         at = f"{where}[{i}]"
         name = _str(_field(entry, "name", at), f"{at}.name")
+        at = f"{at} ('{name}')"
+        if ("value" in entry) == ("state" in entry):
+            raise FormatError(f"{at}: expected exactly one of 'value' and 'state'")
+        if "state" in entry:
+            ports.append(_read_state_port(entry, at, name, ops))
+            continue
+        if "stacked" in entry:
+            raise FormatError(f"{at}.stacked: only a state port has 'stacked'")
         value = _index(_field(entry, "value", at), f"{at}.value", len(values), "value")
         activation, dim, dynamic = None, 1, ()
         if not is_output and "dynamic_axes" in entry:
@@ -596,9 +640,79 @@ def _read_ports(raw: Any, where: str, values: list[Value], is_output: bool) -> l
         if batch_axis and len(values[value].shape) < 2:
             raise FormatError(f"{at}.batch_axis: value {value} has no axis 1 to swap with")
         ports.append(Port(name, value, activation, dim, dynamic, batch_axis))
-    if len({p.name for p in ports}) != len(ports):
-        raise FormatError(f"{where}: names are not unique")
+    seen: dict[str, int] = {}
+    bound: dict[StatePart, int] = {}  # each part in at most one port of this list
+    for i, port in enumerate(ports):
+        at = f"{where}[{i}] ('{port.name}')"
+        if port.name in seen:
+            raise FormatError(f"{at}: the name is already used by {where}[{seen[port.name]}]")
+        seen[port.name] = i
+        for j, part in enumerate(port.state):
+            if part in bound:
+                other = bound[part]
+                raise FormatError(
+                    f"{at}.state[{j}]: {_describe(part, ops)} is already carried by "
+                    f"{where}[{other}] ('{ports[other].name}')"
+                )
+            bound[part] = i
     return ports
+
+
+def _describe(part: StatePart, ops: list[Op]) -> str:
+    direction = " reverse" if part.direction else ""
+    return f"op {part.op} '{ops[part.op].name}'{direction} {part.part}"
+
+
+def _read_state_port(entry: dict, at: str, name: str, ops: list[Op]) -> Port:
+    """A state port (docs/graph.md, "State ports"): its parts, checked against the ops."""
+    for key in STATE_PORT_KEYS:
+        if key in entry:
+            raise FormatError(f"{at}.{key}: a state port has no '{key}'")
+    stacked = _bool(entry, "stacked", at)
+    raw = entry["state"]
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_STATE_PARTS:
+        raise FormatError(f"{at}.state: expected a list of 1 to {MAX_STATE_PARTS} parts")
+    if not stacked and len(raw) != 1:
+        raise FormatError(
+            f"{at}.state: a port with 'stacked': false carries exactly one part, found {len(raw)}"
+        )
+    parts: dict[StatePart, int] = {}  # part -> its position (insertion ordered)
+    first: StatePart | None = None
+    for j, item in enumerate(raw):
+        where = f"{at}.state[{j}]"
+        index = _index(_field(item, "op", where), f"{where}.op", len(ops), "op")
+        op = ops[index]
+        if op.kind not in RECURRENT_KINDS:
+            raise FormatError(
+                f"{where}.op: op {index} ('{op.name}') is {op.kind}, not one of "
+                f"{', '.join(RECURRENT_KINDS)}"
+            )
+        direction = _int(_field(item, "direction", where), f"{where}.direction", 0, 1)
+        if direction and not op.attrs["bidirectional"]:
+            raise FormatError(
+                f"{where}.direction: op {index} ('{op.name}') is not bidirectional: only "
+                "direction 0"
+            )
+        letter = _field(item, "part", where)
+        if letter not in ("h", "c"):
+            raise FormatError(f"{where}.part: expected 'h' or 'c', found {letter!r}")
+        if letter == "c" and not op.kind.startswith("lstm"):
+            raise FormatError(f"{where}.part: op {index} ('{op.name}') is a {op.kind}: no cell")
+        part = StatePart(index, direction, letter)
+        if first is None:
+            first = part
+        else:
+            found = (op.kind, letter, op.attrs["hidden_size"])
+            wanted = (ops[first.op].kind, first.part, ops[first.op].attrs["hidden_size"])
+            if found != wanted:
+                raise FormatError(
+                    f"{where}: every part of a port must have the same op kind, part and "
+                    f"hidden size: state[0] is {wanted}, this is {found}"
+                )
+        if part in parts:
+            raise FormatError(f"{where}: {_describe(part, ops)} is already state[{parts[part]}]")
+        parts[part] = j
+    return Port(name, None, state=tuple(parts), stacked=stacked)
 
 
 def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor]) -> Op:
@@ -646,15 +760,19 @@ def parse_graph(raw: Any, tensors: Sequence[Tensor]) -> Graph:
     if not isinstance(values_raw, list) or not 1 <= len(values_raw) <= MAX_VALUES:
         raise FormatError(f"graph.values: expected a list of 1 to {MAX_VALUES} values")
     values = [_read_value(v, f"graph.values[{i}]") for i, v in enumerate(values_raw)]
-    inputs = _read_ports(_field(raw, "inputs", "graph"), "graph.inputs", values, False)
-    outputs = _read_ports(_field(raw, "outputs", "graph"), "graph.outputs", values, True)
+    inputs_raw = _field(raw, "inputs", "graph")
+    outputs_raw = _field(raw, "outputs", "graph")
     ops_raw = _field(raw, "ops", "graph")
     if not isinstance(ops_raw, list) or len(ops_raw) > MAX_VALUES:
         raise FormatError(f"graph.ops: expected a list of at most {MAX_VALUES} ops")
     ops = [_read_op(o, f"graph.ops[{i}]", values, tensors) for i, o in enumerate(ops_raw)]
+    inputs = _read_ports(inputs_raw, "graph.inputs", values, ops, False)
+    outputs = _read_ports(outputs_raw, "graph.outputs", values, ops, True)
 
     defined = [False] * len(values)
     for port in inputs:
+        if port.value is None:
+            continue
         if defined[port.value]:
             raise FormatError(f"graph.inputs: value {port.value} is listed twice")
         defined[port.value] = True
@@ -671,6 +789,8 @@ def parse_graph(raw: Any, tensors: Sequence[Tensor]) -> Graph:
         defined[out] = True
         _check_op(op, values)
     for port in outputs:
+        if port.value is None:
+            continue
         if not defined[port.value]:
             raise FormatError(f"graph.outputs: output '{port.name}' is never computed")
         if port.activation is not None and port.dim >= len(values[port.value].shape):

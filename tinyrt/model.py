@@ -3,6 +3,8 @@
 ``tinyrt.load(path)`` maps the file, validates it (tinyrt.format, tinyrt.graph) and returns a
 :class:`Model`. Calling it quantizes float inputs, runs the integer ops and dequantizes the
 outputs; :meth:`Model.run_quantized` skips both ends for pipelines that hold int8 data.
+Inputs and outputs may also be recurrent state (state ports, docs/graph.md): the initial
+state of recurrent ops, given by the caller, and their final state, returned.
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from tinyrt.errors import FormatError, InputError, TinyrtError
 from tinyrt.format import ModelFile, read_model_file
 from tinyrt.graph import Graph, Port, Value, infer_shapes, parse_graph
 from tinyrt.kernels import reference as ref
-from tinyrt.plan import RECURRENT, Executor, activation_nbytes, state_dtypes
+from tinyrt.plan import (
+    RECURRENT,
+    Executor,
+    PartFormat,
+    activation_nbytes,
+    dequantize_state,
+    quantize_state,
+    state_dtypes,
+    state_part_format,
+)
 
 BACKENDS = ("auto", "numba", "reference")
 MAX_ARENA_NBYTES = 2**31  # a batch whose activations need more than 2 GiB is refused
@@ -30,13 +41,30 @@ MAX_PLANS = 16  # execution plans (arenas) kept per thread, one per distinct inp
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """A model input or output as the caller sees it. ``shape[0]`` is None: any batch size."""
+    """A model input or output as the caller sees it, in the file's (positional) order.
+
+    ``shape``: None marks the batch axis (any batch size) and dynamic axes (e.g. time).
+    ``dtype`` is what float calls take and return (float32; int32 for token ids),
+    ``quantized_dtype`` what :meth:`Model.run_quantized` takes and returns (int8; int32 token
+    ids; float32 in dynamic mode; a state port's stored int8, int16 or float32).
+
+    A state port (``parts`` not empty) carries recurrent state: shape ``(P, None, H)`` when
+    stacked (PyTorch's ``h0``/``h_n`` layout, the batch on axis 1), else ``(None, H)``;
+    ``parts`` holds each part's ``(scale, zero_point)`` (``real = scale * (q - zp)``), and
+    ``scale``/``zero_point`` are part 0's.
+    """
 
     name: str
     shape: tuple[int | None, ...]
     dtype: np.dtype
     scale: float
     zero_point: int
+    quantized_dtype: np.dtype
+    parts: tuple[tuple[float, int], ...] = ()
+
+    @property
+    def is_state(self) -> bool:
+        return bool(self.parts)
 
 
 def _numba_kernels(backend: str) -> ModuleType | None:
@@ -67,7 +95,8 @@ class StreamState:
 
     Feeding a sequence in one call or in pieces through the same state gives identical outputs.
     Several streams may share one model; one stream belongs to one thread at a time.
-    Bidirectional layers cannot stream and start from zero on every call.
+    Bidirectional layers cannot stream and start from zero on every call. Ops whose initial
+    state the caller passes through an input state port are not part of it either.
     """
 
     def __init__(self, model: Model, batch: int) -> None:
@@ -77,16 +106,16 @@ class StreamState:
         self.batch = batch
         self._arrays: dict[str, np.ndarray] = {}
         self._zero_points: dict[str, int] = {}
-        for op in model.graph.ops:
-            if op.kind in RECURRENT and not op.attrs["bidirectional"]:
-                h_type, c_type = state_dtypes(op.kind)
-                hidden = op.attrs["hidden_size"]
-                self._arrays[f"{op.name}.h"] = np.empty((batch, hidden), h_type)
-                zero = model.graph.values[op.outputs[0]].zero_point if h_type == np.int8 else 0
-                self._zero_points[f"{op.name}.h"] = zero
-                if c_type is not None:
-                    self._arrays[f"{op.name}.c"] = np.empty((batch, hidden), c_type)
-                    self._zero_points[f"{op.name}.c"] = 0
+        for i in model._streamed_ops:
+            op = model.graph.ops[i]
+            h_type, c_type = state_dtypes(op.kind)
+            hidden = op.attrs["hidden_size"]
+            self._arrays[f"{op.name}.h"] = np.empty((batch, hidden), h_type)
+            zero = model.graph.values[op.outputs[0]].zero_point if h_type == np.int8 else 0
+            self._zero_points[f"{op.name}.h"] = zero
+            if c_type is not None:
+                self._arrays[f"{op.name}.c"] = np.empty((batch, hidden), c_type)
+                self._zero_points[f"{op.name}.c"] = 0
         self.reset()
 
     def __repr__(self) -> str:
@@ -118,18 +147,18 @@ class StreamState:
             self._arrays[name][...] = array
 
     def _load_into(self, executor: Executor) -> None:
-        for slot in executor.states:
-            if not slot.op.attrs["bidirectional"]:
-                slot.h[...] = self._arrays[f"{slot.op.name}.h"]
-                if slot.c is not None:
-                    slot.c[...] = self._arrays[f"{slot.op.name}.c"]
+        for i in self.model._streamed_ops:
+            slot = executor.state_of[(i, 0)]
+            slot.h[...] = self._arrays[f"{slot.op.name}.h"]
+            if slot.c is not None:
+                slot.c[...] = self._arrays[f"{slot.op.name}.c"]
 
     def _store_from(self, executor: Executor) -> None:
-        for slot in executor.states:
-            if not slot.op.attrs["bidirectional"]:
-                self._arrays[f"{slot.op.name}.h"][...] = slot.h
-                if slot.c is not None:
-                    self._arrays[f"{slot.op.name}.c"][...] = slot.c
+        for i in self.model._streamed_ops:
+            slot = executor.state_of[(i, 0)]
+            self._arrays[f"{slot.op.name}.h"][...] = slot.h
+            if slot.c is not None:
+                self._arrays[f"{slot.op.name}.c"][...] = slot.c
 
 
 class Model:
@@ -144,10 +173,23 @@ class Model:
         self._local = threading.local()  # per thread: executors by input shapes (LRU)
         self._shapes: dict[tuple, list[tuple[int, ...]]] = {}  # by input shapes, all threads
         self._shapes_lock = threading.Lock()
+        self._value_inputs = self.graph.value_inputs
+        self._state_inputs = self.graph.state_inputs
+        self._forms: dict[Port, tuple[PartFormat, ...]] = {
+            p: tuple(state_part_format(self.graph, part) for part in p.state)
+            for p in (*self.graph.inputs, *self.graph.outputs)
+            if p.is_state
+        }
+        fed = {part.op for p in self._state_inputs for part in p.state}
+        self._streamed_ops = [  # in a StreamState: unidirectional, not given by the caller
+            i
+            for i, op in enumerate(self.graph.ops)
+            if op.kind in RECURRENT and not op.attrs["bidirectional"] and i not in fed
+        ]
         self._token_limits = self._embedding_sizes()
         varying = self._varying_axes()
-        self.inputs = [self._spec(p, varying[p.value]) for p in self.graph.inputs]
-        self.outputs = [self._spec(p, varying[p.value]) for p in self.graph.outputs]
+        self.inputs = [self._spec(p, varying) for p in self.graph.inputs]
+        self.outputs = [self._spec(p, varying) for p in self.graph.outputs]
 
     def _embedding_sizes(self) -> dict[str, int]:
         """Token input name -> the smallest vocabulary of the embeddings that read it."""
@@ -156,7 +198,7 @@ class Model:
             if op.kind in ("embedding", "embedding_dynamic"):
                 v, vocab = op.inputs[0], op.tensors["weight"].shape[0]
                 by_value[v] = min(by_value.get(v, vocab), vocab)
-        return {p.name: by_value[p.value] for p in self.graph.inputs if p.value in by_value}
+        return {p.name: by_value[p.value] for p in self._value_inputs if p.value in by_value}
 
     def _varying_axes(self) -> list[tuple[int, ...]]:
         """Per value, the axes (after the batch) whose length follows the inputs' dynamic axes:
@@ -168,7 +210,7 @@ class Model:
                 size + 1 if axis in p.dynamic_axes else size
                 for axis, size in enumerate(self.graph.values[p.value].shape)
             )
-            for p in self.graph.inputs
+            for p in self._value_inputs
         }
         try:
             probed = infer_shapes(self.graph, longer)
@@ -179,14 +221,31 @@ class Model:
             for v, shape in zip(self.graph.values, probed, strict=True)
         ]
 
-    def _spec(self, port: Port, dynamic_axes: tuple[int, ...]) -> TensorSpec:
+    def _spec(self, port: Port, varying: list[tuple[int, ...]]) -> TensorSpec:
+        float32 = np.dtype(np.float32)
+        if port.is_state:
+            forms = self._forms[port]
+            hidden = self.graph.ops[port.state[0].op].attrs["hidden_size"]
+            shape = (len(port.state), None, hidden) if port.stacked else (None, hidden)
+            parts = tuple((form.scale, form.zero_point) for form in forms)
+            first = forms[0]
+            return TensorSpec(
+                port.name, shape, float32, first.scale, first.zero_point, first.dtype, parts
+            )
         value = self.graph.values[port.value]
         shape = tuple(
-            None if axis == 0 or axis in dynamic_axes else size
+            None if axis == 0 or axis in varying[port.value] else size
             for axis, size in enumerate(value.shape)
         )
-        dtype = np.dtype(np.int32 if value.dtype == "int32" else np.float32)
-        return TensorSpec(port.name, _swap(shape, port), dtype, value.scale, value.zero_point)
+        dtype = np.dtype(np.int32) if value.dtype == "int32" else float32
+        return TensorSpec(
+            port.name,
+            _swap(shape, port),
+            dtype,
+            value.scale,
+            value.zero_point,
+            np.dtype(value.dtype),
+        )
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name}{list(s.shape)}" for s in self.inputs)
@@ -206,7 +265,8 @@ class Model:
     def __call__(
         self, *args: Any, state: StreamState | None = None, **kwargs: Any
     ) -> np.ndarray | tuple[np.ndarray, ...]:
-        """Float inputs, positional in input order or by name; float32 output(s)."""
+        """Float inputs, positional in input order or by name; float32 output(s), in output
+        order (state outputs included: ``y, h, c = model(x, h0, c0)``)."""
         if len(args) > len(self.inputs):
             raise InputError(f"the model takes {len(self.inputs)} input(s), got {len(args)}")
         named = dict(zip((s.name for s in self.inputs), args, strict=False))
@@ -225,12 +285,15 @@ class Model:
         ``{name: float32 array}``.
 
         Inputs are quantized with the calibrated scale and zero point (values outside the
-        calibrated range saturate). NaN or infinite inputs raise :class:`InputError`. With a
-        ``state``, recurrent ops continue from it and leave their final state in it.
+        calibrated range saturate); state inputs with their parts' stored forms. NaN or
+        infinite inputs raise :class:`InputError`. With a ``state``, recurrent ops continue
+        from it and leave their final state in it (ops given a state input excepted).
         """
         executor = self._execute(inputs, quantized=False, state=state)
         return {  # dequantizing made fresh arrays; a swapped one is made contiguous
-            p.name: np.ascontiguousarray(_swap(self._dequantize(p, executor.buffers[p.value]), p))
+            p.name: self._read_state(executor, p, quantized=False)
+            if p.is_state
+            else np.ascontiguousarray(_swap(self._dequantize(p, executor.buffers[p.value]), p))
             for p in self.graph.outputs
         }
 
@@ -238,18 +301,27 @@ class Model:
         self, inputs: Mapping[str, Any], state: StreamState | None = None
     ) -> dict[str, np.ndarray]:
         """Run on int8 inputs at the inputs' scale and zero point (token ids: integer arrays);
-        return int8 outputs. No float arithmetic at all; output softmaxes are not applied."""
+        return int8 outputs. No float arithmetic at all; output softmaxes are not applied.
+        State inputs and outputs are in their stored form (``TensorSpec.quantized_dtype``:
+        int8, int16, or float32 in dynamic mode). Dynamic-mode values are float32."""
         executor = self._execute(inputs, quantized=True, state=state)
-        return {p.name: _swap(executor.buffers[p.value], p).copy() for p in self.graph.outputs}
+        return {
+            p.name: self._read_state(executor, p, quantized=True)
+            if p.is_state
+            else _swap(executor.buffers[p.value], p).copy()
+            for p in self.graph.outputs
+        }
 
     def run_values(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run on float inputs and return every value of the graph, dequantized, by name.
 
-        For debugging and per-layer error statistics; slower (no memory sharing).
+        For debugging and per-layer error statistics; slower (no memory sharing). State inputs
+        are used as in :meth:`run`; state outputs are not values and are not returned.
         """
-        shapes = self._check_inputs(inputs, quantized=False)
+        shapes, _ = self._check_inputs(inputs, quantized=False)
         executor = Executor(self.graph, shapes, self._kernels, share_memory=False)
         self._write_inputs(executor, inputs, quantized=False)
+        self._write_states(executor, inputs, quantized=False)
         executor.run()
         return {
             value.name: self._real(value, buffer)
@@ -261,17 +333,16 @@ class Model:
     def _execute(
         self, inputs: Mapping[str, Any], quantized: bool, state: StreamState | None
     ) -> Executor:
-        shapes = self._check_inputs(inputs, quantized)
+        shapes, batch = self._check_inputs(inputs, quantized)
         if state is not None:
             if not isinstance(state, StreamState) or state.model is not self:
                 raise InputError("state must be a StreamState made by this model's new_state()")
-            batch = shapes[self.graph.inputs[0].value][0]
             if state.batch != batch:
                 raise InputError(f"the state is for batch size {state.batch}, inputs have {batch}")
         executors = getattr(self._local, "executors", None)
         if executors is None:  # this thread's first call
             executors = self._local.executors = OrderedDict()
-        key = tuple(shapes[p.value] for p in self.graph.inputs)
+        key = (batch,) + tuple(shapes[p.value] for p in self._value_inputs)
         executor = executors.get(key)
         if executor is None:
             if len(executors) >= MAX_PLANS:  # e.g. a stream fed chunks of many lengths
@@ -283,13 +354,17 @@ class Model:
         executor.reset_states()
         if state is not None:
             state._load_into(executor)
+        self._write_states(executor, inputs, quantized)
         executor.run()
         if state is not None:
             state._store_from(executor)
         return executor
 
-    def _check_inputs(self, inputs: Mapping[str, Any], quantized: bool) -> list[tuple[int, ...]]:
-        """Validate names, dtypes, shapes and values; return every value's shape."""
+    def _check_inputs(
+        self, inputs: Mapping[str, Any], quantized: bool
+    ) -> tuple[list[tuple[int, ...]], int]:
+        """Validate names, dtypes, shapes and values; return every value's shape and the
+        batch size."""
         if not isinstance(inputs, Mapping):
             raise InputError(
                 f"inputs must be a mapping of name to array, got {type(inputs).__name__}"
@@ -303,11 +378,14 @@ class Model:
         for spec, port in zip(self.inputs, self.graph.inputs, strict=True):
             array = inputs[spec.name]
             self._check_array(spec, port, array, quantized)
-            size = array.shape[port.batch_axis]
+            size = array.shape[_batch_axis(port)]
             if batch is not None and size != batch:
-                raise InputError(f"inputs have different batch sizes: {batch} and {size}")
+                raise InputError(
+                    f"inputs have different batch sizes: {batch} and {size} (input '{spec.name}')"
+                )
             batch = size
-        return self._value_shapes(tuple(_swap(inputs[p.name].shape, p) for p in self.graph.inputs))
+        key = tuple(_swap(inputs[p.name].shape, p) for p in self._value_inputs)
+        return self._value_shapes(key), batch
 
     def _value_shapes(self, key: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
         """Every value's shape for these input shapes (in input order), worked out and checked
@@ -316,7 +394,7 @@ class Model:
         if shapes is not None:
             return shapes
         input_shapes = {
-            port.value: shape for port, shape in zip(self.graph.inputs, key, strict=True)
+            port.value: shape for port, shape in zip(self._value_inputs, key, strict=True)
         }
         try:
             shapes = infer_shapes(self.graph, input_shapes)
@@ -339,21 +417,28 @@ class Model:
             raise InputError(
                 f"input '{name}': expected a numpy.ndarray, got {type(array).__name__}"
             )
-        stored = self.graph.values[port.value].dtype
-        if spec.dtype == np.int32:
+        stored = spec.quantized_dtype
+        if port.is_state and quantized:
+            if array.dtype != stored:
+                raise InputError(
+                    f"input '{name}': expected {stored} data (the state's stored form), got "
+                    f"{array.dtype}"
+                )
+        elif spec.dtype == np.int32:
             if array.dtype.kind not in "iu":
                 raise InputError(f"input '{name}': expected integer token ids, got {array.dtype}")
-        elif stored == "float32" and array.dtype.kind != "f":
+        elif stored == np.float32 and array.dtype.kind != "f":
             raise InputError(f"input '{name}': expected floating-point data, got {array.dtype}")
-        elif quantized and stored == "int8" and array.dtype != np.int8:
+        elif quantized and stored == np.int8 and array.dtype != np.int8:
             raise InputError(f"input '{name}': expected int8 data, got {array.dtype}")
         elif not quantized and array.dtype.kind != "f":
             raise InputError(
                 f"input '{name}': expected floating-point data (float32), got "
-                f"{array.dtype}; for int8 data use Model.run_quantized"
+                f"{array.dtype}; for {stored} data use Model.run_quantized"
             )
+        batch_axis = _batch_axis(port)
         shown = tuple(
-            "N" if axis == port.batch_axis else "any" if size is None else size
+            "N" if axis == batch_axis else "any" if size is None else size
             for axis, size in enumerate(spec.shape)
         )
         if array.ndim != len(spec.shape) or any(
@@ -365,7 +450,7 @@ class Model:
             )
         if 0 in array.shape:
             empty = array.shape.index(0)
-            where = "the batch" if empty == port.batch_axis else f"axis {empty}"
+            where = "the batch" if empty == batch_axis else f"axis {empty}"
             raise InputError(f"input '{name}': {where} is empty: {array.shape}")
         if spec.dtype == np.int32:
             limit = self.token_limit(name)
@@ -374,11 +459,11 @@ class Model:
                     f"input '{name}': token ids must be in [0, {limit}), found "
                     f"{array.min()} .. {array.max()}"
                 )
-        elif (not quantized or stored == "float32") and not np.isfinite(array).all():
+        elif (not quantized or stored == np.float32) and not np.isfinite(array).all():
             raise InputError(f"input '{name}': contains NaN or infinite values")
 
     def _write_inputs(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
-        for port in self.graph.inputs:
+        for port in self._value_inputs:
             buffer = executor.buffers[port.value]
             array = _swap(inputs[port.name], port)
             value = self.graph.values[port.value]
@@ -391,6 +476,28 @@ class Model:
                 self._kernels.quantize(flat, value.scale, value.zero_point, buffer.reshape(-1))
             else:
                 np.copyto(buffer, ref.quantize(array, value.scale, value.zero_point))
+
+    def _write_states(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
+        """Each state input's parts into the recurrent states they set (checked inputs)."""
+        for port in self._state_inputs:
+            array = inputs[port.name]
+            for i, (part, form) in enumerate(zip(port.state, self._forms[port], strict=True)):
+                data = array[i] if port.stacked else array
+                target = executor.state_of[(part.op, part.direction)].part(part.part)
+                if quantized or form.dtype == np.float32:  # the stored form already
+                    np.copyto(target, data, casting="unsafe")
+                else:
+                    np.copyto(target, quantize_state(data, form))
+
+    def _read_state(self, executor: Executor, port: Port, quantized: bool) -> np.ndarray:
+        """A state output: its parts' final states, stored or dequantized, in a new array."""
+        parts = [
+            executor.state_of[(part.op, part.direction)].part(part.part) for part in port.state
+        ]
+        if quantized:
+            return np.stack(parts) if port.stacked else parts[0].copy()
+        real = [dequantize_state(a, form) for a, form in zip(parts, self._forms[port], strict=True)]
+        return np.stack(real) if port.stacked else real[0]
 
     @staticmethod
     def _real(value: Value, stored: np.ndarray) -> np.ndarray:
@@ -409,6 +516,13 @@ class Model:
         if port.activation == "log_softmax":
             return (shifted - log_sum).astype(np.float32)
         return np.exp(shifted - log_sum).astype(np.float32)
+
+
+def _batch_axis(port: Port) -> int:
+    """The axis of the caller's array that holds the batch."""
+    if port.is_state:
+        return 1 if port.stacked else 0
+    return port.batch_axis
 
 
 def _swap(data: Any, port: Port) -> Any:

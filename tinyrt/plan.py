@@ -16,7 +16,8 @@ from types import ModuleType
 
 import numpy as np
 
-from tinyrt.graph import Graph, Op
+from tinyrt.graph import RECURRENT_KINDS, Graph, Op, StatePart
+from tinyrt.kernels import reference as ref
 from tinyrt.ops import Step, bind_op, conv_scratch_shape
 
 ALIGNMENT = 64
@@ -50,7 +51,7 @@ def plan_arena(sizes: list[int], lifetimes: list[tuple[int, int]]) -> tuple[list
 
 
 ITEMSIZE = {"int8": 1, "int32": 4, "float32": 4}
-RECURRENT = ("lstm", "gru", "lstm_dynamic", "gru_dynamic")
+RECURRENT = RECURRENT_KINDS
 
 
 def scratch_shape(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
@@ -79,6 +80,53 @@ def state_dtypes(kind: str) -> tuple[type, type | None]:
     return (np.int8, np.int16) if kind == "lstm" else (np.int16, None)  # GRU: Q0.15 state
 
 
+@dataclass(frozen=True)
+class PartFormat:
+    """How one recurrent state part is stored: ``real = scale * (q - zero_point)``."""
+
+    dtype: np.dtype  # int8, int16 or float32 (float32: scale 1, zero point 0, the real value)
+    scale: float
+    zero_point: int
+
+
+def state_part_format(graph: Graph, part: StatePart) -> PartFormat:
+    """The stored form of a state part (docs/graph.md, "State ports"): static LSTM ``h`` int8
+    at the op's output value's scale and zero point, LSTM ``c`` int16 at ``2^-cell_frac`` of
+    its direction, GRU ``h`` int16 Q0.15; dynamic-mode parts float32. These are the arrays a
+    :class:`RecurrentState` and a :class:`tinyrt.model.StreamState` hold."""
+    op = graph.ops[part.op]
+    h_type, c_type = state_dtypes(op.kind)
+    dtype = np.dtype(h_type if part.part == "h" else c_type)
+    if dtype == np.float32:
+        return PartFormat(dtype, 1.0, 0)
+    if part.part == "c":
+        return PartFormat(dtype, 2.0 ** -op.attrs["cell_frac"][part.direction], 0)
+    if dtype == np.int16:  # GRU
+        return PartFormat(dtype, 2.0**-15, 0)
+    out = graph.values[op.outputs[0]]
+    return PartFormat(dtype, out.scale, out.zero_point)
+
+
+def quantize_state(x: np.ndarray, form: PartFormat) -> np.ndarray:
+    """Real values to a part's stored form, as a new array: ``reference.quantize``'s rounding
+    (``rint(x / scale)`` in float64, round half to even, plus the zero point) saturated to
+    the dtype's range (int8 or int16); float32 parts are copied."""
+    if form.dtype == np.float32:
+        return np.array(x, dtype=np.float32)
+    info = np.iinfo(form.dtype)
+    q = np.rint(np.asarray(x, dtype=np.float64) / form.scale) + form.zero_point
+    return np.clip(q, info.min, info.max).astype(form.dtype)
+
+
+def dequantize_state(q: np.ndarray, form: PartFormat) -> np.ndarray:
+    """A part's stored form to float32 real values ``(q - zero_point) * scale``, as a new
+    array (``reference.dequantize``); float32 parts are copied. :func:`quantize_state` gives
+    every stored integer back exactly."""
+    if form.dtype == np.float32:
+        return np.array(q, dtype=np.float32)
+    return ref.dequantize(q, form.scale, form.zero_point)
+
+
 @dataclass
 class RecurrentState:
     """One direction of one recurrent op: hidden state ``h`` ``[N, H]`` and the LSTM cell ``c``
@@ -90,6 +138,12 @@ class RecurrentState:
     c: np.ndarray | None
     scratch: tuple[np.ndarray, ...]
     zero_point: int
+
+    def part(self, letter: str) -> np.ndarray:
+        """The array of state part ``"h"`` or ``"c"``."""
+        array = self.h if letter == "h" else self.c
+        assert array is not None, f"op '{self.op.name}' has no part {letter!r}"
+        return array
 
     @property
     def carried(self) -> tuple[np.ndarray, ...]:
@@ -108,7 +162,8 @@ class Executor:
 
     ``buffers[v]`` is value ``v``'s array (batch first). Write the inputs into their buffers,
     call :meth:`run`, read the outputs from theirs. Recurrent ops keep their state in
-    ``states`` (outside the arena), which :meth:`run` continues from.
+    ``states`` (outside the arena), which :meth:`run` continues from; ``state_of[(i, d)]`` is
+    the state of direction ``d`` (0 forward, 1 reverse) of ``graph.ops[i]``.
     """
 
     def __init__(
@@ -131,7 +186,8 @@ class Executor:
             for v in op.inputs:
                 last[storage[v]] = max(last[storage[v]], i)
         for port in graph.outputs:
-            last[storage[port.value]] = n_ops
+            if port.value is not None:
+                last[storage[port.value]] = n_ops
 
         # Buffers: one per stored value, then the numba kernels' scratch buffers.
         owners = sorted(set(storage))
@@ -160,12 +216,15 @@ class Executor:
             for v in range(len(graph.values))
         ]
         self.states: list[RecurrentState] = []
+        self.state_of: dict[tuple[int, int], RecurrentState] = {}  # by (op index, direction)
         self.steps: list[Step] = []
         for i, op in enumerate(graph.ops):
             if op.kind == "reshape":
                 continue
             scratch = view(scratch_of[i], scratch_shape(op, shapes)) if i in scratch_of else None
             states = self._new_states(op, graph, shapes) if op.kind in RECURRENT else []
+            for direction, state in enumerate(states):
+                self.state_of[(i, direction)] = state
             ins = [self.buffers[v] for v in op.inputs]
             out = self.buffers[op.outputs[0]]
             self.steps.append(bind_op(op, graph.values, ins, out, scratch, states, numba_kernels))
