@@ -29,7 +29,14 @@ from tinyrt.converter.loading import apply_weights, load_model, load_weights
 from tinyrt.converter.pack import pack
 from tinyrt.converter.passes import simplify
 from tinyrt.converter.stats import layer_errors
-from tinyrt.converter.trace import embedding_inputs, input_names, trace
+from tinyrt.converter.trace import (
+    embedding_inputs,
+    input_names,
+    leaf_name,
+    leaves_of,
+    state_examples,
+    trace,
+)
 from tinyrt.errors import ConversionError
 from tinyrt.format import Tensor, serialize, write_model_file
 
@@ -37,9 +44,16 @@ STATS_SAMPLES = 64
 MODES = ("static", "dynamic")
 
 
-def _as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
+def _as_tensors(x: Any) -> Any:
+    """Arrays as tensors, in nested tuples (recurrent state) too."""
+    if isinstance(x, tuple | list):
+        return tuple(_as_tensors(item) for item in x)
+    return torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
     items = example_inputs if isinstance(example_inputs, tuple | list) else (example_inputs,)
-    return tuple(torch.as_tensor(x) if isinstance(x, np.ndarray) else x for x in items)
+    return tuple(_as_tensors(x) for x in items)
 
 
 @dataclass
@@ -58,6 +72,11 @@ def _sample_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     return {name: graph.shapes[name][1:] for name in graph.inputs}
 
 
+def _axes(graph: Graph) -> dict[str, int]:
+    """Each input's batch axis in the caller's layout."""
+    return {name: graph.input_axis(name) for name in graph.inputs}
+
+
 def _static(graph: Graph, calibration: Any, progress: bool, max_samples: int | None) -> _Packed:
     """Calibrate on ``calibration`` and pack the integer graph; errors on the first samples."""
     batches, total = calibration_batches(
@@ -65,7 +84,8 @@ def _static(graph: Graph, calibration: Any, progress: bool, max_samples: int | N
         _sample_shapes(graph),
         max_samples,
         graph.token_inputs,
-        batch_axis=graph.batch_axis,
+        batch_axis=_axes(graph),
+        optional=graph.states,
     )
     result = calibrate(graph, batches, total=total, progress=progress, keep=STATS_SAMPLES)
     graph_dict, tensors = pack(graph, result.ranges, result.cell_peaks)
@@ -90,15 +110,14 @@ def _dynamic(
     samples of ``calibration`` if given (it is checked as in static mode, and used for nothing
     else), otherwise on the first example sample."""
     graph_dict, tensors = pack_dynamic(graph)
-    data, label = calibration, "calibration data"
+    data, label, axes = calibration, "calibration data", _axes(graph)
     if calibration is None:
-        data = {
-            n: x.narrow(graph.batch_axis, 0, 1) for n, x in zip(graph.inputs, examples, strict=True)
-        }
+        leaves = [x for example in examples for _, x in leaves_of(example)]
+        data = {n: x.narrow(axes[n], 0, 1) for n, x in zip(graph.inputs, leaves, strict=True)}
         label = "example inputs"
     limit = min(max_samples or STATS_SAMPLES, STATS_SAMPLES)
     batches, _ = calibration_batches(
-        data, _sample_shapes(graph), limit, graph.token_inputs, label, graph.batch_axis
+        data, _sample_shapes(graph), limit, graph.token_inputs, label, axes, graph.states
     )
     return _Packed(graph_dict, tensors, None, _joined(batches))
 
@@ -190,9 +209,10 @@ def convert(
     )
 
 
-def _read_calibration(path: str, names: list[str]) -> dict[str, np.ndarray]:
-    """The arrays of a calibration file by input name, each non-empty, float or integer."""
-    arrays = load_calibration_file(path, names)
+def _read_calibration(path: str, names: list[str], optional: list[str]) -> dict[str, np.ndarray]:
+    """The arrays of a calibration file by input name (and ``optional`` name, if present: the
+    recurrent state inputs), each non-empty, float or integer."""
+    arrays = load_calibration_file(path, names + optional, optional)
     for name, array in arrays.items():
         if array.ndim == 0 or len(array) == 0 or array.dtype.kind not in "fiu":
             raise ConversionError(
@@ -209,10 +229,10 @@ def _examples(
     arrays: dict[str, np.ndarray] | None,
     input_shape: tuple[int, ...] | None,
 ) -> tuple[torch.Tensor, ...]:
-    """The example inputs of :func:`convert_from_files`: the first calibration sample, or zeros
-    of ``input_shape`` of the calibration array's kind (without calibration data: int64 for an
-    input an nn.Embedding reads, float32 otherwise). A sequence-first model's first sample is
-    on axis 1 of the calibration arrays."""
+    """The example inputs ``names`` (not recurrent state) of :func:`convert_from_files`: the
+    first calibration sample, or zeros of ``input_shape`` of the calibration array's kind
+    (without calibration data: int64 for an input an nn.Embedding reads, float32 otherwise). A
+    sequence-first model's first sample is on axis 1 of the calibration arrays."""
     if arrays is not None:
         kinds = {n: np.float32 if a.dtype.kind == "f" else np.int64 for n, a in arrays.items()}
     else:
@@ -274,11 +294,14 @@ def convert_from_files(
     if weights is not None:
         state, weights_info = load_weights(weights)
         apply_weights(model, state, repr(weights))
-    names = input_names(model)
-    arrays = None if calibration is None else _read_calibration(calibration, names)
+    states = state_examples(model)
+    names = [name for name in input_names(model) if name not in states]
+    optional = [leaf_name(n, path) for n, x in states.items() for path, _ in leaves_of(x)]
+    arrays = None if calibration is None else _read_calibration(calibration, names, optional)
+    data = dict(zip(names, _examples(model, names, arrays, input_shape), strict=True))
     return _convert(
         model,
-        _examples(model, names, arrays, input_shape),
+        tuple(states[n] if n in states else data[n] for n in input_names(model)),
         out,
         arrays,
         mode=mode,

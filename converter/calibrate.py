@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Bounds, Graph, Node, directions
+from tinyrt.converter.ir import (
+    RECURRENT,
+    SHARES_INPUT_PARAMS,
+    Bounds,
+    Graph,
+    Node,
+    StatePart,
+    directions,
+)
 from tinyrt.errors import ConversionError
 
 
@@ -62,20 +70,26 @@ def _batch_norm(node: Node, x: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _recurrent_direction(node: Node, x: torch.Tensor, suffix: str) -> tuple[torch.Tensor, float]:
-    """One direction of an LSTM/GRU layer over ``x [N, T, I]`` from a zero state, step by step
-    as PyTorch computes it; returns the hidden states ``[N, T, H]`` (at their input positions)
-    and, for an LSTM, ``max|c|`` over all steps (0 for a GRU).
+def _recurrent_direction(
+    node: Node, x: torch.Tensor, d: int, initial: Mapping[StatePart, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Direction ``d`` of an LSTM/GRU layer over ``x [N, T, I]``, step by step as PyTorch
+    computes it, from the state in ``initial`` (by :data:`StatePart`; zero where absent).
+    Returns the hidden states ``[N, T, H]`` (at their input positions), the final ``h`` and
+    ``c`` (zeros for a GRU), and for an LSTM ``max|c|`` over the initial and every later
+    state (0 for a GRU).
 
     LSTM (gates i, f, g, o): ``c' = σ(f) c + σ(i) tanh(g)``, ``h' = σ(o) tanh(c')``.
     GRU (gates r, z, n): ``r, z = σ(x_r + h_r), σ(x_z + h_z)``, ``n = tanh(x_n + r h_n)``,
     ``h' = (1 - z) n + z h``, where ``x_* = W_i* x + b_i*`` and ``h_* = W_h* h + b_h*``.
     """
-    p = node.params
+    p, suffix = node.params, directions(node)[d]
     from_x = F.linear(x, p[f"weight_ih{suffix}"], p[f"bias_ih{suffix}"])
     steps = x.shape[1]
-    h = c = x.new_zeros(len(x), node.attrs["hidden_size"])
-    peak = x.new_zeros(())
+    zeros = x.new_zeros(len(x), node.attrs["hidden_size"])
+    h = initial.get((node.name, d, "h"), zeros)
+    c = initial.get((node.name, d, "c"), zeros)
+    peak = c.abs().max() if node.kind == "lstm" else x.new_zeros(())
     ys = [h] * steps
     for t in range(steps - 1, -1, -1) if suffix == "_reverse" else range(steps):
         from_h = F.linear(h, p[f"weight_hh{suffix}"], p[f"bias_hh{suffix}"])
@@ -90,13 +104,19 @@ def _recurrent_direction(node: Node, x: torch.Tensor, suffix: str) -> tuple[torc
             r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
             h = (1 - z) * torch.tanh(x_n + r * h_n) + z * h
         ys[t] = h
-    return torch.stack(ys, dim=1), float(peak)
+    return torch.stack(ys, dim=1), h, c, float(peak)
 
 
-def _recurrent(node: Node, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-    """An LSTM/GRU layer: the directions' outputs joined on the feature axis, and their peaks."""
-    runs = [_recurrent_direction(node, x, suffix) for suffix in directions(node)]
-    return torch.cat([y for y, _ in runs], dim=2), [peak for _, peak in runs]
+def _initial_states(
+    graph: Graph, inputs: Mapping[str, torch.Tensor]
+) -> dict[StatePart, torch.Tensor]:
+    """The initial state each state input sets, ``[N, H]`` per part (inputs batch-first)."""
+    initial = {}
+    for name, state in graph.states.items():
+        x = inputs[name]
+        for i, part in enumerate(state.parts):
+            initial[part] = x[:, i] if state.stacked else x
+    return initial
 
 
 _KERNELS: dict[str, Callable[..., torch.Tensor]] = {
@@ -126,20 +146,29 @@ def run_float(
     inputs: Mapping[str, torch.Tensor],
     cell_peaks: dict[str, list[float]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run ``graph`` in float32 on ``inputs`` (name -> batch, token inputs as integer
-    tensors); return every value by name.
+    """Run ``graph`` in float32 on ``inputs`` (name -> batch, batch-first; token inputs as
+    integer tensors); return every value by name, and the final state of every recurrent
+    node's direction by :data:`StatePart` (``[N, H]``).
 
     ``cell_peaks``, if given, is updated in place with the running ``max|c|`` of each LSTM
     node (by output value) and direction.
     """
-    values = dict(inputs)
+    values: dict = dict(inputs)
+    initial = _initial_states(graph, inputs)
     with torch.no_grad():
         for node in graph.nodes:
             xs = [values[v] for v in node.inputs]
             if node.kind == "reshape":
                 values[node.output] = xs[0].reshape(len(xs[0]), *graph.shapes[node.output][1:])
             elif node.kind in RECURRENT:
-                values[node.output], peaks = _recurrent(node, xs[0])
+                runs = [
+                    _recurrent_direction(node, xs[0], d, initial)
+                    for d in range(len(directions(node)))
+                ]
+                values[node.output] = torch.cat([y for y, *_ in runs], dim=2)
+                for d, (_, h, c, _) in enumerate(runs):
+                    values[node.name, d, "h"], values[node.name, d, "c"] = h, c
+                peaks = [peak for *_, peak in runs]
                 if cell_peaks is not None and node.kind == "lstm":
                     known = cell_peaks.get(node.output, peaks)
                     cell_peaks[node.output] = [max(a, b) for a, b in zip(known, peaks, strict=True)]
@@ -149,9 +178,18 @@ def run_float(
 
 
 def float_outputs(graph: Graph, values: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The model outputs from :func:`run_float`'s values, output activations applied."""
+    """The model outputs from :func:`run_float`'s values, output activations applied, state
+    outputs batch-first (stacked: ``[N, P, H]``)."""
     activations = {None: lambda x, dim: x, "softmax": F.softmax, "log_softmax": F.log_softmax}
-    return [activations[out.activation](values[out.value], out.dim) for out in graph.outputs]
+    outputs = []
+    for out in graph.outputs:
+        if out.state is None:
+            outputs.append(activations[out.activation](values[out.value], out.dim))
+        elif out.state.stacked:
+            outputs.append(torch.stack([values[part] for part in out.state.parts], dim=1))
+        else:
+            outputs.append(values[out.state.parts[0]])
+    return outputs
 
 
 @dataclass
@@ -170,7 +208,7 @@ def observed_values(graph: Graph) -> list[str]:
     """Values that need an observer: float inputs and outputs of ops that choose new
     parameters (values of reshape, pooling and clamp take their input's parameters; token
     inputs have none)."""
-    inputs = [name for name in graph.inputs if name not in graph.token_inputs]
+    inputs = [name for name in graph.value_inputs() if name not in graph.token_inputs]
     own = [n.output for n in graph.nodes if n.kind not in SHARES_INPUT_PARAMS]
     return [*inputs, *own]
 

@@ -24,13 +24,22 @@ Node kinds and their ``attrs`` (``params`` hold float ``torch`` tensors):
   becomes one node per layer); params ``weight_ih`` [G*H, I], ``weight_hh`` [G*H, H],
   ``bias_ih``, ``bias_hh`` [G*H] (zeros for ``bias=False``), each also with the suffix
   ``_reverse`` when bidirectional (``G`` = 4 or 3, PyTorch's gate order); attrs
-  ``hidden_size``, ``bidirectional``. Output ``[N, T, D*H]``, from a zero initial state.
+  ``hidden_size``, ``bidirectional``. Output ``[N, T, D*H]``, from a zero initial state
+  unless a state input sets it (below). An ``nn.LSTMCell``/``nn.GRUCell`` is such a node with
+  one step between two reshapes (``[N, I]`` -> ``[N, 1, I]``, ``[N, 1, H]`` -> ``[N, H]``).
 
 ``bounds`` is ``None`` or the real interval ``(low, high)`` an activation clamps the output to
 (``high`` may be ``None``): ReLU is ``(0.0, None)``, ReLU6 ``(0.0, 6.0)``.
 
 Values are float, except token inputs: model inputs holding integer token ids, read only by
 ``embedding`` nodes (``Graph.token_inputs``).
+
+Recurrent state crosses the model boundary through *state inputs and outputs*
+(:class:`State`): a model input that sets the initial state of recurrent nodes
+(``Graph.states``), or a model output that reports their final state (``Output.state``). Such an
+input is not a value: no node reads it. Its sample shape (``Graph.shapes``) is ``(1, P, H)``
+when stacked (the caller's ``[P, N, H]``, PyTorch's ``h0``/``h_n``) or ``(1, H)`` (a cell's
+``[N, H]``).
 """
 
 from __future__ import annotations
@@ -77,13 +86,31 @@ def directions(node: Node) -> tuple[str, ...]:
     return ("", "_reverse") if node.attrs["bidirectional"] else ("",)
 
 
+# One direction's hidden state ("h") or LSTM cell ("c") of a recurrent node:
+# (node name, direction index, part).
+StatePart = tuple[str, int, str]
+
+
+@dataclass
+class State:
+    """Recurrent state at the model boundary: ``parts`` in the caller's order; ``stacked``:
+    the caller's array is ``[len(parts), N, H]`` (PyTorch's ``h0``/``h_n``, index
+    ``layer * directions + direction``), else ``[N, H]`` with one part (a cell's state)."""
+
+    parts: list[StatePart]
+    stacked: bool
+
+
 @dataclass
 class Output:
-    """A model output: a value, optionally passed through a float softmax/log-softmax."""
+    """A model output named ``name``: a value, optionally passed through a float
+    softmax/log-softmax, or (``state`` set, ``value`` empty) recurrent state."""
 
     value: str
     activation: str | None = None
     dim: int | None = None
+    name: str = "output"
+    state: State | None = None
 
 
 @dataclass
@@ -100,6 +127,18 @@ class Graph:
     shapes: dict[str, tuple[int, ...]]
     token_inputs: dict[str, int] = field(default_factory=dict)
     batch_axis: int = 0
+    states: dict[str, State] = field(default_factory=dict)
+
+    def value_inputs(self) -> list[str]:
+        """The inputs that are values (all but the state inputs), in forward order."""
+        return [name for name in self.inputs if name not in self.states]
+
+    def input_axis(self, name: str) -> int:
+        """The batch axis of input ``name`` in the caller's layout."""
+        state = self.states.get(name)
+        if state is not None:
+            return 1 if state.stacked else 0
+        return self.batch_axis
 
     def producers(self) -> dict[str, Node]:
         """Map each value produced by a node to that node."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,8 +23,11 @@ from tinyrt.converter.ir import RELU, RELU6, Node, directions
 from tinyrt.errors import UnsupportedOpError
 
 HIDDEN_STATE_REFUSAL = (
-    "hidden-state inputs/outputs are not supported yet; the runtime keeps stream state itself"
+    "recurrent state may only come from a model input (PyTorch's h0/c0 layout) and only be "
+    "returned by the model; nothing else may compute with it"
 )
+RECURRENT_MODULES = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
+CELLS = (nn.LSTMCell, nn.GRUCell)
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,9 @@ class Call:
 
     Tensor arguments appear as :class:`Value`; results of shape arithmetic as their concrete
     values. ``batch_axis`` is the axis of the batch in the model's own layout (1 for a
-    sequence-first model, whose tensors are ``[T, N, ...]``).
+    sequence-first model, whose tensors are ``[T, N, ...]``). A handler returning several
+    nodes puts the batch-1 shapes of those before the last in ``shapes`` (the default: the
+    call's result shape).
     """
 
     name: str
@@ -50,6 +55,7 @@ class Call:
     args: tuple
     kwargs: dict
     batch_axis: int = 0
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def refuse(self, reason: str) -> UnsupportedOpError:
         return UnsupportedOpError(f"{self.name} ({self.op}): {reason}")
@@ -349,41 +355,62 @@ def _embedding(call: Call) -> Node:
     return node
 
 
-def _recurrent_args(input, hx=None) -> dict:
+def recurrent_args(input, hx=None) -> dict:
+    """The arguments of an nn.LSTM/nn.GRU/nn.LSTMCell/nn.GRUCell call."""
     return locals()
+
+
+def _recurrent_layer(call: Call, kind: str, k: int, name: str, source: str) -> Node:
+    """Layer ``k`` of the call's module (a cell is layer 0, its parameters unsuffixed)."""
+    m = call.module
+    cell = isinstance(m, CELLS)
+    bidirectional = bool(getattr(m, "bidirectional", False))
+    attrs = {"hidden_size": m.hidden_size, "bidirectional": bidirectional}
+    node = Node(kind, name, call.op, [source], name, attrs=attrs)
+    rows = (4 if kind == "lstm" else 3) * m.hidden_size
+    for d in directions(node):
+        suffix = "" if cell else f"_l{k}{d}"
+        params = {}
+        for role in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            tensor = getattr(m, role + suffix) if m.bias or role.startswith("weight") else None
+            params[role + d] = tensor.detach() if tensor is not None else torch.zeros(rows)
+        node.params |= params
+    return node
 
 
 def _recurrent(call: Call) -> list[Node]:
     """One ``lstm``/``gru`` node per layer of an ``nn.LSTM``/``nn.GRU``; layer ``k`` of a
     multi-layer module is named ``<module path>.l<k>`` (PyTorch's ``_l<k>`` suffix). The nodes
     are batch-first; a ``batch_first=False`` module is traced in a sequence-first model
-    (:mod:`.layout`), whose IR is batch-first too."""
+    (:mod:`.layout`), whose IR is batch-first too. An initial state (``hx``) is the tracer's
+    to bind (:mod:`.trace`)."""
     m = call.module
     kind = "lstm" if isinstance(m, nn.LSTM) else "gru"
-    p = call.bind(_recurrent_args)
+    p = call.bind(recurrent_args)
     if getattr(m, "proj_size", 0):
         raise call.refuse(f"proj_size={m.proj_size} is not supported; only proj_size=0")
-    if p["hx"] is not None:
-        raise call.refuse(f"passes an initial state; {HIDDEN_STATE_REFUSAL}")
     x = call.tensor(p["input"])
     layout = "sequence-first [T, N, features]" if call.batch_axis else "[N, T, features]"
     _expect_ndim(call, x, (3,), layout)
-    rows = (4 if kind == "lstm" else 3) * m.hidden_size
     nodes, source = [], x.name
     for k in range(m.num_layers):
         name = call.name if m.num_layers == 1 else f"{call.name}.l{k}"
-        attrs = {"hidden_size": m.hidden_size, "bidirectional": m.bidirectional}
-        node = Node(kind, name, call.op, [source], name, attrs=attrs)
-        for d in directions(node):
-            node.params |= {
-                f"weight_ih{d}": getattr(m, f"weight_ih_l{k}{d}").detach(),
-                f"weight_hh{d}": getattr(m, f"weight_hh_l{k}{d}").detach(),
-                f"bias_ih{d}": _bias(getattr(m, f"bias_ih_l{k}{d}") if m.bias else None, rows),
-                f"bias_hh{d}": _bias(getattr(m, f"bias_hh_l{k}{d}") if m.bias else None, rows),
-            }
-        nodes.append(node)
+        nodes.append(_recurrent_layer(call, kind, k, name, source))
         source = name
     return nodes
+
+
+def _cell(call: Call) -> list[Node]:
+    """An ``nn.LSTMCell``/``nn.GRUCell``: one step of a one-layer ``lstm``/``gru`` node,
+    ``[N, I]`` -> reshape ``[N, 1, I]`` -> node ``<path>.step`` -> reshape ``[N, H]``."""
+    m = call.module
+    kind = "lstm" if isinstance(m, nn.LSTMCell) else "gru"
+    x = call.tensor(call.bind(recurrent_args)["input"])
+    _expect_ndim(call, x, (2,), "[N, features]")
+    steps = Node("reshape", f"{call.name}.steps", call.op, [x.name], f"{call.name}.steps")
+    node = _recurrent_layer(call, kind, 0, f"{call.name}.step", steps.output)
+    call.shapes |= {steps.output: (1, 1, x.shape[1]), node.output: (1, 1, m.hidden_size)}
+    return [steps, node, call.node("reshape", [Value(node.output, ())])]
 
 
 _DROPOUTS = (
@@ -414,6 +441,8 @@ MODULES: dict[type, Callable[[Call], Node | list[Node]]] = {
     nn.Embedding: _embedding,
     nn.LSTM: _recurrent,
     nn.GRU: _recurrent,
+    nn.LSTMCell: _cell,
+    nn.GRUCell: _cell,
     nn.Identity: _identity,
     nn.Softmax: _softmax("softmax", True),
     nn.LogSoftmax: _softmax("log_softmax", True),

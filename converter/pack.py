@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Graph, Node, directions
+from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Graph, Node, State, directions
 from tinyrt.converter.quantize import (
     QuantizedLayer,
     activation_params,
@@ -182,7 +182,7 @@ def value_params(
     that keep their input's parameters; token inputs have scale 1 and zero point 0."""
     params = {
         name: TOKEN_PARAMS if name in graph.token_inputs else activation_params(*ranges[name])
-        for name in graph.inputs
+        for name in graph.value_inputs()
     }
     for node in graph.nodes:
         if node.kind in SHARES_INPUT_PARAMS:
@@ -209,26 +209,41 @@ def sequence_inputs(graph: Graph) -> set[str]:
 
 
 def value_names(graph: Graph) -> list[str]:
-    """Every value of ``graph`` in file order: the inputs, then each node's output."""
-    return [*graph.inputs, *(node.output for node in graph.nodes)]
+    """Every value of ``graph`` in file order: the inputs (but state inputs, which are not
+    values), then each node's output."""
+    return [*graph.value_inputs(), *(node.output for node in graph.nodes)]
 
 
-def _ports(graph: Graph, index: Mapping[str, int]) -> tuple[list[dict], list[dict]]:
+def _state_port(name: str, state: State, ops: Mapping[str, int]) -> dict:
+    """A state port (docs/graph.md): ``state`` with its nodes as op indices."""
+    parts = [{"op": ops[node], "direction": d, "part": part} for node, d, part in state.parts]
+    return {"name": name, "state": parts, "stacked": state.stacked}
+
+
+def _ports(
+    graph: Graph, index: Mapping[str, int], ops: Mapping[str, int]
+) -> tuple[list[dict], list[dict]]:
     """The graph's ``inputs`` (with ``dynamic_axes`` for sequence inputs) and ``outputs``, each
-    with ``"batch_axis": 1`` in a sequence-first model."""
+    with ``"batch_axis": 1`` in a sequence-first model; state inputs and outputs as state
+    ports (``ops``: node name -> op index)."""
     sequences = sequence_inputs(graph)
     layout = {"batch_axis": 1} if graph.batch_axis else {}
     inputs = []
     for name in graph.inputs:
+        if name in graph.states:
+            inputs.append(_state_port(name, graph.states[name], ops))
+            continue
         entry = {"name": name, "value": index[name], **layout}
         if name in sequences:
             entry["dynamic_axes"] = [1]
         inputs.append(entry)
-    single = len(graph.outputs) == 1
     outputs = []
-    for i, out in enumerate(graph.outputs):
-        name = "output" if single else f"output_{i}"
-        entry = {"name": name, "value": index[out.value], "activation": out.activation, **layout}
+    for out in graph.outputs:
+        if out.state is not None:
+            outputs.append(_state_port(out.name, out.state, ops))
+            continue
+        entry = {"name": out.name, "value": index[out.value], "activation": out.activation}
+        entry |= layout
         if out.activation is not None:
             entry["dim"] = out.dim
         outputs.append(entry)
@@ -267,7 +282,7 @@ def graph_dict(
                 "attrs": attrs,
             }
         )
-    inputs, outputs = _ports(graph, index)
+    inputs, outputs = _ports(graph, index, {node.name: i for i, node in enumerate(graph.nodes)})
     return {"inputs": inputs, "outputs": outputs, "values": values, "ops": ops}
 
 

@@ -39,11 +39,14 @@ def _remove(graph: Graph, node: Node) -> None:
 
 
 def _drop_dead(graph: Graph) -> None:
-    """Remove nodes whose results reach no model output."""
-    live = {out.value for out in graph.outputs}
+    """Remove nodes whose results reach no model output (value or state), except recurrent
+    nodes a state input sets."""
+    states = [*graph.states.values(), *(out.state for out in graph.outputs if out.state)]
+    bound = {node for state in states for node, _, _ in state.parts}
+    live = {out.value for out in graph.outputs if out.state is None}
     kept = []
     for node in reversed(graph.nodes):
-        if node.output in live:
+        if node.output in live or node.name in bound:
             kept.append(node)
             live.update(node.inputs)
         else:

@@ -29,12 +29,13 @@ def layer_errors(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor]) -> 
     """For each op: its output value, SQNR (dB) and max abs error of the int8 model's
     dequantized value (``blob`` run by the reference backend) against the float IR's.
 
-    ``inputs`` are in the graph's batch-first layout; a sequence-first model's file takes them
-    with axes 0 and 1 swapped."""
+    ``inputs`` are in the graph's batch-first layout; the file takes those whose batch axis is
+    1 (a sequence-first model's, stacked recurrent state) with axes 0 and 1 swapped."""
     model = tinyrt.load(blob, backend="reference")
-    arrays = {name: x.numpy() for name, x in inputs.items()}
-    if graph.batch_axis:
-        arrays = {name: x.swapaxes(0, 1) for name, x in arrays.items()}
+    arrays = {
+        name: x.numpy().swapaxes(0, 1) if graph.input_axis(name) else x.numpy()
+        for name, x in inputs.items()
+    }
     quantized = model.run_values(arrays)
     reference = run_float(graph, inputs)
     layers = []

@@ -30,7 +30,7 @@ from tinyrt.errors import ConversionError, InputError, UnsupportedOpError
 from tinyrt.format import read_model_file
 from tinyrt.kernels.reference import activation_table
 
-HIDDEN_STATE = "hidden-state inputs/outputs are not supported yet; the runtime keeps stream state"
+HIDDEN_STATE = "recurrent state may only come from a model input"
 
 
 class Recurrent(nn.Module):
@@ -240,23 +240,13 @@ class UsesHidden(nn.Module):
         return self.fc(h[-1])
 
 
-class ReturnsTuple(nn.Module):
+class SameStateTwice(nn.Module):
     def __init__(self):
         super().__init__()
-        self.rnn = nn.GRU(5, 8, batch_first=True)
-
-    def forward(self, x):
-        return self.rnn(x)
-
-
-class PassesState(nn.Module):
-    def __init__(self, cls: type):
-        super().__init__()
-        self.rnn = cls(5, 8, batch_first=True)
+        self.rnn = nn.LSTM(5, 8, batch_first=True)
 
     def forward(self, x, h0):
-        state = (h0, h0) if isinstance(self.rnn, nn.LSTM) else h0
-        return self.rnn(x, state)[0]
+        return self.rnn(x, (h0, h0))[0]
 
 
 class TokensEverywhere(nn.Module):
@@ -287,19 +277,12 @@ REFUSED = {
         UnsupportedOpError,
         ["encoder (nn.LSTM)", "proj_size=4"],
     ),
-    "uses_h_n": (UsesHidden, (X,), UnsupportedOpError, ["rnn (nn.LSTM)", "fc", HIDDEN_STATE]),
-    "returns_tuple": (ReturnsTuple, (X,), UnsupportedOpError, ["rnn (nn.GRU)", HIDDEN_STATE]),
-    "gru_h0": (
-        lambda: PassesState(nn.GRU),
+    "uses_h_n": (UsesHidden, (X,), UnsupportedOpError, ["rnn (nn.LSTM)", "getitem", HIDDEN_STATE]),
+    "h0_as_h_and_c": (
+        SameStateTwice,
         (X, torch.zeros(1, 1, 8)),
         UnsupportedOpError,
-        ["rnn (nn.GRU)", "initial state", HIDDEN_STATE],
-    ),
-    "lstm_h0_c0": (
-        lambda: PassesState(nn.LSTM),
-        (X, torch.zeros(1, 1, 8)),
-        UnsupportedOpError,
-        ["rnn (nn.LSTM)", "initial state", HIDDEN_STATE],
+        ["rnn (nn.LSTM)", "input 'h0' as a second initial state"],
     ),
     "max_norm": (
         lambda: Encoder(nn.Embedding(10, 4, max_norm=1.0)),
