@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_converter_recurrent import seeded
 from torch import nn
 
 import tinyrt
@@ -79,15 +80,6 @@ class GRUCellModel(nn.Module):
     def forward(self, x, h):
         h = self.cell(x, h)
         return self.fc(h), h
-
-
-def seeded(model: nn.Module, seed: int = 0) -> nn.Module:
-    """``model`` with parameters uniform in ±0.6 from a fixed seed, in eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.rand(p.shape, generator=generator) * 1.2 - 0.6)
-    return model.eval()
 
 
 def rand(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:

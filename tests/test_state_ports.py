@@ -16,6 +16,7 @@ import tinyrt
 from tinyrt.errors import FormatError, InputError
 from tinyrt.format import serialize
 from tinyrt.kernels import reference as ref
+from tinyrt.ops import STATIC_RECURRENT_ROLES
 from tinyrt.plan import PartFormat, dequantize_state, quantize_state, state_part_format
 
 VOCAB = 50
@@ -223,18 +224,6 @@ def test_zero_state_inputs_equal_the_default_zero_state(full, dynamic):
 # --- bidirectional ops --------------------------------------------------------------------
 
 
-_LSTM_ROLES = (
-    "weight_ih",
-    "weight_hh",
-    "bias_ih",
-    "bias_hh",
-    "multiplier_ih",
-    "shift_ih",
-    "multiplier_hh",
-    "shift_hh",
-)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bidirectional_state_ports_by_hand(full, backend):
     """The forward direction starts from bh0[0]/bc0[0] at t = 0, the reverse one from
@@ -245,7 +234,7 @@ def test_bidirectional_state_ports_by_hand(full, backend):
     op = next(op for op in model.graph.ops if op.name == "bilstm")
     zp = model.graph.values[op.outputs[0]].zero_point
     for d, suffix in enumerate(("", "_reverse")):
-        args = [op.tensors[role + suffix] for role in _LSTM_ROLES]
+        args = [op.tensors[role + suffix] for role in STATIC_RECURRENT_ROLES]
         args += [zp, op.attrs["cell_frac"][d], op.attrs["out_multiplier"], op.attrs["out_shift"]]
         args += [op.tensors["sigmoid_table"], op.tensors["tanh_table"]]
         y, h, c = ref.lstm_int8(

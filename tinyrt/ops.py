@@ -267,7 +267,7 @@ _RECURRENT_KERNELS = {
     "lstm_dynamic": "lstm_dynamic",
     "gru_dynamic": "gru_dynamic",
 }
-_STATIC_ROLES = (
+STATIC_RECURRENT_ROLES = (
     "weight_ih",
     "weight_hh",
     "bias_ih",
@@ -285,7 +285,7 @@ def _recurrent_args(op: Op, index: int, direction: str, zp_h: int) -> tuple:
     a, t = op.attrs, op.tensors
     if op.kind.endswith("_dynamic"):
         return tuple(t[role + direction] for role in _DYNAMIC_ROLES)
-    weights = tuple(t[role + direction] for role in _STATIC_ROLES)
+    weights = tuple(t[role + direction] for role in STATIC_RECURRENT_ROLES)
     if op.kind == "lstm":
         params = (zp_h, a["cell_frac"][index], a["out_multiplier"], a["out_shift"])
     else:
