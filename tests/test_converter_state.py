@@ -299,10 +299,11 @@ def test_state_passed_between_calls_equals_one_call(tmp_path, case, mode):
             torch.from_numpy(ids if batch_first else ids.T),
             (torch.from_numpy(h0), torch.from_numpy(c0)),
         )
-    scale = runtime.outputs[0].scale if mode == "static" else 0.01
-    assert np.abs(y - want_y.numpy()).max() <= 4 * scale
-    assert np.abs(h - want_h.numpy()).max() < 0.03
-    assert np.abs(c - want_c.numpy()).max() < 0.03
+    # Measured: logits 1.5 output LSBs (static) or 0.003 (dynamic), states 0.004 at most.
+    bound = 3 * runtime.outputs[0].scale if mode == "static" else 0.015
+    assert np.abs(y - want_y.numpy()).max() <= bound
+    assert np.abs(h - want_h.numpy()).max() < 0.015
+    assert np.abs(c - want_c.numpy()).max() < 0.015
 
 
 def step_torch(model: nn.Module, xs: torch.Tensor, state):
@@ -337,11 +338,14 @@ def test_cells_step_like_pytorch(tmp_path, case, mode):
     start = (torch.zeros(3, 8), torch.zeros(3, 8)) if lstm else torch.zeros(3, 8)
     want_ys, want_states = step_torch(model, test, start)
     state = [s.numpy() for s in flat(start)]
+    # Measured over the 20 steps: outputs 1.4-1.5 LSBs (static) or 0.004-0.007 (dynamic), the
+    # states 0.016 at most; errors do not grow with the steps.
+    bound = 3 * runtime.outputs[0].scale if mode == "static" else 0.02
     for x, want_y, want_state in zip(test, want_ys, want_states, strict=True):
         y, *state = runtime(x.numpy(), *state)
-        assert np.abs(y - want_y.numpy()).max() < 0.05
+        assert np.abs(y - want_y.numpy()).max() <= bound
         for got, want in zip(state, flat(want_state), strict=True):
-            assert got.shape == want.shape and np.abs(got - want.numpy()).max() < 0.05
+            assert got.shape == want.shape and np.abs(got - want.numpy()).max() < 0.03
 
 
 def test_returned_state_equals_the_stream_state(tmp_path):
