@@ -370,11 +370,10 @@ def _recurrent_layer(call: Call, kind: str, k: int, name: str, source: str) -> N
     rows = (4 if kind == "lstm" else 3) * m.hidden_size
     for d in directions(node):
         suffix = "" if cell else f"_l{k}{d}"
-        params = {}
-        for role in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            tensor = getattr(m, role + suffix) if m.bias or role.startswith("weight") else None
-            params[role + d] = tensor.detach() if tensor is not None else torch.zeros(rows)
-        node.params |= params
+        for role in ("weight_ih", "weight_hh"):
+            node.params[role + d] = getattr(m, role + suffix).detach()
+        for role in ("bias_ih", "bias_hh"):
+            node.params[role + d] = _bias(getattr(m, role + suffix) if m.bias else None, rows)
     return node
 
 

@@ -329,14 +329,16 @@ def clamp_int8(x: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
     return np.clip(x, qmin, qmax).astype(np.int8)
 
 
-def quantize(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """Float to int8 at the model's input: ``clamp(round(x / scale) + zp)``.
+def quantize(x: np.ndarray, scale: float, zero_point: int, dtype: type = np.int8) -> np.ndarray:
+    """Float to int8 (or ``dtype``, e.g. an int16 recurrent state at the model's boundary) at
+    the model's input: ``clamp(round(x / scale) + zp)`` to the dtype's range.
 
     Computed in float64; ``round`` is round-half-to-even (IEEE ``rint``). This and
     :func:`dequantize` are the only float arithmetic of a static-mode model.
     """
+    info = np.iinfo(dtype)
     q = np.rint(np.asarray(x, dtype=np.float64) / scale) + zero_point
-    return np.clip(q, INT8_MIN, INT8_MAX).astype(np.int8)
+    return np.clip(q, info.min, info.max).astype(dtype)
 
 
 def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:

@@ -108,14 +108,11 @@ def state_part_format(graph: Graph, part: StatePart) -> PartFormat:
 
 
 def quantize_state(x: np.ndarray, form: PartFormat) -> np.ndarray:
-    """Real values to a part's stored form, as a new array: ``reference.quantize``'s rounding
-    (``rint(x / scale)`` in float64, round half to even, plus the zero point) saturated to
-    the dtype's range (int8 or int16); float32 parts are copied."""
+    """Real values to a part's stored form, as a new array: ``reference.quantize`` to the
+    part's int8 or int16; float32 parts are copied."""
     if form.dtype == np.float32:
         return np.array(x, dtype=np.float32)
-    info = np.iinfo(form.dtype)
-    q = np.rint(np.asarray(x, dtype=np.float64) / form.scale) + form.zero_point
-    return np.clip(q, info.min, info.max).astype(form.dtype)
+    return ref.quantize(x, form.scale, form.zero_point, form.dtype)
 
 
 def dequantize_state(q: np.ndarray, form: PartFormat) -> np.ndarray:
