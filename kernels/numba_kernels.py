@@ -16,6 +16,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from tinyrt.kernels.simd import LANES, dot_1x1, dot_3x1, dot_4x1, dot_4x2
+
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
 
@@ -51,25 +53,55 @@ def _requantize(acc, multiplier, shift, zero_point, qmin, qmax):
     return np.int8(min(max(y, qmin), qmax))
 
 
+@_inline
+def _emit(out, index, total, row, bias, multiplier, shift, zp_out, qmin, qmax):
+    """``out[index] = requantize(bias[row] + total)`` with row ``row``'s parameters."""
+    acc = np.int64(total) + bias[row]
+    out[index] = _requantize(acc, multiplier[row], shift[row], zp_out, qmin, qmax)
+
+
 @_jit
 def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride, col_stride):
     """``out[i*row_stride + j*col_stride] = requantize(bias[i] + Σ_k a[i, k] * b[j, k])``.
 
     ``a`` is ``[M, K]`` (weights, one row per output channel), ``b`` is ``[P, K]`` (inputs, one
-    row per output position); per-channel parameters follow ``i``. ``out`` is 1-D.
+    row per output position), both C-contiguous; per-channel parameters follow ``i``. ``out``
+    is 1-D. Tiles of 4 rows x 2 columns go through :func:`simd.dot_4x2` (every loaded vector
+    feeds two or four products), the odd column through ``dot_4x1``, the last ``M % 4`` rows
+    through ``dot_1x1``; each tile is requantized as soon as it is summed. ``K`` below one
+    vector (16) takes the plain loop.
     """
     m, k_len = a.shape
     p = b.shape[0]
-    for i in range(m):
-        row = a[i]
+    if k_len < LANES:
+        for i in range(m):
+            for j in range(p):
+                acc = np.int32(0)
+                for k in range(k_len):
+                    acc = np.int32(acc + np.int32(a[i, k]) * np.int32(b[j, k]))
+                index = i * row_stride + j * col_stride
+                _emit(out, index, acc, i, bias, multiplier, shift, zp_out, qmin, qmax)
+        return
+    tile_rows = m - m % 4
+    pair_cols = p - p % 2
+    for i in range(0, tile_rows, 4):
+        for j in range(0, pair_cols, 2):
+            sums = dot_4x2(a, i * k_len, k_len, b, j * k_len, k_len, k_len)
+            for r in range(4):
+                for c in range(2):
+                    index = (i + r) * row_stride + (j + c) * col_stride
+                    total = sums[2 * r + c]
+                    _emit(out, index, total, i + r, bias, multiplier, shift, zp_out, qmin, qmax)
+        if pair_cols < p:
+            sums = dot_4x1(a, i * k_len, k_len, b, pair_cols * k_len, k_len, k_len)
+            for r in range(4):
+                index = (i + r) * row_stride + pair_cols * col_stride
+                _emit(out, index, sums[r], i + r, bias, multiplier, shift, zp_out, qmin, qmax)
+    for i in range(tile_rows, m):
         for j in range(p):
-            col = b[j]
-            acc = np.int32(bias[i])
-            for k in range(k_len):
-                acc = np.int32(acc + np.int32(row[k]) * np.int32(col[k]))
-            out[i * row_stride + j * col_stride] = _requantize(
-                acc, multiplier[i], shift[i], zp_out, qmin, qmax
-            )
+            total = dot_1x1(a, i * k_len, k_len, b, j * k_len, k_len, k_len)[0]
+            index = i * row_stride + j * col_stride
+            _emit(out, index, total, i, bias, multiplier, shift, zp_out, qmin, qmax)
 
 
 @_jit
@@ -88,6 +120,28 @@ def linear_int8(x, weight, bias, multiplier, shift, zp_out, qmin, qmax, out):
         1,
         weight.shape[0],
     )
+
+
+@_inline
+def _pad_input(x, zp_in, pad_top, pad_left, padded, channels_last):
+    """Copy ``x`` ``[C, H, W]`` into ``padded`` at ``(pad_top, pad_left)`` with ``zp_in`` (real
+    zero) around it; ``padded`` is ``[C, HP, WP]``, or ``[HP, WP, C]`` if ``channels_last``.
+    ``HP``/``WP`` are the rows and columns the output windows reach, which may leave out input
+    rows and columns no window reads."""
+    channels, h, w = x.shape
+    hp, wp = (padded.shape[0], padded.shape[1]) if channels_last else padded.shape[1:]
+    for c in range(channels):
+        for y in range(hp):
+            source = y - pad_top
+            for xx in range(wp):
+                column = xx - pad_left
+                value = zp_in
+                if 0 <= source < h and 0 <= column < w:
+                    value = x[c, source, column]
+                if channels_last:
+                    padded[y, xx, c] = value
+                else:
+                    padded[c, y, xx] = value
 
 
 @_jit
@@ -110,42 +164,46 @@ def conv2d_int8(
     groups,
     qmin,
     qmax,
-    scratch,
+    padded,
+    columns,
     out,
 ):
-    """``reference.conv2d_int8`` by im2col + :func:`gemm_int8`.
+    """``reference.conv2d_int8`` by im2col + :func:`gemm_int8`, channels last.
 
-    ``weight`` is ``[O, C/groups * KH * KW]`` (OIHW flattened), ``scratch`` is
-    ``[OH * OW, C/groups * KH * KW]`` int8, ``out`` is ``[N, O, OH, OW]``.
+    ``weight`` is ``[O, KH * KW * C/groups]``: OHWI, the order in which an im2col row reads a
+    channels-last input (each tap one contiguous run of channels). Scratch: ``padded``
+    ``[HP, WP, C]`` (:func:`_pad_input`) and ``columns`` ``[OH * OW, KH * KW * C/groups]``, the
+    im2col rows; a 1x1, stride-1 convolution of one group reads ``padded`` as its rows and
+    does not fill ``columns``. ``out`` is ``[N, O, OH, OW]``.
     """
-    n_batch, _, h, w = x.shape
+    n_batch = x.shape[0]
     o_total, k_len = weight.shape
     _, _, oh, ow = out.shape
     c_per_group = k_len // (kh * kw)
     o_per_group = o_total // groups
     positions = oh * ow
     flat = out.reshape(out.size)
+    pointwise = kh == 1 and kw == 1 and sh == 1 and sw == 1 and groups == 1
+    rows = padded.reshape(positions, k_len) if pointwise else columns
     for n in range(n_batch):
+        _pad_input(x[n], zp_in, pad_top, pad_left, padded, True)
         for g in range(groups):
-            for p in range(oh):
-                for q in range(ow):
-                    row = scratch[p * ow + q]
-                    k = 0
-                    for c in range(c_per_group):
-                        channel = x[n, g * c_per_group + c]
+            if not pointwise:
+                first_channel = g * c_per_group
+                for p in range(oh):
+                    for q in range(ow):
+                        row = columns[p * ow + q]
+                        k = 0
                         for i in range(kh):
-                            y = p * sh - pad_top + i * dh
                             for j in range(kw):
-                                xx = q * sw - pad_left + j * dw
-                                if 0 <= y < h and 0 <= xx < w:
-                                    row[k] = channel[y, xx]
-                                else:
-                                    row[k] = zp_in
-                                k += 1
+                                taps = padded[p * sh + i * dh, q * sw + j * dw]
+                                for c in range(c_per_group):
+                                    row[k + c] = taps[first_channel + c]
+                                k += c_per_group
             first = g * o_per_group
             gemm_int8(
                 weight[first : first + o_per_group],
-                scratch,
+                rows,
                 bias[first:],
                 multiplier[first:],
                 shift[first:],
@@ -156,6 +214,76 @@ def conv2d_int8(
                 positions,
                 1,
             )
+
+
+@_inline
+def _accumulate_tap(acc, inputs, w):
+    """``acc[q] += w * inputs[q]`` (int32) over a row of outputs."""
+    for q in range(acc.size):
+        acc[q] = np.int32(acc[q] + w * np.int32(inputs[q]))
+
+
+@_jit
+def conv2d_direct_int8(
+    x,
+    weight,
+    bias,
+    multiplier,
+    shift,
+    zp_in,
+    zp_out,
+    kh,
+    kw,
+    sh,
+    sw,
+    pad_top,
+    pad_left,
+    dh,
+    dw,
+    groups,
+    qmin,
+    qmax,
+    padded,
+    acc,
+    out,
+):
+    """``reference.conv2d_int8`` computed directly, one output row at a time, for the
+    convolutions im2col would turn into short dot products: depthwise ones and those with
+    ``C/groups * KH * KW`` under one vector.
+
+    For each weight tap the whole row of outputs takes ``acc[q] += w * xpad[.., q*sw + ..]``
+    (over contiguous memory when ``sw == 1``); then the row is requantized. ``weight`` is
+    ``[O, C/groups * KH * KW]`` (OIHW flattened); scratch: ``padded`` ``[C, HP, WP]``
+    (:func:`_pad_input`) and ``acc`` int32 ``[OW]``. Other arguments as :func:`conv2d_int8`.
+    """
+    n_batch = x.shape[0]
+    o_total, k_len = weight.shape
+    _, _, oh, ow = out.shape
+    c_per_group = k_len // (kh * kw)
+    o_per_group = o_total // groups
+    span = (ow - 1) * sw + 1
+    for n in range(n_batch):
+        _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
+        for o in range(o_total):
+            first_channel = (o // o_per_group) * c_per_group
+            taps = weight[o]
+            for p in range(oh):
+                acc[:] = bias[o]
+                for c in range(c_per_group):
+                    channel = padded[first_channel + c]
+                    for i in range(kh):
+                        source = channel[p * sh + i * dh]
+                        for j in range(kw):
+                            w = np.int32(taps[(c * kh + i) * kw + j])
+                            start = j * dw
+                            if sw == 1:
+                                _accumulate_tap(acc, source[start : start + ow], w)
+                            else:
+                                _accumulate_tap(acc, source[start : start + span : sw], w)
+                for q in range(ow):
+                    out[n, o, p, q] = _requantize(
+                        acc[q], multiplier[o], shift[o], zp_out, qmin, qmax
+                    )
 
 
 @_jit
@@ -328,25 +456,58 @@ def _lookup_q15(table, v):
 
 
 @_inline
-def _gate_input(weight, bias, multiplier, shift, v, r):
-    """``mbqm(bias[r] + Σ_k weight[r, k] v[k])``: gate row ``r``'s Q3.12 part from ``v``."""
-    row = weight[r]
-    acc = np.int32(bias[r])
+def _dot(row, v):
+    """``Σ_k row[k] * v[k]`` in int32 (the plain loop, for vectors shorter than 16)."""
+    acc = np.int32(0)
     for k in range(v.shape[0]):
         acc = np.int32(acc + np.int32(row[k]) * np.int32(v[k]))
-    return _multiply_by_quantized_multiplier(acc, multiplier[r], shift[r])
+    return acc
 
 
 @_inline
-def _gate_pre(layer, x_t, h_row, r):
-    """``sat16(mbqm(acc_x[r]) + mbqm(acc_h[r]))``: gate row ``r``'s Q3.12 pre-activation.
+def _gate_sums4(weight, j, v):
+    """``Σ_k weight[g*H + j, k] * v[k]`` for the four gates ``g`` of unit ``j`` (int32).
 
-    ``layer`` is ``(weight_ih, weight_hh, bias_ih, bias_hh, multiplier_ih, shift_ih,
-    multiplier_hh, shift_hh)``.
+    ``weight`` is ``[4H, K]``: the rows are ``H * K`` elements apart, one
+    :func:`simd.dot_4x1` reads them all against one load of ``v``."""
+    k_len = v.shape[0]
+    hidden = weight.shape[0] // 4
+    if k_len >= LANES:
+        return dot_4x1(weight, j * k_len, hidden * k_len, v, 0, 0, k_len)
+    return (
+        _dot(weight[j], v),
+        _dot(weight[hidden + j], v),
+        _dot(weight[2 * hidden + j], v),
+        _dot(weight[3 * hidden + j], v),
+    )
+
+
+@_inline
+def _gate_sums3(weight, j, v):
+    """:func:`_gate_sums4` for the three gates of a GRU (``weight`` ``[3H, K]``)."""
+    k_len = v.shape[0]
+    hidden = weight.shape[0] // 3
+    if k_len >= LANES:
+        return dot_3x1(weight, j * k_len, hidden * k_len, v, 0, 0, k_len)
+    return (_dot(weight[j], v), _dot(weight[hidden + j], v), _dot(weight[2 * hidden + j], v))
+
+
+@_inline
+def _gate_input(total, bias, multiplier, shift, r):
+    """``mbqm(bias[r] + total)``: gate row ``r``'s Q3.12 part from one input."""
+    return _multiply_by_quantized_multiplier(np.int64(total) + bias[r], multiplier[r], shift[r])
+
+
+@_inline
+def _gate_pre(layer, sum_x, sum_h, r):
+    """``sat16(mbqm(bias_ih[r] + sum_x) + mbqm(bias_hh[r] + sum_h))``: gate row ``r``'s
+    Q3.12 pre-activation.
+
+    ``layer`` is ``(bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh)``.
     """
-    weight_ih, weight_hh, bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh = layer
-    from_x = _gate_input(weight_ih, bias_ih, multiplier_ih, shift_ih, x_t, r)
-    return _sat16(from_x + _gate_input(weight_hh, bias_hh, multiplier_hh, shift_hh, h_row, r))
+    bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh = layer
+    from_x = _gate_input(sum_x, bias_ih, multiplier_ih, shift_ih, r)
+    return _sat16(from_x + _gate_input(sum_h, bias_hh, multiplier_hh, shift_hh, r))
 
 
 @_jit
@@ -381,16 +542,7 @@ def lstm_int8(
     """
     n_batch, steps, _ = x.shape
     hidden = h.shape[1]
-    layer = (
-        weight_ih,
-        weight_hh,
-        bias_ih,
-        bias_hh,
-        multiplier_ih,
-        shift_ih,
-        multiplier_hh,
-        shift_hh,
-    )
+    layer = (bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh)
     for n in range(n_batch):
         h_row = h[n]
         c_row = c[n]
@@ -398,10 +550,12 @@ def lstm_int8(
             t = steps - 1 - step if reverse else step
             x_t = x[n, t]
             for j in range(hidden):
-                pre_i = _gate_pre(layer, x_t, h_row, j)
-                pre_f = _gate_pre(layer, x_t, h_row, hidden + j)
-                pre_g = _gate_pre(layer, x_t, h_row, 2 * hidden + j)
-                pre_o = _gate_pre(layer, x_t, h_row, 3 * hidden + j)
+                sum_x = _gate_sums4(weight_ih, j, x_t)
+                sum_h = _gate_sums4(weight_hh, j, h_row)
+                pre_i = _gate_pre(layer, sum_x[0], sum_h[0], j)
+                pre_f = _gate_pre(layer, sum_x[1], sum_h[1], hidden + j)
+                pre_g = _gate_pre(layer, sum_x[2], sum_h[2], 2 * hidden + j)
+                pre_o = _gate_pre(layer, sum_x[3], sum_h[3], 3 * hidden + j)
                 i = _lookup_q15(sigmoid_table, pre_i)
                 f = _lookup_q15(sigmoid_table, pre_f)
                 g = _lookup_q15(tanh_table, pre_g)
@@ -454,16 +608,7 @@ def gru_int8(
     """
     n_batch, steps, _ = x.shape
     hidden = h.shape[1]
-    layer = (
-        weight_ih,
-        weight_hh,
-        bias_ih,
-        bias_hh,
-        multiplier_ih,
-        shift_ih,
-        multiplier_hh,
-        shift_hh,
-    )
+    layer = (bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh)
     for n in range(n_batch):
         h_row = h[n]
         for step in range(steps):
@@ -473,11 +618,13 @@ def gru_int8(
                 scaled = _multiply_by_quantized_multiplier(h_row[j], out_multiplier, out_shift)
                 h8[j] = _clamp_int8(zp_h + scaled)
             for j in range(hidden):
-                pre_r = _gate_pre(layer, x_t, h8, j)
-                pre_z = _gate_pre(layer, x_t, h8, hidden + j)
+                sum_x = _gate_sums3(weight_ih, j, x_t)
+                sum_h = _gate_sums3(weight_hh, j, h8)
+                pre_r = _gate_pre(layer, sum_x[0], sum_h[0], j)
+                pre_z = _gate_pre(layer, sum_x[1], sum_h[1], hidden + j)
                 row = 2 * hidden + j
-                xn = _sat16(_gate_input(weight_ih, bias_ih, multiplier_ih, shift_ih, x_t, row))
-                hn = _sat16(_gate_input(weight_hh, bias_hh, multiplier_hh, shift_hh, h8, row))
+                xn = _sat16(_gate_input(sum_x[2], bias_ih, multiplier_ih, shift_ih, row))
+                hn = _sat16(_gate_input(sum_h[2], bias_hh, multiplier_hh, shift_hh, row))
                 reset = _lookup_q15(sigmoid_table, pre_r)
                 update = _lookup_q15(sigmoid_table, pre_z)
                 new = _lookup_q15(tanh_table, _sat16(xn + _rounding_divide_by_pot(reset * hn, 15)))

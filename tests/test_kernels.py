@@ -193,8 +193,10 @@ def test_quantize_dequantize_round_trip():
 def conv_params(draw):
     groups = draw(st.integers(1, 3))
     depthwise = draw(st.booleans())
-    c = 1 if depthwise else draw(st.integers(1, 3))
-    o_per_group = 1 if depthwise else draw(st.integers(1, 4))
+    # up to 6 channels per group x 3x3 taps: dot products shorter and longer than one
+    # 16-lane vector, with a partial last vector; up to 9 outputs: partial 4-row tiles
+    c = 1 if depthwise else draw(st.integers(1, 6))
+    o_per_group = draw(st.integers(1, 2)) if depthwise else draw(st.integers(1, 9))
     kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
     sh, sw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -254,31 +256,48 @@ def test_conv2d_numba_bit_exact(p):
         p["qmin"],
         127,
     )
-    out = np.empty_like(want)
-    k_len = weight[0].size
-    scratch = np.empty((want.shape[2] * want.shape[3], k_len), dtype=np.int8)
+    n, o, oh, ow = want.shape
+    (sh, sw), (dh, dw) = p["stride"], p["dilation"]
+    reach = ((oh - 1) * sh + (p["kh"] - 1) * dh + 1, (ow - 1) * sw + (p["kw"] - 1) * dw + 1)
     top, _, left, _ = p["padding"]
-    nk.conv2d_int8(
-        x,
-        weight.reshape(weight.shape[0], -1),
-        bias,
-        multiplier,
-        shift,
-        p["zp_in"],
-        p["zp_out"],
-        p["kh"],
-        p["kw"],
-        *p["stride"],
-        top,
-        left,
-        *p["dilation"],
-        p["groups"],
-        p["qmin"],
-        127,
-        scratch,
-        out,
-    )
-    np.testing.assert_array_equal(out, want)
+    kernels = {  # weight layout, padded input, second scratch
+        nk.conv2d_int8: (
+            weight.transpose(0, 2, 3, 1),
+            np.empty(reach + (x.shape[1],), dtype=np.int8),
+            np.empty((oh * ow, weight[0].size), dtype=np.int8),
+        ),
+        nk.conv2d_direct_int8: (
+            weight,
+            np.empty((x.shape[1],) + reach, dtype=np.int8),
+            np.empty(ow, dtype=np.int32),
+        ),
+    }
+    for kernel, (layout, padded, work) in kernels.items():  # every shape through both
+        out = np.empty_like(want)
+        kernel(
+            x,
+            np.ascontiguousarray(layout).reshape(o, -1),
+            bias,
+            multiplier,
+            shift,
+            p["zp_in"],
+            p["zp_out"],
+            p["kh"],
+            p["kw"],
+            sh,
+            sw,
+            top,
+            left,
+            dh,
+            dw,
+            p["groups"],
+            p["qmin"],
+            127,
+            padded,
+            work,
+            out,
+        )
+        np.testing.assert_array_equal(out, want, err_msg=kernel.__name__)
 
 
 @SETTINGS

@@ -329,8 +329,9 @@ def recurrent_cases(draw):
     return dict(
         n=draw(st.integers(1, 3)),
         t=draw(st.integers(1, 6)),
-        inputs=draw(st.integers(1, 9)),
-        hidden=draw(st.integers(1, 9)),
+        # below one 16-lane vector (plain loop) and above it, with a partial last vector
+        inputs=draw(st.one_of(st.integers(1, 9), st.integers(15, 40))),
+        hidden=draw(st.one_of(st.integers(1, 9), st.integers(15, 40))),
         zp_h=draw(st.integers(-128, 127)),
         cell_frac=draw(st.integers(0, 15)),
         reverse=draw(st.booleans()),

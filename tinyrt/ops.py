@@ -18,6 +18,7 @@ import numpy as np
 
 from tinyrt.graph import Op, Value
 from tinyrt.kernels import reference as ref
+from tinyrt.kernels.simd import LANES
 
 Step = Callable[[], None]
 
@@ -40,11 +41,46 @@ def _image(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], 1, x.shape[2]) if x.ndim == 3 else x
 
 
-def conv_scratch_shape(op: Op, out_shape: tuple[int, ...]) -> tuple[int, int]:
-    """The im2col buffer the numba convolution needs: ``[OH * OW, C/groups * KH * KW]``."""
+def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
+    """What a numba convolution needs besides its operands: the 2-D window, the padded input
+    it reads (``[C, HP, WP]``: exactly the rows and columns the output windows reach), and
+    which kernel runs it (``direct``: see :func:`_runs_direct`)."""
+    a2 = _as_2d(op)
     weight = op.tensors["weight"]
-    positions = int(np.prod(out_shape[2:]))
-    return positions, weight[0].size
+    kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
+    oh, ow = (1,) * (4 - len(out_shape)) + tuple(out_shape[2:])
+    (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
+    channels = weight.shape[1] * a2["groups"]
+    rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    k_len = weight[0].size
+    direct = _runs_direct(weight.shape[1], k_len)
+    return {
+        "window": (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw),
+        "padded": (channels, rows, columns) if direct else (rows, columns, channels),
+        "positions": oh * ow,
+        "row": ow,
+        "k_len": k_len,
+        "direct": direct,
+    }
+
+
+def _runs_direct(c_per_group: int, k_len: int) -> bool:
+    """Direct convolution for depthwise layers and dot products shorter than one vector;
+    im2col + GEMM for the rest (docs/runtime.md, "Kernels", has the measurements)."""
+    return c_per_group == 1 or k_len < LANES
+
+
+_ACC_ALIGN = 64
+
+
+def conv_scratch_shape(op: Op, out_shape: tuple[int, ...]) -> tuple[int]:
+    """Bytes of the numba convolution's scratch: the padded input, then either the im2col
+    rows ``[OH * OW, C/groups * KH * KW]`` or (direct) an int32 row of outputs."""
+    geometry = _conv_geometry(op, out_shape)
+    padded = -(-int(np.prod(geometry["padded"])) // _ACC_ALIGN) * _ACC_ALIGN
+    if geometry["direct"]:
+        return (padded + 4 * geometry["row"],)
+    return (padded + geometry["positions"] * geometry["k_len"],)
 
 
 def bind_op(
@@ -90,35 +126,21 @@ def bind_op(
         stride, padding, dilation = a2["stride"], a2["padding"], a2["dilation"]
         groups, qmin, qmax = a2["groups"], a2["qmin"], a2["qmax"]
         if nk:
-            flat_weight = weight.reshape(weight.shape[0], -1)
-            kh, kw = weight.shape[2:]
-            top, left = padding[0], padding[2]
-
-            def conv() -> None:
-                nk.conv2d_int8(
-                    x,
-                    flat_weight,
-                    t["bias"],
-                    t["multiplier"],
-                    t["shift"],
-                    zp_in,
-                    zp_out,
-                    kh,
-                    kw,
-                    stride[0],
-                    stride[1],
-                    top,
-                    left,
-                    dilation[0],
-                    dilation[1],
-                    groups,
-                    qmin,
-                    qmax,
-                    scratch,
-                    y,
-                )
-
-            return conv
+            geometry = _conv_geometry(op, out.shape)
+            if geometry["direct"]:
+                flat_weight = weight.reshape(weight.shape[0], -1)
+            else:  # OHWI for the channels-last im2col (a copy; see conv2d_int8)
+                flat_weight = np.ascontiguousarray(weight.transpose(0, 2, 3, 1))
+                flat_weight = flat_weight.reshape(weight.shape[0], -1)
+            padded_size = int(np.prod(geometry["padded"]))
+            padded = scratch[:padded_size].reshape(geometry["padded"])
+            rest = scratch[-(-padded_size // _ACC_ALIGN) * _ACC_ALIGN :]
+            if geometry["direct"]:
+                kernel, work = nk.conv2d_direct_int8, rest.view(np.int32)
+            else:
+                kernel, work = nk.conv2d_int8, rest.reshape(geometry["positions"], -1)
+            args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out, *geometry["window"])
+            return lambda: kernel(x, flat_weight, *args, groups, qmin, qmax, padded, work, y)
         return lambda: np.copyto(
             y,
             ref.conv2d_int8(

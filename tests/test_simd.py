@@ -1,0 +1,93 @@
+"""The vector dot-product blocks (kernels/simd.py) against int64 NumPy, on this CPU's path and
+on the portable one every other CPU takes."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyrt.kernels import simd
+
+
+@numba.njit
+def _all_blocks(a, a_step, b, b_step, k_len):
+    return (
+        simd.dot_4x2(a, 1, a_step, b, 2, b_step, k_len),
+        simd.dot_4x1(a, 1, a_step, b, 2, b_step, k_len),
+        simd.dot_3x1(a, 1, a_step, b, 2, b_step, k_len),
+        simd.dot_1x1(a, 1, a_step, b, 2, b_step, k_len),
+    )
+
+
+def _expected(a, a_step, b, b_step, k_len, rows, cols):
+    """``s[r * cols + c]`` of the simd docstring, in int64 then wrapped to int32."""
+    sums = [
+        int(
+            np.dot(
+                a[1 + r * a_step : 1 + r * a_step + k_len].astype(np.int64),
+                b[2 + c * b_step : 2 + c * b_step + k_len].astype(np.int64),
+            )
+        )
+        for r in range(rows)
+        for c in range(cols)
+    ]
+    return np.array(sums, dtype=np.int64).astype(np.int32).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k_len=st.integers(16, 100),
+    a_gap=st.integers(0, 40),
+    b_gap=st.integers(0, 40),
+    extreme=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dot_blocks_match_int64(k_len, a_gap, b_gap, extreme, seed):
+    """Every block shape, lengths with and without a partial last vector, rows further apart
+    than their length (the LSTM's gate rows), and all -128 (the largest pair sums)."""
+    rng = np.random.default_rng(seed)
+    a_step, b_step = k_len + a_gap, k_len + b_gap
+    a = rng.integers(-128, 128, 1 + 4 * a_step).astype(np.int8)
+    b = rng.integers(-128, 128, 2 + 2 * b_step).astype(np.int8)
+    if extreme:
+        a[:], b[:] = -128, -128
+    blocks = _all_blocks(a, a_step, b, b_step, k_len)
+    for got, (rows, cols) in zip(blocks, [(4, 2), (4, 1), (3, 1), (1, 1)], strict=True):
+        assert list(got) == _expected(a, a_step, b, b_step, k_len, rows, cols)
+
+
+PORTABLE_CHECK = textwrap.dedent(
+    """
+    import numpy as np
+    from tinyrt.kernels import numba_kernels as nk, reference as ref, simd
+    assert not simd.HAS_AVX2
+    rng = np.random.default_rng(0)
+    for n, k, o in [(1, 16, 4), (3, 17, 9), (2, 45, 5), (5, 64, 8)]:
+        x = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        w = rng.integers(-127, 128, (o, k)).astype(np.int8)
+        bias = rng.integers(-5000, 5000, o).astype(np.int32)
+        mult = np.full(o, 1 << 30, np.int32)
+        shift = rng.integers(-12, -4, o).astype(np.int32)
+        want = ref.linear_int8(x, w, bias, mult, shift, 3)
+        out = np.empty_like(want)
+        nk.linear_int8(x, w, bias, mult, shift, 3, -128, 127, out)
+        assert (out == want).all(), (n, k, o)
+    print("portable ok")
+    """
+)
+
+
+def test_portable_path_is_bit_exact(tmp_path):
+    """The vector IR that non-AVX2 CPUs (ARM included) get, compiled here for a generic x86
+    target, gives the reference's outputs."""
+    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "portable ok" in result.stdout
