@@ -16,7 +16,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from tinyrt.kernels.simd import LANES, dot_1x1, dot_3x1, dot_4x1, dot_4x2
+from tinyrt.kernels.simd import (
+    LANES,
+    dot_3x1,
+    dot_4x1,
+    gemm_tile_1x1,
+    gemm_tile_4x1,
+    gemm_tile_4x2,
+)
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -27,23 +34,18 @@ INT32_MAX = 2**31 - 1
 
 @_inline
 def _multiply_by_quantized_multiplier(x, multiplier, shift):
-    """Scalar ``reference.multiply_by_quantized_multiplier`` (int64 in, int64 out)."""
-    x = np.int64(x)
-    if shift > 0:
-        x = x << shift
-        x = min(max(x, INT32_MIN), INT32_MAX)
+    """Scalar ``reference.multiply_by_quantized_multiplier`` (int64 in, int64 out), step for
+    step, without branches: the sign of a product is a coin flip to the branch predictor."""
+    left = max(shift, 0)
+    right = max(-shift, 0)
+    x = min(max(np.int64(x) << left, INT32_MIN), INT32_MAX)
     product = x * np.int64(multiplier)
-    if product >= 0:
-        high = (product + (1 << 30)) >> 31
-    else:
-        high = -((-(product + (1 - (1 << 30)))) >> 31)
-    if shift < 0:
-        exponent = -shift
-        mask = (np.int64(1) << exponent) - 1
-        remainder = high & mask
-        threshold = (mask >> 1) + (1 if high < 0 else 0)
-        high = (high >> exponent) + (1 if remainder > threshold else 0)
-    return high
+    nudged = product + (1 << 30) - np.int64(product < 0) * ((1 << 31) - 1)
+    # / 2^31 truncating toward zero: an arithmetic shift, after adding 2^31 - 1 to negatives
+    high = (nudged + np.int64(nudged < 0) * ((1 << 31) - 1)) >> 31
+    mask = (np.int64(1) << right) - 1
+    threshold = (mask >> 1) + np.int64(high < 0)
+    return (high >> right) + np.int64((high & mask) > threshold)
 
 
 @_inline
@@ -84,24 +86,67 @@ def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride
         return
     tile_rows = m - m % 4
     pair_cols = p - p % 2
+    params = (bias, multiplier, shift)
     for i in range(0, tile_rows, 4):
         for j in range(0, pair_cols, 2):
-            sums = dot_4x2(a, i * k_len, k_len, b, j * k_len, k_len, k_len)
-            for r in range(4):
-                for c in range(2):
-                    index = (i + r) * row_stride + (j + c) * col_stride
-                    total = sums[2 * r + c]
-                    _emit(out, index, total, i + r, bias, multiplier, shift, zp_out, qmin, qmax)
+            gemm_tile_4x2(
+                a,
+                i * k_len,
+                k_len,
+                b,
+                j * k_len,
+                k_len,
+                k_len,
+                *params,
+                i,
+                zp_out,
+                qmin,
+                qmax,
+                out,
+                i * row_stride + j * col_stride,
+                row_stride,
+                col_stride,
+            )
         if pair_cols < p:
-            sums = dot_4x1(a, i * k_len, k_len, b, pair_cols * k_len, k_len, k_len)
-            for r in range(4):
-                index = (i + r) * row_stride + pair_cols * col_stride
-                _emit(out, index, sums[r], i + r, bias, multiplier, shift, zp_out, qmin, qmax)
+            j = pair_cols
+            gemm_tile_4x1(
+                a,
+                i * k_len,
+                k_len,
+                b,
+                j * k_len,
+                k_len,
+                k_len,
+                *params,
+                i,
+                zp_out,
+                qmin,
+                qmax,
+                out,
+                i * row_stride + j * col_stride,
+                row_stride,
+                col_stride,
+            )
     for i in range(tile_rows, m):
         for j in range(p):
-            total = dot_1x1(a, i * k_len, k_len, b, j * k_len, k_len, k_len)[0]
-            index = i * row_stride + j * col_stride
-            _emit(out, index, total, i, bias, multiplier, shift, zp_out, qmin, qmax)
+            gemm_tile_1x1(
+                a,
+                i * k_len,
+                k_len,
+                b,
+                j * k_len,
+                k_len,
+                k_len,
+                *params,
+                i,
+                zp_out,
+                qmin,
+                qmax,
+                out,
+                i * row_stride + j * col_stride,
+                row_stride,
+                col_stride,
+            )
 
 
 @_jit

@@ -68,6 +68,79 @@ def _pair_products(builder: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
     return builder.add(*halves)
 
 
+def _add_pairs(builder: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    """``[x0+x1, x2+x3, .., x6+x7, y0+y1, .., y6+y7]`` of two int32 vectors (``vphaddd``)."""
+    both = list(range(LANES))  # lanes of x then of y, as shufflevector numbers them
+    even = ir.Constant(ir.VectorType(_I32, LANES // 2), both[0::2])
+    odd = ir.Constant(ir.VectorType(_I32, LANES // 2), both[1::2])
+    return builder.add(builder.shuffle_vector(x, y, even), builder.shuffle_vector(x, y, odd))
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
+    vector = ir.Constant(ir.VectorType(value.type, lanes), None)
+    for lane in range(lanes):
+        vector = builder.insert_element(vector, value, ir.Constant(_I32, lane))
+    return vector
+
+
+def _as_int64(context, builder, args, signature) -> list:
+    """The arguments with every integer widened to int64 (arrays unchanged)."""
+    return [
+        context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
+        for v, t in zip(args, signature.args, strict=True)
+    ]
+
+
+def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Value:
+    """IR for the module docstring's sums: an int32 vector of 8 lanes, lane ``r * cols + c``
+    (lanes past ``rows * cols`` are zero). ``args`` start ``a, a_start, a_step, b, b_start,
+    b_step, k_len`` (integers already int64)."""
+    a_arr, a0, a_step, b_arr, b0, b_step, k_total = args[:7]
+    i64 = k_total.type
+    a_ptr = context.make_array(signature.args[0])(context, builder, a_arr).data
+    b_ptr = context.make_array(signature.args[3])(context, builder, b_arr).data
+    a_rows = [builder.add(a0, builder.mul(a_step, ir.Constant(i64, r))) for r in range(rows)]
+    b_rows = [builder.add(b0, builder.mul(b_step, ir.Constant(i64, c))) for c in range(cols)]
+    slots = []
+    for _ in range(rows * cols):
+        slot = cgutils.alloca_once(builder, _SUMS)
+        builder.store(ir.Constant(_SUMS, None), slot)
+        slots.append(slot)
+
+    def load(ptr: ir.Value, offset: ir.Value) -> ir.Value:
+        address = builder.bitcast(builder.gep(ptr, [offset]), _BYTES.as_pointer())
+        return builder.sext(builder.load(address, align=1), _WORDS)
+
+    def accumulate(k: ir.Value, keep: ir.Value | None) -> None:
+        a_vecs = [load(a_ptr, builder.add(start, k)) for start in a_rows]
+        if keep is not None:
+            zero = ir.Constant(_WORDS, None)
+            a_vecs = [builder.select(keep, v, zero) for v in a_vecs]
+        b_vecs = [load(b_ptr, builder.add(start, k)) for start in b_rows]
+        for r, av in enumerate(a_vecs):
+            for c, bv in enumerate(b_vecs):
+                slot = slots[r * cols + c]
+                sums = builder.add(builder.load(slot), _pair_products(builder, av, bv))
+                builder.store(sums, slot)
+
+    lanes = ir.Constant(i64, LANES)
+    full = builder.sdiv(k_total, lanes)
+    with cgutils.for_range(builder, full) as loop:
+        accumulate(builder.mul(loop.index, lanes), None)
+    done = builder.mul(full, lanes)
+    with builder.if_then(builder.icmp_signed("<", done, k_total)):
+        # lanes [0, LANES - tail) of the last load were counted by the full steps
+        counted = builder.trunc(builder.sub(lanes, builder.sub(k_total, done)), _I32)
+        index = ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))
+        keep = builder.icmp_signed(">=", index, _splat(builder, counted, LANES))
+        accumulate(builder.sub(k_total, lanes), keep)
+    sums = [builder.load(slot) for slot in slots]
+    sums += [ir.Constant(_SUMS, None)] * (LANES // 2 - len(sums))
+    while len(sums) > 1:  # pairwise lane sums: 8 accumulators -> 8 totals, in order
+        sums = [_add_pairs(builder, x, y) for x, y in zip(sums[::2], sums[1::2], strict=True)]
+    return sums[0]
+
+
 def _make_dot(rows: int, cols: int):
     """The ``dot_{rows}x{cols}`` intrinsic described in the module docstring."""
 
@@ -77,65 +150,11 @@ def _make_dot(rows: int, cols: int):
         sig = result(a, a_start, a_step, b, b_start, b_step, k_len)
 
         def codegen(context, builder, signature, args):
-            a_arr, a0, a_step, b_arr, b0, b_step, k_total = (
-                context.cast(builder, v, t, types.int64) if isinstance(t, types.Integer) else v
-                for v, t in zip(args, signature.args, strict=True)
-            )
-            i64 = k_total.type
-            a_ptr = context.make_array(signature.args[0])(context, builder, a_arr).data
-            b_ptr = context.make_array(signature.args[3])(context, builder, b_arr).data
-            a_rows = [
-                builder.add(a0, builder.mul(a_step, ir.Constant(i64, r))) for r in range(rows)
+            args = _as_int64(context, builder, args, signature)
+            sums = _dot_sums(context, builder, signature, args, rows, cols)
+            totals = [
+                builder.extract_element(sums, ir.Constant(_I32, i)) for i in range(rows * cols)
             ]
-            b_rows = [
-                builder.add(b0, builder.mul(b_step, ir.Constant(i64, c))) for c in range(cols)
-            ]
-            slots = []
-            for _ in range(rows * cols):
-                slot = cgutils.alloca_once(builder, _SUMS)
-                builder.store(ir.Constant(_SUMS, None), slot)
-                slots.append(slot)
-
-            def load(ptr: ir.Value, offset: ir.Value) -> ir.Value:
-                address = builder.bitcast(builder.gep(ptr, [offset]), _BYTES.as_pointer())
-                return builder.sext(builder.load(address, align=1), _WORDS)
-
-            def accumulate(k: ir.Value, keep: ir.Value | None) -> None:
-                a_vecs = [load(a_ptr, builder.add(start, k)) for start in a_rows]
-                if keep is not None:
-                    zero = ir.Constant(_WORDS, None)
-                    a_vecs = [builder.select(keep, v, zero) for v in a_vecs]
-                b_vecs = [load(b_ptr, builder.add(start, k)) for start in b_rows]
-                for r, av in enumerate(a_vecs):
-                    for c, bv in enumerate(b_vecs):
-                        slot = slots[r * cols + c]
-                        sums = builder.add(builder.load(slot), _pair_products(builder, av, bv))
-                        builder.store(sums, slot)
-
-            lanes = ir.Constant(i64, LANES)
-            full = builder.sdiv(k_total, lanes)
-            with cgutils.for_range(builder, full) as loop:
-                accumulate(builder.mul(loop.index, lanes), None)
-            done = builder.mul(full, lanes)
-            with builder.if_then(builder.icmp_signed("<", done, k_total)):
-                # lanes [0, LANES - tail) of the last load were counted by the full steps
-                counted = builder.sub(lanes, builder.sub(k_total, done))
-                counted = builder.trunc(counted, _I32)
-                index = ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))
-                bound_vec = ir.Constant(ir.VectorType(_I32, LANES), None)
-                for lane in range(LANES):
-                    bound_vec = builder.insert_element(bound_vec, counted, ir.Constant(_I32, lane))
-                keep = builder.icmp_signed(">=", index, bound_vec)
-                accumulate(builder.sub(k_total, lanes), keep)
-            totals = []
-            for slot in slots:
-                sums = builder.load(slot)
-                total = builder.extract_element(sums, ir.Constant(_I32, 0))
-                for lane in range(1, LANES // 2):
-                    total = builder.add(
-                        total, builder.extract_element(sums, ir.Constant(_I32, lane))
-                    )
-                totals.append(total)
             return context.make_tuple(builder, result, totals)
 
         return sig, codegen
@@ -144,7 +163,139 @@ def _make_dot(rows: int, cols: int):
     return dot
 
 
-dot_4x2 = _make_dot(4, 2)
+def _requantize_lanes(builder, acc, bias, multiplier, shift, zero_point, qmin, qmax):
+    """``reference.requantize`` of 8 int32 lanes with per-lane int32 parameters, as vectors;
+    the same steps, in the same order, as ``reference.multiply_by_quantized_multiplier``."""
+    wide = ir.VectorType(ir.IntType(64), LANES // 2)
+
+    def const(value: int, vector=_SUMS) -> ir.Constant:
+        return ir.Constant(vector, [value] * (LANES // 2))
+
+    def clamp(x, low, high):
+        x = builder.select(builder.icmp_signed("<", x, low), low, x)
+        return builder.select(builder.icmp_signed(">", x, high), high, x)
+
+    left = builder.select(builder.icmp_signed(">", shift, const(0)), shift, const(0))
+    right = builder.sub(left, shift)  # max(-shift, 0)
+    x = builder.add(builder.sext(acc, wide), builder.sext(bias, wide))
+    x = clamp(
+        builder.shl(x, builder.zext(left, wide)), const(-(2**31), wide), const(2**31 - 1, wide)
+    )
+    # x fits int32 now: sext(trunc(x)) lets LLVM use a 32x32->64 multiply
+    product = builder.mul(
+        builder.sext(builder.trunc(x, _SUMS), wide), builder.sext(multiplier, wide)
+    )
+    negative = builder.icmp_signed("<", product, const(0, wide))
+    nudged = builder.add(
+        product, builder.select(negative, const(1 - 2**30, wide), const(2**30, wide))
+    )
+    negative = builder.icmp_signed("<", nudged, const(0, wide))
+    nudged = builder.add(nudged, builder.select(negative, const(2**31 - 1, wide), const(0, wide)))
+    high = builder.trunc(builder.ashr(nudged, const(31, wide)), _SUMS)
+    mask = builder.sub(builder.shl(const(1), right), const(1))
+    threshold = builder.add(
+        builder.ashr(mask, const(1)), builder.zext(builder.icmp_signed("<", high, const(0)), _SUMS)
+    )
+    above = builder.icmp_signed(">", builder.and_(high, mask), threshold)
+    scaled = builder.add(builder.ashr(high, right), builder.zext(above, _SUMS))
+    y = clamp(builder.add(scaled, zero_point), qmin, qmax)
+    return builder.trunc(y, ir.VectorType(_I8, LANES // 2))
+
+
+def _make_gemm_tile(rows: int, cols: int):
+    """``gemm_tile_{rows}x{cols}(a, a_start, a_step, b, b_start, b_step, k_len, bias,
+    multiplier, shift, row, zp_out, qmin, qmax, out, out_start, row_stride, col_stride)``:
+    the ``dot_{rows}x{cols}`` sums, requantized in vector lanes (sum ``(r, c)`` with row
+    ``row + r``'s bias and parameters) and stored to
+    ``out[out_start + r * row_stride + c * col_stride]``: a GEMM tile with its epilogue."""
+
+    @intrinsic
+    def tile(
+        typingctx,
+        a,
+        a_start,
+        a_step,
+        b,
+        b_start,
+        b_step,
+        k_len,
+        bias,
+        multiplier,
+        shift,
+        row,
+        zp_out,
+        qmin,
+        qmax,
+        out,
+        out_start,
+        row_stride,
+        col_stride,
+    ):
+        sig = types.void(
+            a,
+            a_start,
+            a_step,
+            b,
+            b_start,
+            b_step,
+            k_len,
+            bias,
+            multiplier,
+            shift,
+            row,
+            zp_out,
+            qmin,
+            qmax,
+            out,
+            out_start,
+            row_stride,
+            col_stride,
+        )
+
+        def codegen(context, builder, signature, args):
+            args = _as_int64(context, builder, args, signature)
+            sums = _dot_sums(context, builder, signature, args, rows, cols)
+            bias, multiplier, shift, row, zp, qmin, qmax, out, start, row_stride, col_stride = args[
+                7:
+            ]
+            params = []
+            for position in (7, 8, 9):
+                data = context.make_array(signature.args[position])(
+                    context, builder, args[position]
+                ).data
+                values = [
+                    builder.load(builder.gep(data, [builder.add(row, ir.Constant(row.type, r))]))
+                    for r in range(rows)
+                ]
+                vector = ir.Constant(_SUMS, None)
+                for lane in range(LANES // 2):
+                    value = values[min(lane // cols, rows - 1)]
+                    vector = builder.insert_element(vector, value, ir.Constant(_I32, lane))
+                params.append(vector)
+            splats = [_splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp, qmin, qmax)]
+            y = _requantize_lanes(builder, sums, *params, *splats)
+            out_ptr = context.make_array(signature.args[14])(context, builder, out).data
+            for r in range(rows):
+                for c in range(cols):
+                    offset = builder.add(
+                        start,
+                        builder.add(
+                            builder.mul(row_stride, ir.Constant(start.type, r)),
+                            builder.mul(col_stride, ir.Constant(start.type, c)),
+                        ),
+                    )
+                    value = builder.extract_element(y, ir.Constant(_I32, r * cols + c))
+                    builder.store(value, builder.gep(out_ptr, [offset]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.__name__ = tile.__qualname__ = f"gemm_tile_{rows}x{cols}"
+    return tile
+
+
 dot_4x1 = _make_dot(4, 1)
 dot_3x1 = _make_dot(3, 1)
-dot_1x1 = _make_dot(1, 1)
+gemm_tile_4x2 = _make_gemm_tile(4, 2)
+gemm_tile_4x1 = _make_gemm_tile(4, 1)
+gemm_tile_1x1 = _make_gemm_tile(1, 1)
