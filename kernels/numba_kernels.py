@@ -262,6 +262,13 @@ def conv2d_int8(
 
 
 @_inline
+def _requantize_row(acc, multiplier, shift, zp_out, qmin, qmax, out):
+    """``out[q] = requantize(acc[q])`` with one channel's parameters (a loop LLVM vectorizes)."""
+    for q in range(acc.size):
+        out[q] = _requantize(acc[q], multiplier, shift, zp_out, qmin, qmax)
+
+
+@_inline
 def _accumulate_tap(acc, inputs, w):
     """``acc[q] += w * inputs[q]`` (int32) over a row of outputs."""
     for q in range(acc.size):
@@ -325,10 +332,7 @@ def conv2d_direct_int8(
                                 _accumulate_tap(acc, source[start : start + ow], w)
                             else:
                                 _accumulate_tap(acc, source[start : start + span : sw], w)
-                for q in range(ow):
-                    out[n, o, p, q] = _requantize(
-                        acc[q], multiplier[o], shift[o], zp_out, qmin, qmax
-                    )
+                _requantize_row(acc, multiplier[o], shift[o], zp_out, qmin, qmax, out[n, o, p])
 
 
 @_jit

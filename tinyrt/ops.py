@@ -53,7 +53,7 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     channels = weight.shape[1] * a2["groups"]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     k_len = weight[0].size
-    direct = _runs_direct(weight.shape[1], k_len)
+    direct = _runs_direct(a2["groups"], weight.shape[1], k_len)
     return {
         "window": (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw),
         "padded": (channels, rows, columns) if direct else (rows, columns, channels),
@@ -64,10 +64,10 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     }
 
 
-def _runs_direct(c_per_group: int, k_len: int) -> bool:
+def _runs_direct(groups: int, c_per_group: int, k_len: int) -> bool:
     """Direct convolution for depthwise layers and dot products shorter than one vector;
     im2col + GEMM for the rest (docs/runtime.md, "Kernels", has the measurements)."""
-    return c_per_group == 1 or k_len < LANES
+    return (groups > 1 and c_per_group == 1) or k_len < LANES
 
 
 _ACC_ALIGN = 64
