@@ -269,6 +269,22 @@ def _requantize_row(acc, multiplier, shift, zp_out, qmin, qmax, out):
 
 
 @_inline
+def _depthwise_row_3x3(a0, a1, a2, b0, b1, b2, c0, c1, c2, taps, bias, acc):
+    """``acc[q] = bias + Σ_t taps[t] * v_t[q]`` over the nine input views ``a0 .. c2`` (the
+    window's rows i = 0, 1, 2 at columns j = 0, 1, 2): one output row of a 3x3 depthwise
+    convolution in one pass, the nine taps in registers."""
+    w0, w1, w2 = np.int32(taps[0]), np.int32(taps[1]), np.int32(taps[2])
+    w3, w4, w5 = np.int32(taps[3]), np.int32(taps[4]), np.int32(taps[5])
+    w6, w7, w8 = np.int32(taps[6]), np.int32(taps[7]), np.int32(taps[8])
+    for q in range(acc.size):
+        total = np.int32(bias + w0 * np.int32(a0[q]) + w1 * np.int32(a1[q]) + w2 * np.int32(a2[q]))
+        total = np.int32(total + w3 * np.int32(b0[q]) + w4 * np.int32(b1[q]) + w5 * np.int32(b2[q]))
+        acc[q] = np.int32(
+            total + w6 * np.int32(c0[q]) + w7 * np.int32(c1[q]) + w8 * np.int32(c2[q])
+        )
+
+
+@_inline
 def _accumulate_tap(acc, inputs, w):
     """``acc[q] += w * inputs[q]`` (int32) over a row of outputs."""
     for q in range(acc.size):
@@ -320,6 +336,26 @@ def conv2d_direct_int8(
             first_channel = (o // o_per_group) * c_per_group
             taps = weight[o]
             for p in range(oh):
+                if c_per_group == 1 and kh == 3 and kw == 3:
+                    channel = padded[first_channel]
+                    r0, r1, r2 = channel[p * sh], channel[p * sh + dh], channel[p * sh + 2 * dh]
+                    j1, j2 = dw, 2 * dw
+                    if sw == 1:  # contiguous views: plain vector loads
+                        _depthwise_row_3x3(
+                            r0[:ow], r0[j1 : j1 + ow], r0[j2 : j2 + ow],
+                            r1[:ow], r1[j1 : j1 + ow], r1[j2 : j2 + ow],
+                            r2[:ow], r2[j1 : j1 + ow], r2[j2 : j2 + ow],
+                            taps, bias[o], acc,
+                        )  # fmt: skip
+                    else:
+                        _depthwise_row_3x3(
+                            r0[:span:sw], r0[j1 : j1 + span : sw], r0[j2 : j2 + span : sw],
+                            r1[:span:sw], r1[j1 : j1 + span : sw], r1[j2 : j2 + span : sw],
+                            r2[:span:sw], r2[j1 : j1 + span : sw], r2[j2 : j2 + span : sw],
+                            taps, bias[o], acc,
+                        )  # fmt: skip
+                    _requantize_row(acc, multiplier[o], shift[o], zp_out, qmin, qmax, out[n, o, p])
+                    continue
                 acc[:] = bias[o]
                 for c in range(c_per_group):
                     channel = padded[first_channel + c]
