@@ -234,17 +234,7 @@ def conv2d_int8(
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, True)
         for g in range(groups):
             if not pointwise:
-                first_channel = g * c_per_group
-                for p in range(oh):
-                    for q in range(ow):
-                        row = columns[p * ow + q]
-                        k = 0
-                        for i in range(kh):
-                            for j in range(kw):
-                                taps = padded[p * sh + i * dh, q * sw + j * dw]
-                                for c in range(c_per_group):
-                                    row[k + c] = taps[first_channel + c]
-                                k += c_per_group
+                _im2col(padded, g * c_per_group, c_per_group, kh, kw, sh, sw, dh, dw, ow, columns)
             first = g * o_per_group
             gemm_int8(
                 weight[first : first + o_per_group],
@@ -259,6 +249,32 @@ def conv2d_int8(
                 positions,
                 1,
             )
+
+
+@_inline
+def _im2col(padded, first_channel, c_per_group, kh, kw, sh, sw, dh, dw, ow, columns):
+    """Fill ``columns[p * OW + q]`` with the window of output ``(p, q)``: for each tap
+    ``(i, j)`` the channels ``first_channel ..`` of ``padded`` ``[HP, WP, C]``. With one group
+    and no column dilation, each window row's ``kw`` taps are one contiguous run."""
+    hp, wp, channels = padded.shape
+    lines = padded.reshape(hp, wp * channels)
+    run = kw * channels
+    contiguous = c_per_group == channels and dw == 1
+    for position in range(columns.shape[0]):
+        p, q = position // ow, position % ow
+        row = columns[position]
+        for i in range(kh):
+            line = lines[p * sh + i * dh]
+            if contiguous:
+                start = q * sw * channels
+                for e in range(run):
+                    row[i * run + e] = line[start + e]
+                continue
+            for j in range(kw):
+                start = (q * sw + j * dw) * channels + first_channel
+                k = (i * kw + j) * c_per_group
+                for c in range(c_per_group):
+                    row[k + c] = line[start + c]
 
 
 @_inline
