@@ -25,6 +25,11 @@ from tinyrt.kernels.simd import (
     gemm_tile_4x2,
 )
 
+# Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
+# simd.py changes, this line must change too, or caches keep the old machine code
+# (tests/test_simd.py checks it).
+SIMD_SOURCE_SHA256 = "3a198e159169db72"
+
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
 
@@ -385,6 +390,62 @@ def conv2d_direct_int8(
                             else:
                                 _accumulate_tap(acc, source[start : start + span : sw], w)
                 _requantize_row(acc, multiplier[o], shift[o], zp_out, qmin, qmax, out[n, o, p])
+
+
+@_jit
+def depthwise_conv2d_int8(
+    x,
+    weight,
+    bias,
+    multiplier,
+    shift,
+    zp_in,
+    zp_out,
+    kh,
+    kw,
+    sh,
+    sw,
+    pad_top,
+    pad_left,
+    dh,
+    dw,
+    qmin,
+    qmax,
+    padded,
+    acc,
+    out,
+):
+    """``reference.conv2d_int8`` for depthwise layers (``groups == C == O``), channels last.
+
+    Every output position takes ``acc[c] = bias[c] + Σ_t weight[t, c] * xpad[.., .., c]`` over
+    the taps ``t``: loops over contiguous channels, however small the image (a row-at-a-time
+    kernel spends its time on loop overhead at 25x5). ``weight`` is ``[KH * KW, C]`` (taps
+    major); scratch: ``padded`` ``[HP, WP, C]`` (:func:`_pad_input`) and ``acc`` int32 ``[C]``.
+    Other arguments as :func:`conv2d_int8`.
+    """
+    n_batch = x.shape[0]
+    channels = weight.shape[1]
+    _, _, oh, ow = out.shape
+    for n in range(n_batch):
+        _pad_input(x[n], zp_in, pad_top, pad_left, padded, True)
+        for p in range(oh):
+            for q in range(ow):
+                acc[:] = bias
+                for i in range(kh):
+                    line = padded[p * sh + i * dh]
+                    for j in range(kw):
+                        _accumulate_products(acc, weight[i * kw + j], line[q * sw + j * dw])
+                for c in range(channels):
+                    out[n, c, p, q] = _requantize(
+                        acc[c], multiplier[c], shift[c], zp_out, qmin, qmax
+                    )
+
+
+@_inline
+def _accumulate_products(acc, w, v):
+    """``acc[c] += w[c] * v[c]`` (int32)."""
+    for c in range(acc.size):
+        acc[c] = np.int32(acc[c] + np.int32(w[c]) * np.int32(v[c]))
 
 
 @_jit

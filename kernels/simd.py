@@ -32,7 +32,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-LANES = 16  # int8 elements per step
+from tinyrt.kernels import LANES
+
 _I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _BYTES = ir.VectorType(_I8, LANES)
 _WORDS = ir.VectorType(_I16, LANES)

@@ -272,11 +272,18 @@ def test_conv2d_numba_bit_exact(p):
             np.empty(ow, dtype=np.int32),
         ),
     }
-    for kernel, (layout, padded, work) in kernels.items():  # every shape through both
+    if p["groups"] == x.shape[1] == o:  # depthwise: also the channels-last kernel
+        kernels[nk.depthwise_conv2d_int8] = (
+            weight.reshape(o, -1).T,
+            np.empty(reach + (x.shape[1],), dtype=np.int8),
+            np.empty(o, dtype=np.int32),
+        )
+    for kernel, (layout, padded, work) in kernels.items():  # every shape through each
         out = np.empty_like(want)
+        groups = () if kernel is nk.depthwise_conv2d_int8 else (p["groups"],)
         kernel(
             x,
-            np.ascontiguousarray(layout).reshape(o, -1),
+            np.ascontiguousarray(layout).reshape(len(layout), -1),
             bias,
             multiplier,
             shift,
@@ -290,7 +297,7 @@ def test_conv2d_numba_bit_exact(p):
             left,
             dh,
             dw,
-            p["groups"],
+            *groups,
             p["qmin"],
             127,
             padded,

@@ -1,6 +1,7 @@
 """The vector dot-product blocks (kernels/simd.py) against int64 NumPy, on this CPU's path and
 on the portable one every other CPU takes."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tinyrt.kernels import simd
+from tinyrt.kernels import numba_kernels, simd
 
 
 @numba.njit
@@ -90,3 +91,12 @@ def test_portable_path_is_bit_exact(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "portable ok" in result.stdout
+
+
+def test_kernel_cache_sees_simd_changes():
+    """Numba invalidates the kernels' disk cache when numba_kernels.py changes, not when
+    simd.py does; the recorded hash makes every simd.py change touch numba_kernels.py."""
+    source = open(simd.__file__, "rb").read()
+    assert hashlib.sha256(source).hexdigest()[:16] == numba_kernels.SIMD_SOURCE_SHA256, (
+        "kernels/simd.py changed: update SIMD_SOURCE_SHA256 in kernels/numba_kernels.py"
+    )

@@ -17,8 +17,8 @@ from types import ModuleType
 import numpy as np
 
 from tinyrt.graph import Op, Value
+from tinyrt.kernels import LANES
 from tinyrt.kernels import reference as ref
-from tinyrt.kernels.simd import LANES
 
 Step = Callable[[], None]
 
@@ -43,8 +43,8 @@ def _image(x: np.ndarray) -> np.ndarray:
 
 def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     """What a numba convolution needs besides its operands: the 2-D window, the padded input
-    it reads (``[C, HP, WP]``: exactly the rows and columns the output windows reach), and
-    which kernel runs it (``direct``: see :func:`_runs_direct`)."""
+    it reads (exactly the rows and columns the output windows reach), the kernel that runs it
+    (:func:`_conv_kernel`) and the size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
@@ -52,35 +52,47 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     channels = weight.shape[1] * a2["groups"]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-    k_len = weight[0].size
-    direct = _runs_direct(a2["groups"], weight.shape[1], k_len)
+    kernel = _conv_kernel(a2["groups"], channels, weight.shape[0], weight[0].size, ow)
+    work = {  # bytes
+        "gemm": oh * ow * weight[0].size,  # im2col rows
+        "depthwise": 4 * channels,  # int32 accumulators, one per channel
+        "direct": 4 * ow,  # int32 accumulators, one per output column
+    }[kernel]
     return {
         "window": (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw),
-        "padded": (channels, rows, columns) if direct else (rows, columns, channels),
+        "padded": (channels, rows, columns) if kernel == "direct" else (rows, columns, channels),
         "positions": oh * ow,
-        "row": ow,
-        "k_len": k_len,
-        "direct": direct,
+        "kernel": kernel,
+        "work": work,
     }
 
 
-def _runs_direct(groups: int, c_per_group: int, k_len: int) -> bool:
-    """Direct convolution for depthwise layers and dot products shorter than one vector;
-    im2col + GEMM for the rest (docs/runtime.md, "Kernels", has the measurements)."""
-    return (groups > 1 and c_per_group == 1) or k_len < LANES
+def _conv_kernel(groups: int, channels: int, out_channels: int, k_len: int, width: int) -> str:
+    """Which numba kernel runs a convolution (docs/runtime.md has the measurements):
+
+    - ``depthwise``: one input channel per output channel on narrow outputs (fewer than 16
+      columns), channels last, so the loops run over channels instead of short rows;
+    - ``direct``: other depthwise layers (rows of outputs) and dot products shorter than one
+      vector (e.g. a 3x3 window on one input channel);
+    - ``gemm``: im2col + GEMM, everything else.
+    """
+    depthwise = groups > 1 and groups == channels
+    if depthwise and out_channels == channels and width < LANES:
+        return "depthwise"
+    if depthwise or k_len < LANES:
+        return "direct"
+    return "gemm"
 
 
 _ACC_ALIGN = 64
 
 
 def conv_scratch_shape(op: Op, out_shape: tuple[int, ...]) -> tuple[int]:
-    """Bytes of the numba convolution's scratch: the padded input, then either the im2col
-    rows ``[OH * OW, C/groups * KH * KW]`` or (direct) an int32 row of outputs."""
+    """Bytes of the numba convolution's scratch: the padded input, then (64-byte aligned) the
+    kernel's second buffer (:func:`_conv_geometry`)."""
     geometry = _conv_geometry(op, out_shape)
     padded = -(-int(np.prod(geometry["padded"])) // _ACC_ALIGN) * _ACC_ALIGN
-    if geometry["direct"]:
-        return (padded + 4 * geometry["row"],)
-    return (padded + geometry["positions"] * geometry["k_len"],)
+    return (padded + geometry["work"],)
 
 
 def bind_op(
@@ -127,20 +139,24 @@ def bind_op(
         groups, qmin, qmax = a2["groups"], a2["qmin"], a2["qmax"]
         if nk:
             geometry = _conv_geometry(op, out.shape)
-            if geometry["direct"]:
-                flat_weight = weight.reshape(weight.shape[0], -1)
-            else:  # OHWI for the channels-last im2col (a copy; see conv2d_int8)
-                flat_weight = np.ascontiguousarray(weight.transpose(0, 2, 3, 1))
-                flat_weight = flat_weight.reshape(weight.shape[0], -1)
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
-            rest = scratch[-(-padded_size // _ACC_ALIGN) * _ACC_ALIGN :]
-            if geometry["direct"]:
-                kernel, work = nk.conv2d_direct_int8, rest.view(np.int32)
-            else:
-                kernel, work = nk.conv2d_int8, rest.reshape(geometry["positions"], -1)
+            work = scratch[-(-padded_size // _ACC_ALIGN) * _ACC_ALIGN :]
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out, *geometry["window"])
-            return lambda: kernel(x, flat_weight, *args, groups, qmin, qmax, padded, work, y)
+            o = weight.shape[0]
+            # weights in the order each kernel reads them (copies made once, at load)
+            if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
+                ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
+                columns = work.reshape(geometry["positions"], -1)
+                return lambda: nk.conv2d_int8(
+                    x, ohwi, *args, groups, qmin, qmax, padded, columns, y
+                )
+            if geometry["kernel"] == "depthwise":  # taps major, channels contiguous
+                taps = np.ascontiguousarray(weight.reshape(o, -1).T)
+                acc = work.view(np.int32)
+                return lambda: nk.depthwise_conv2d_int8(x, taps, *args, qmin, qmax, padded, acc, y)
+            oihw, acc = weight.reshape(o, -1), work.view(np.int32)
+            return lambda: nk.conv2d_direct_int8(x, oihw, *args, groups, qmin, qmax, padded, acc, y)
         return lambda: np.copyto(
             y,
             ref.conv2d_int8(
