@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from types import ModuleType
 from typing import Any
 
@@ -190,6 +191,28 @@ class Model:
         varying = self._varying_axes()
         self.inputs = [self._spec(p, varying) for p in self.graph.inputs]
         self.outputs = [self._spec(p, varying) for p in self.graph.outputs]
+        # Worked out once for the calls (see "running" below).
+        self._input_names = tuple(s.name for s in self.inputs)
+        self._input_set = frozenset(self._input_names)
+        self._output_names = tuple(s.name for s in self.outputs)
+        self._rules = [
+            _InputRule.of(spec, port)
+            for spec, port in zip(self.inputs, self.graph.inputs, strict=True)
+        ]
+        self._value_ports = [(i, p) for i, p in enumerate(self.graph.inputs) if not p.is_state]
+        self._state_ports = [(i, p) for i, p in enumerate(self.graph.inputs) if p.is_state]
+        self._input_values = [self.graph.values[p.value] for _, p in self._value_ports]
+        self._unswapped = (  # the value inputs' indices, if no shape needs _swap
+            None
+            if any(p.batch_axis for _, p in self._value_ports)
+            else [i for i, _ in self._value_ports]
+        )
+        codes = np.arange(256, dtype=np.uint8).view(np.int8)  # indexed by the code's bits
+        self._tables = {  # int8 output value -> its 256 codes dequantized
+            p.value: ref.dequantize(codes, v.scale, v.zero_point)
+            for p in self.graph.outputs
+            if not p.is_state and (v := self.graph.values[p.value]).dtype == "int8"
+        }
 
     def _embedding_sizes(self) -> dict[str, int]:
         """Token input name -> the smallest vocabulary of the embeddings that read it."""
@@ -261,22 +284,29 @@ class Model:
         return StreamState(self, batch)
 
     # --- running -----------------------------------------------------------------------
+    #
+    # A call's fixed costs matter on small models (a 16x16 linear layer's kernel takes 1 us):
+    # everything that depends only on the model is worked out in __init__ (``_rules``,
+    # ``_tables``), everything that depends on the input shapes once per plan (``_Plan``), so
+    # a call checks its arrays, writes them, runs the steps and reads the outputs.
 
     def __call__(
         self, *args: Any, state: StreamState | None = None, **kwargs: Any
     ) -> np.ndarray | tuple[np.ndarray, ...]:
         """Float inputs, positional in input order or by name; float32 output(s), in output
         order (state outputs included: ``y, h, c = model(x, h0, c0)``)."""
-        if len(args) > len(self.inputs):
+        if len(args) > len(self._input_names):
             raise InputError(f"the model takes {len(self.inputs)} input(s), got {len(args)}")
-        named = dict(zip((s.name for s in self.inputs), args, strict=False))
-        for name in kwargs:
-            if name in named:
-                raise InputError(f"input '{name}' given twice")
-        named.update(kwargs)
-        results = self.run(named, state=state)
-        outputs = tuple(results[s.name] for s in self.outputs)
-        return outputs[0] if len(outputs) == 1 else outputs
+        if kwargs or len(args) != len(self._input_names):
+            named = dict(zip(self._input_names, args, strict=False))
+            for name in kwargs:
+                if name in named:
+                    raise InputError(f"input '{name}' given twice")
+            named.update(kwargs)
+            args = self._arrays_by_name(named)
+        plan = self._execute(args, quantized=False, state=state)
+        outputs = self._real_outputs(plan)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def run(
         self, inputs: Mapping[str, Any], state: StreamState | None = None
@@ -289,13 +319,8 @@ class Model:
         infinite inputs raise :class:`InputError`. With a ``state``, recurrent ops continue
         from it and leave their final state in it (ops given a state input excepted).
         """
-        executor = self._execute(inputs, quantized=False, state=state)
-        return {  # dequantizing made fresh arrays; a swapped one is made contiguous
-            p.name: self._read_state(executor, p, quantized=False)
-            if p.is_state
-            else np.ascontiguousarray(_swap(self._dequantize(p, executor.buffers[p.value]), p))
-            for p in self.graph.outputs
-        }
+        plan = self._execute(self._arrays_by_name(inputs), quantized=False, state=state)
+        return dict(zip(self._output_names, self._real_outputs(plan), strict=True))
 
     def run_quantized(
         self, inputs: Mapping[str, Any], state: StreamState | None = None
@@ -304,12 +329,13 @@ class Model:
         return int8 outputs. No float arithmetic at all; output softmaxes are not applied.
         State inputs and outputs are in their stored form (``TensorSpec.quantized_dtype``:
         int8, int16, or float32 in dynamic mode). Dynamic-mode values are float32."""
-        executor = self._execute(inputs, quantized=True, state=state)
+        plan = self._execute(self._arrays_by_name(inputs), quantized=True, state=state)
+        executor = plan.executor
         return {
             p.name: self._read_state(executor, p, quantized=True)
-            if p.is_state
-            else _swap(executor.buffers[p.value], p).copy()
-            for p in self.graph.outputs
+            if view is None
+            else view.copy()  # a swapped view's copy is contiguous
+            for p, view in zip(self.graph.outputs, plan.outputs, strict=True)
         }
 
     def run_values(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -318,10 +344,13 @@ class Model:
         For debugging and per-layer error statistics; slower (no memory sharing). State inputs
         are used as in :meth:`run`; state outputs are not values and are not returned.
         """
-        shapes, _ = self._check_inputs(inputs, quantized=False)
+        arrays = self._arrays_by_name(inputs)
+        shape_key, _ = self._check_arrays(arrays, quantized=False)
+        shapes = self._value_shapes(shape_key)
         executor = Executor(self.graph, shapes, self._kernels, share_memory=False)
-        self._write_inputs(executor, inputs, quantized=False)
-        self._write_states(executor, inputs, quantized=False)
+        plan = _Plan(self.graph, executor)
+        self._write_inputs(plan, arrays, quantized=False)
+        self._write_states(executor, arrays, quantized=False)
         executor.run()
         return {
             value.name: self._real(value, buffer)
@@ -330,62 +359,75 @@ class Model:
 
     # --- helpers --------------------------------------------------------------------------
 
-    def _execute(
-        self, inputs: Mapping[str, Any], quantized: bool, state: StreamState | None
-    ) -> Executor:
-        shapes, batch = self._check_inputs(inputs, quantized)
+    def _execute(self, arrays: Sequence[Any], quantized: bool, state: StreamState | None) -> _Plan:
+        """Check ``arrays`` (the inputs in input order), run them through this thread's plan
+        for their shapes and return the plan, its outputs written."""
+        shape_key, batch = self._check_arrays(arrays, quantized)
+        executors = getattr(self._local, "executors", None)
+        if executors is None:  # this thread's first call
+            executors = self._local.executors = OrderedDict()
+        key = (batch,) + shape_key
+        plan = executors.get(key)
+        if plan is None:
+            shapes = self._value_shapes(shape_key)  # raises if they do not fit the model
         if state is not None:
             if not isinstance(state, StreamState) or state.model is not self:
                 raise InputError("state must be a StreamState made by this model's new_state()")
             if state.batch != batch:
                 raise InputError(f"the state is for batch size {state.batch}, inputs have {batch}")
-        executors = getattr(self._local, "executors", None)
-        if executors is None:  # this thread's first call
-            executors = self._local.executors = OrderedDict()
-        key = (batch,) + tuple(shapes[p.value] for p in self._value_inputs)
-        executor = executors.get(key)
-        if executor is None:
+        if plan is None:
             if len(executors) >= MAX_PLANS:  # e.g. a stream fed chunks of many lengths
                 executors.popitem(last=False)
-            executor = executors[key] = Executor(self.graph, shapes, self._kernels)
+            plan = executors[key] = _Plan(self.graph, Executor(self.graph, shapes, self._kernels))
         else:
             executors.move_to_end(key)
-        self._write_inputs(executor, inputs, quantized)
-        executor.reset_states()
-        if state is not None:
-            state._load_into(executor)
-        self._write_states(executor, inputs, quantized)
+        executor = plan.executor
+        self._write_inputs(plan, arrays, quantized)
+        if executor.states:
+            executor.reset_states()
+            if state is not None:
+                state._load_into(executor)
+            self._write_states(executor, arrays, quantized)
         executor.run()
         if state is not None:
             state._store_from(executor)
-        return executor
+        return plan
 
-    def _check_inputs(
-        self, inputs: Mapping[str, Any], quantized: bool
-    ) -> tuple[list[tuple[int, ...]], int]:
-        """Validate names, dtypes, shapes and values; return every value's shape and the
-        batch size."""
-        if not isinstance(inputs, Mapping):
-            raise InputError(
-                f"inputs must be a mapping of name to array, got {type(inputs).__name__}"
-            )
-        expected = [s.name for s in self.inputs]
-        missing = [name for name in expected if name not in inputs]
-        unknown = [name for name in inputs if name not in expected]
-        if missing or unknown:
-            raise InputError(f"expected inputs {expected}; missing {missing}, unknown {unknown}")
+    def _arrays_by_name(self, inputs: Mapping[str, Any]) -> list[Any]:
+        """The inputs of mapping ``inputs`` in input order, once the names are checked."""
+        if type(inputs) is not dict or inputs.keys() != self._input_set:  # else exactly right
+            if not isinstance(inputs, Mapping):
+                raise InputError(
+                    f"inputs must be a mapping of name to array, got {type(inputs).__name__}"
+                )
+            expected = list(self._input_names)
+            missing = [name for name in expected if name not in inputs]
+            unknown = [name for name in inputs if name not in expected]
+            if missing or unknown:
+                raise InputError(
+                    f"expected inputs {expected}; missing {missing}, unknown {unknown}"
+                )
+        return [inputs[name] for name in self._input_names]
+
+    def _check_arrays(
+        self, arrays: Sequence[Any], quantized: bool
+    ) -> tuple[tuple[tuple[int, ...], ...], int]:
+        """Validate the inputs' types, dtypes, shapes and values (in input order); return the
+        value inputs' shapes in the graph's layout and the batch size."""
         batch = None
-        for spec, port in zip(self.inputs, self.graph.inputs, strict=True):
-            array = inputs[spec.name]
-            self._check_array(spec, port, array, quantized)
-            size = array.shape[_batch_axis(port)]
+        for rule, array in zip(self._rules, arrays, strict=True):
+            self._check_array(rule, array, quantized)
+            size = array.shape[rule.batch_axis]
             if batch is not None and size != batch:
                 raise InputError(
-                    f"inputs have different batch sizes: {batch} and {size} (input '{spec.name}')"
+                    f"inputs have different batch sizes: {batch} and {size} (input "
+                    f"'{rule.spec.name}')"
                 )
             batch = size
-        key = tuple(_swap(inputs[p.name].shape, p) for p in self._value_inputs)
-        return self._value_shapes(key), batch
+        if self._unswapped is not None:  # no input has its batch on axis 1
+            return tuple([arrays[index].shape for index in self._unswapped]), batch
+        shape_key = tuple(_swap(arrays[index].shape, port) for index, port in self._value_ports)
+        return shape_key, batch
 
     def _value_shapes(self, key: tuple[tuple[int, ...], ...]) -> list[tuple[int, ...]]:
         """Every value's shape for these input shapes (in input order), worked out and checked
@@ -411,76 +453,76 @@ class Model:
             self._shapes[key] = shapes
         return shapes
 
-    def _check_array(self, spec: TensorSpec, port: Port, array: Any, quantized: bool) -> None:
+    def _check_array(self, rule: _InputRule, array: Any, quantized: bool) -> None:
+        spec = rule.spec
         name = spec.name
         if not isinstance(array, np.ndarray):
             raise InputError(
                 f"input '{name}': expected a numpy.ndarray, got {type(array).__name__}"
             )
+        dtype = array.dtype
         stored = spec.quantized_dtype
-        if port.is_state and quantized:
-            if array.dtype != stored:
+        if rule.is_state and quantized:
+            if dtype != stored:
                 raise InputError(
-                    f"input '{name}': expected {stored} data (the state's stored form), got "
-                    f"{array.dtype}"
+                    f"input '{name}': expected {stored} data (the state's stored form), got {dtype}"
                 )
-        elif spec.dtype == np.int32:
-            if array.dtype.kind not in "iu":
-                raise InputError(f"input '{name}': expected integer token ids, got {array.dtype}")
-        elif stored == np.float32 and array.dtype.kind != "f":
-            raise InputError(f"input '{name}': expected floating-point data, got {array.dtype}")
-        elif quantized and stored == np.int8 and array.dtype != np.int8:
-            raise InputError(f"input '{name}': expected int8 data, got {array.dtype}")
-        elif not quantized and array.dtype.kind != "f":
+        elif rule.tokens:
+            if dtype.kind not in "iu":
+                raise InputError(f"input '{name}': expected integer token ids, got {dtype}")
+        elif rule.stored_float and dtype.kind != "f":
+            raise InputError(f"input '{name}': expected floating-point data, got {dtype}")
+        elif quantized and rule.stored_int8 and dtype != _INT8:
+            raise InputError(f"input '{name}': expected int8 data, got {dtype}")
+        elif not quantized and dtype.kind != "f":
             raise InputError(
                 f"input '{name}': expected floating-point data (float32), got "
-                f"{array.dtype}; for {stored} data use Model.run_quantized"
+                f"{dtype}; for {stored} data use Model.run_quantized"
             )
-        batch_axis = _batch_axis(port)
-        shown = tuple(
-            "N" if axis == batch_axis else "any" if size is None else size
-            for axis, size in enumerate(spec.shape)
-        )
-        if array.ndim != len(spec.shape) or any(
-            size is not None and size != got
-            for size, got in zip(spec.shape, array.shape, strict=True)
+        shape = array.shape
+        if len(shape) != len(spec.shape) or (
+            rule.fixed is not None and rule.fixed(shape) != rule.fixed_sizes
         ):
-            raise InputError(
-                f"input '{name}': expected shape {shown} (N = batch size), got {array.shape}"
+            shown = tuple(
+                "N" if axis == rule.batch_axis else "any" if size is None else size
+                for axis, size in enumerate(spec.shape)
             )
-        if 0 in array.shape:
-            empty = array.shape.index(0)
-            where = "the batch" if empty == batch_axis else f"axis {empty}"
-            raise InputError(f"input '{name}': {where} is empty: {array.shape}")
-        if spec.dtype == np.int32:
+            raise InputError(
+                f"input '{name}': expected shape {shown} (N = batch size), got {shape}"
+            )
+        if 0 in shape:
+            empty = shape.index(0)
+            where = "the batch" if empty == rule.batch_axis else f"axis {empty}"
+            raise InputError(f"input '{name}': {where} is empty: {shape}")
+        if rule.tokens:
             limit = self.token_limit(name)
             if array.min() < 0 or array.max() >= limit:
                 raise InputError(
                     f"input '{name}': token ids must be in [0, {limit}), found "
                     f"{array.min()} .. {array.max()}"
                 )
-        elif (not quantized or stored == np.float32) and not np.isfinite(array).all():
+        elif (not quantized or rule.stored_float) and not np.isfinite(array).all():
             raise InputError(f"input '{name}': contains NaN or infinite values")
 
-    def _write_inputs(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
-        for port in self._value_inputs:
-            buffer = executor.buffers[port.value]
-            array = _swap(inputs[port.name], port)
-            value = self.graph.values[port.value]
+    def _write_inputs(self, plan: _Plan, arrays: Sequence[Any], quantized: bool) -> None:
+        for (index, port), buffer, flat, value in zip(
+            self._value_ports, plan.inputs, plan.flat_inputs, self._input_values, strict=True
+        ):
+            array = _swap(arrays[index], port)
             if quantized or value.dtype != "int8":  # int8, token ids (range checked), float32
                 np.copyto(buffer, array, casting="unsafe")
             elif self._kernels is not None:
-                if array.dtype not in (np.float32, np.float64):  # float16, longdouble
+                if array.dtype not in _QUANTIZE_DTYPES:  # float16, longdouble
                     array = array.astype(np.float64)  # the quantization is float64 arithmetic
-                flat = np.ascontiguousarray(array).reshape(-1)
-                self._kernels.quantize(flat, value.scale, value.zero_point, buffer.reshape(-1))
+                flat_input = np.ascontiguousarray(array).reshape(-1)
+                self._kernels.quantize(flat_input, value.scale, value.zero_point, flat)
             else:
                 np.copyto(buffer, ref.quantize(array, value.scale, value.zero_point))
 
-    def _write_states(self, executor: Executor, inputs: Mapping[str, Any], quantized: bool) -> None:
+    def _write_states(self, executor: Executor, arrays: Sequence[Any], quantized: bool) -> None:
         """Each state input's parts into the recurrent states they set (checked inputs)."""
-        for port in self._state_inputs:
-            array = inputs[port.name]
+        for index, port in self._state_ports:
+            array = arrays[index]
             for i, (part, form) in enumerate(zip(port.state, self._forms[port], strict=True)):
                 data = array[i] if port.stacked else array
                 target = executor.state_of[(part.op, part.direction)].part(part.part)
@@ -499,6 +541,22 @@ class Model:
         real = [dequantize_state(a, form) for a, form in zip(parts, self._forms[port], strict=True)]
         return np.stack(real) if port.stacked else real[0]
 
+    def _real_outputs(self, plan: _Plan) -> list[np.ndarray]:
+        """The float outputs, in output order, as fresh arrays (dequantizing made them; a
+        swapped one is made contiguous)."""
+        executor = plan.executor
+        outputs = []
+        for p, codes in zip(self.graph.outputs, plan.codes, strict=True):
+            if p.is_state:
+                outputs.append(self._read_state(executor, p, quantized=False))
+                continue
+            if codes is not None:  # int8: reference.dequantize of its 256 codes, looked up
+                y = self._tables[p.value].take(codes)
+            else:
+                y = self._real(self.graph.values[p.value], executor.buffers[p.value])
+            outputs.append(np.ascontiguousarray(_swap(self._activation(p, y), p)))
+        return outputs
+
     @staticmethod
     def _real(value: Value, stored: np.ndarray) -> np.ndarray:
         """A fresh array of the real values: int8 dequantized; token ids and floats copied."""
@@ -506,9 +564,9 @@ class Model:
             return ref.dequantize(stored, value.scale, value.zero_point)
         return stored.copy()
 
-    def _dequantize(self, port: Port, q: np.ndarray) -> np.ndarray:
-        value = self.graph.values[port.value]
-        y = self._real(value, q)
+    @staticmethod
+    def _activation(port: Port, y: np.ndarray) -> np.ndarray:
+        """An output's float activation (softmax, log-softmax) applied to its real values."""
         if port.activation is None:
             return y
         shifted = y - y.max(axis=port.dim, keepdims=True)
@@ -516,6 +574,61 @@ class Model:
         if port.activation == "log_softmax":
             return (shifted - log_sum).astype(np.float32)
         return np.exp(shifted - log_sum).astype(np.float32)
+
+
+_INT8 = np.dtype(np.int8)
+_QUANTIZE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # the numba quantize's
+
+
+@dataclass(frozen=True)
+class _InputRule:
+    """What checking an input needs, worked out once from its spec and port."""
+
+    spec: TensorSpec
+    batch_axis: int
+    is_state: bool
+    tokens: bool  # integer token ids
+    stored_float: bool  # run_quantized takes float32 (dynamic mode, float state)
+    stored_int8: bool
+    fixed: Callable[[tuple[int, ...]], Any] | None  # the axes of fixed length, of a shape
+    fixed_sizes: Any  # ... of the spec's shape
+
+    @classmethod
+    def of(cls, spec: TensorSpec, port: Port) -> _InputRule:
+        axes = [axis for axis, size in enumerate(spec.shape) if size is not None]
+        fixed = itemgetter(*axes) if axes else None
+        return cls(
+            spec,
+            _batch_axis(port),
+            port.is_state,
+            spec.dtype == np.int32,
+            spec.quantized_dtype == np.float32,
+            spec.quantized_dtype == np.int8,
+            fixed,
+            fixed(spec.shape) if fixed is not None else None,
+        )
+
+
+class _Plan:
+    """An executor and the arena views a call writes and reads, found once per executor:
+    ``inputs`` (and ``flat_inputs``, 1-D) per value input; per output, ``outputs`` (in the
+    caller's layout) and ``codes`` (int8 values seen as uint8, to index dequantization
+    tables), None where they do not apply."""
+
+    __slots__ = ("executor", "inputs", "flat_inputs", "outputs", "codes")
+
+    def __init__(self, graph: Graph, executor: Executor) -> None:
+        self.executor = executor
+        buffers = executor.buffers
+        self.inputs = [buffers[p.value] for p in graph.inputs if not p.is_state]
+        self.flat_inputs = [buffer.reshape(-1) for buffer in self.inputs]
+        self.outputs = [None if p.is_state else _swap(buffers[p.value], p) for p in graph.outputs]
+        self.codes = [
+            buffers[p.value].view(np.uint8)
+            if not p.is_state and graph.values[p.value].dtype == "int8"
+            else None
+            for p in graph.outputs
+        ]
 
 
 def _batch_axis(port: Port) -> int:
