@@ -33,6 +33,15 @@ setup(
             "scikit-learn>=1.3",
             "ruff>=0.5",
         ],
+        # benchmarks/suite.py: tinyrt against PyTorch and ONNX Runtime (docs/benchmarks.md)
+        "bench": [
+            "torch>=2.2,<3",
+            "safetensors>=0.4",
+            "tqdm>=4.60",
+            "onnx>=1.15",
+            "onnxruntime>=1.17",
+            "matplotlib>=3.7",
+        ],
     },
     entry_points={"console_scripts": ["tinyrt=tinyrt.cli:main"]},
 )
