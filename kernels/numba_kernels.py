@@ -18,6 +18,10 @@ import numpy as np
 
 from tinyrt.kernels.simd import (
     LANES,
+    conv_tile_1_s1,
+    conv_tile_1_s2,
+    conv_tile_8_s1,
+    conv_tile_8_s2,
     dot_3x1,
     dot_4x1,
     gemm_tile_1x1,
@@ -28,7 +32,7 @@ from tinyrt.kernels.simd import (
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "3a198e159169db72"
+SIMD_SOURCE_SHA256 = "871f60cc8b2916ff"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -254,6 +258,70 @@ def conv2d_int8(
                 positions,
                 1,
             )
+
+
+@_jit
+def conv2d_tiles_int8(
+    x,
+    weight_pairs,
+    bias,
+    multiplier,
+    shift,
+    zp_in,
+    zp_out,
+    kh,
+    kw,
+    sh,
+    sw,
+    pad_top,
+    pad_left,
+    dh,
+    dw,
+    qmin,
+    qmax,
+    padded,
+    out,
+):
+    """``reference.conv2d_int8`` of one group with column stride 1 or 2, without im2col:
+    blocks of 8 output columns x 8 output channels through :func:`simd.conv_tile_8_s1`
+    (``_s2``), requantized in the block.
+
+    ``weight_pairs`` is int32 ``[O, KH * KW * ceil(C / 2)]``: for each tap the int16 pairs of
+    input channels ``(2m, 2m + 1)`` (the second 0 past ``C``). Scratch: ``padded``
+    ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer after it (the last
+    block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
+    """
+    n_batch, channels = x.shape[0], x.shape[1]
+    _, o_total, oh, ow = out.shape
+    _, hp, wp = padded.shape
+    pairs = (channels + 1) // 2
+    positions = oh * ow
+    tiled = o_total - o_total % 8
+    flat = out.reshape(out.size)
+    args = (hp * wp, dh * wp, dw, kh, kw, channels, pairs, weight_pairs, bias, multiplier, shift)
+    for n in range(n_batch):
+        _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
+        for p in range(oh):
+            for q in range(0, ow, 8):
+                valid = min(8, ow - q)
+                start = p * sh * wp + q * sw
+                out_start = n * o_total * positions + p * ow + q
+                for o in range(o_total):
+                    if o < tiled and o % 8 != 0:
+                        continue
+                    target = out_start + o * positions
+                    if o < tiled and sw == 1:
+                        conv_tile_8_s1(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
+                                       positions, valid)  # fmt: skip
+                    elif o < tiled:
+                        conv_tile_8_s2(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
+                                       positions, valid)  # fmt: skip
+                    elif sw == 1:
+                        conv_tile_1_s1(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
+                                       positions, valid)  # fmt: skip
+                    else:
+                        conv_tile_1_s2(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
+                                       positions, valid)  # fmt: skip
 
 
 @_inline

@@ -295,8 +295,131 @@ def _make_gemm_tile(rows: int, cols: int):
     return tile
 
 
+def _make_conv_tile(channels: int, stride: int):
+    """``conv_tile_{channels}_s{stride}``: a block of a convolution (one group), 8 adjacent
+    output columns of one output row for ``channels`` output channels, with no im2col: each
+    step loads the 8 inputs under one tap for two input channels, interleaves them into pairs
+    and multiplies them (``vpmaddwd``) by each output channel's weight pair, broadcast.
+
+    Arguments: ``padded`` (the padded input ``[C, HP, WP]``, read through its data pointer,
+    with at least 16 readable bytes after the last row), ``x_start`` (offset of channel 0 at
+    the block's first window), ``channel_step`` (``HP * WP``), ``row_step`` (``dh * WP``),
+    ``col_step`` (``dw``), ``kh``, ``kw``, ``n_channels`` (``C``), ``pairs`` (weights for the
+    channel pairs ``(2m, 2m + 1)``: ``weights`` int32 ``[O, KH * KW * pairs]``, each the int16
+    pair, the second 0 past ``C``), ``bias``, ``multiplier``, ``shift``, ``o`` (the block's first
+    output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
+    ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1 to 8). Columns are ``stride``
+    apart in the input (1 or 2). Lanes past ``valid`` read inputs beyond the row, never
+    stored."""
+    lanes = LANES // 2
+
+    @intrinsic
+    def tile(typingctx, padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels,
+             pairs, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out, out_start,
+             out_step, valid):  # fmt: skip
+        sig = types.void(padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels,
+                         pairs, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out,
+                         out_start, out_step, valid)  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            (padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels, pairs,
+             weights, bias, multiplier, shift, o, zp, qmin, qmax, out, out_start, out_step,
+             valid) = _as_int64(context, builder, args, signature)  # fmt: skip
+            i64 = x_start.type
+
+            def data(position: int, value: ir.Value) -> ir.Value:
+                return context.make_array(signature.args[position])(context, builder, value).data
+
+            x_ptr, w_ptr, out_ptr = data(0, padded), data(9, weights), data(17, out)
+            slots = []
+            for _ in range(channels):
+                slot = cgutils.alloca_once(builder, _SUMS)
+                builder.store(ir.Constant(_SUMS, None), slot)
+                slots.append(slot)
+            last_channel = builder.sub(n_channels, ir.Constant(i64, 1))
+            w_row = builder.mul(builder.mul(kh, kw), pairs)
+
+            def load_inputs(offset: ir.Value) -> ir.Value:
+                """The 8 inputs at ``offset``, ``stride`` apart, as int8 lanes."""
+                width = lanes * stride
+                address = builder.bitcast(
+                    builder.gep(x_ptr, [offset]), ir.VectorType(_I8, width).as_pointer()
+                )
+                vector = builder.load(address, align=1)
+                if stride == 1:
+                    return vector
+                every = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, width, stride)))
+                return builder.shuffle_vector(vector, ir.Constant(vector.type, None), every)
+
+            with cgutils.for_range(builder, kh) as i_loop, cgutils.for_range(builder, kw) as j_loop:
+                tap = builder.add(builder.mul(i_loop.index, kw), j_loop.index)
+                window = builder.add(
+                    x_start,
+                    builder.add(
+                        builder.mul(i_loop.index, row_step), builder.mul(j_loop.index, col_step)
+                    ),
+                )
+                with cgutils.for_range(builder, pairs) as pair_loop:
+                    first = builder.mul(pair_loop.index, ir.Constant(i64, 2))
+                    second = builder.add(first, ir.Constant(i64, 1))
+                    over = builder.icmp_signed(">", second, last_channel)
+                    second = builder.select(over, last_channel, second)  # its weight is 0
+                    a = load_inputs(builder.add(window, builder.mul(first, channel_step)))
+                    b = load_inputs(builder.add(window, builder.mul(second, channel_step)))
+                    zipped = ir.Constant(
+                        ir.VectorType(_I32, LANES), [k // 2 + (k % 2) * lanes for k in range(LANES)]
+                    )
+                    inputs = builder.sext(builder.shuffle_vector(a, b, zipped), _WORDS)
+                    column = builder.add(builder.mul(tap, pairs), pair_loop.index)
+                    for c, slot in enumerate(slots):
+                        row = builder.add(o, ir.Constant(i64, c))
+                        offset = builder.add(builder.mul(row, w_row), column)
+                        pair = builder.load(builder.gep(w_ptr, [offset]))
+                        pair = builder.bitcast(_splat(builder, pair, lanes), _WORDS)
+                        sums = builder.add(
+                            builder.load(slot), _pair_products(builder, inputs, pair)
+                        )
+                        builder.store(sums, slot)
+            splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
+            bytes8 = ir.VectorType(_I8, lanes)
+            for c, slot in enumerate(slots):
+                row = builder.add(o, ir.Constant(i64, c))
+                params = [
+                    _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
+                    for k, arr in ((10, bias), (11, multiplier), (12, shift))
+                ]
+                y = _requantize_lanes(builder, builder.load(slot), *params, *splats)
+                start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
+                full = builder.icmp_signed("==", valid, ir.Constant(i64, lanes))
+                with builder.if_else(full) as (whole, part):
+                    with whole:
+                        address = builder.bitcast(
+                            builder.gep(out_ptr, [start]), bytes8.as_pointer()
+                        )
+                        builder.store(y, address, align=1)
+                    with part:
+                        for lane in range(lanes):
+                            inside = builder.icmp_signed(">", valid, ir.Constant(i64, lane))
+                            with builder.if_then(inside):
+                                value = builder.extract_element(y, ir.Constant(_I32, lane))
+                                target = builder.gep(
+                                    out_ptr, [builder.add(start, ir.Constant(i64, lane))]
+                                )
+                                builder.store(value, target)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    tile.__name__ = tile.__qualname__ = f"conv_tile_{channels}_s{stride}"
+    return tile
+
+
 dot_4x1 = _make_dot(4, 1)
 dot_3x1 = _make_dot(3, 1)
 gemm_tile_4x2 = _make_gemm_tile(4, 2)
 gemm_tile_4x1 = _make_gemm_tile(4, 1)
 gemm_tile_1x1 = _make_gemm_tile(1, 1)
+conv_tile_8_s1 = _make_conv_tile(8, 1)
+conv_tile_8_s2 = _make_conv_tile(8, 2)
+conv_tile_1_s1 = _make_conv_tile(1, 1)
+conv_tile_1_s2 = _make_conv_tile(1, 2)

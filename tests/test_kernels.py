@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
+from tinyrt.ops import pack_channel_pairs
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -278,9 +279,20 @@ def test_conv2d_numba_bit_exact(p):
             np.empty(reach + (x.shape[1],), dtype=np.int8),
             np.empty(o, dtype=np.int32),
         )
+    if p["groups"] == 1 and sw <= 2:  # also the 8x8 blocks, no im2col
+        slack = np.empty(x.shape[1] * reach[0] * reach[1] + 16, dtype=np.int8)
+        kernels[nk.conv2d_tiles_int8] = (
+            pack_channel_pairs(weight),
+            slack[: x.shape[1] * reach[0] * reach[1]].reshape((x.shape[1],) + reach),
+            None,
+        )
     for kernel, (layout, padded, work) in kernels.items():  # every shape through each
         out = np.empty_like(want)
         groups = () if kernel is nk.depthwise_conv2d_int8 else (p["groups"],)
+        if kernel is nk.conv2d_tiles_int8:
+            groups, work = (), ()
+        else:
+            work = (work,)
         kernel(
             x,
             np.ascontiguousarray(layout).reshape(len(layout), -1),
@@ -301,7 +313,7 @@ def test_conv2d_numba_bit_exact(p):
             p["qmin"],
             127,
             padded,
-            work,
+            *work,
             out,
         )
         np.testing.assert_array_equal(out, want, err_msg=kernel.__name__)

@@ -77,6 +77,22 @@ PORTABLE_CHECK = textwrap.dedent(
         out = np.empty_like(want)
         nk.linear_int8(x, w, bias, mult, shift, 3, -128, 127, out)
         assert (out == want).all(), (n, k, o)
+    from tinyrt.ops import pack_channel_pairs
+    for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
+        x = rng.integers(-128, 128, (1, c, 7, 19)).astype(np.int8)
+        w = rng.integers(-127, 128, (o, c, 3, 3)).astype(np.int8)
+        bias = rng.integers(-5000, 5000, o).astype(np.int32)
+        mult = rng.integers(1 << 30, 1 << 31, o).astype(np.int32)
+        shift = rng.integers(-14, -6, o).astype(np.int32)
+        want = ref.conv2d_int8(x, w, bias, mult, shift, 5, -3, (1, sw), (1,) * 4, (1, 1), 1)
+        oh, ow = want.shape[2:]
+        reach = (oh - 1 + 3, (ow - 1) * sw + 3)
+        buffer = np.empty(c * reach[0] * reach[1] + 16, np.int8)
+        padded = buffer[: c * reach[0] * reach[1]].reshape((c,) + reach)
+        out = np.empty_like(want)
+        nk.conv2d_tiles_int8(x, pack_channel_pairs(w), bias, mult, shift, 5, -3, 3, 3, 1, sw,
+                             1, 1, 1, 1, -128, 127, padded, out)
+        assert (out == want).all(), (c, o, sw)
     print("portable ok")
     """
 )
@@ -84,7 +100,7 @@ PORTABLE_CHECK = textwrap.dedent(
 
 def test_portable_path_is_bit_exact(tmp_path):
     """The vector IR that non-AVX2 CPUs (ARM included) get, compiled here for a generic x86
-    target, gives the reference's outputs."""
+    target, gives the reference's outputs (GEMM tiles through linear layers, conv blocks)."""
     env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
     result = subprocess.run(
         [sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True

@@ -52,36 +52,55 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     channels = weight.shape[1] * a2["groups"]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-    kernel = _conv_kernel(a2["groups"], channels, weight.shape[0], weight[0].size, ow)
+    kernel = _conv_kernel(a2["groups"], channels, weight.shape[0], weight[0].size, ow, sw)
     work = {  # bytes
+        "tiles": _ACC_ALIGN,  # room for the last block's loads past the padded input
         "gemm": oh * ow * weight[0].size,  # im2col rows
         "depthwise": 4 * channels,  # int32 accumulators, one per channel
         "direct": 4 * ow,  # int32 accumulators, one per output column
     }[kernel]
     return {
         "window": (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw),
-        "padded": (channels, rows, columns) if kernel == "direct" else (rows, columns, channels),
+        "padded": (rows, columns, channels)
+        if kernel in ("gemm", "depthwise")
+        else (channels, rows, columns),
         "positions": oh * ow,
         "kernel": kernel,
         "work": work,
     }
 
 
-def _conv_kernel(groups: int, channels: int, out_channels: int, k_len: int, width: int) -> str:
+def _conv_kernel(
+    groups: int, channels: int, out_channels: int, k_len: int, width: int, stride: int
+) -> str:
     """Which numba kernel runs a convolution (docs/runtime.md has the measurements):
 
+    - ``tiles``: one group, column stride 1 or 2, at least 8 output columns: blocks of 8
+      columns x 8 output channels straight from the padded input (no im2col);
     - ``depthwise``: one input channel per output channel on narrow outputs (fewer than 16
       columns), channels last, so the loops run over channels instead of short rows;
-    - ``direct``: other depthwise layers (rows of outputs) and dot products shorter than one
-      vector (e.g. a 3x3 window on one input channel);
+    - ``direct``: other depthwise layers (rows of outputs) and grouped convolutions whose dot
+      products are shorter than one vector;
     - ``gemm``: im2col + GEMM, everything else.
     """
     depthwise = groups > 1 and groups == channels
+    if groups == 1 and stride <= 2 and width >= LANES // 2:
+        return "tiles"
     if depthwise and out_channels == channels and width < LANES:
         return "depthwise"
     if depthwise or k_len < LANES:
         return "direct"
     return "gemm"
+
+
+def pack_channel_pairs(weight: np.ndarray) -> np.ndarray:
+    """``[O, C, KH, KW]`` int8 as :func:`numba_kernels.conv2d_tiles_int8` reads it: int32
+    ``[O, KH * KW * ceil(C / 2)]``, each the int16 pair of channels ``(2m, 2m + 1)`` of a tap
+    (the second 0 past ``C``)."""
+    o, c, kh, kw = weight.shape
+    pairs = np.zeros((o, kh, kw, c + c % 2), dtype="<i2")
+    pairs[..., :c] = weight.transpose(0, 2, 3, 1)
+    return pairs.view("<i4").reshape(o, -1)
 
 
 _ACC_ALIGN = 64
@@ -145,6 +164,9 @@ def bind_op(
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out, *geometry["window"])
             o = weight.shape[0]
             # weights in the order each kernel reads them (copies made once, at load)
+            if geometry["kernel"] == "tiles":
+                pairs = pack_channel_pairs(weight)
+                return lambda: nk.conv2d_tiles_int8(x, pairs, *args, qmin, qmax, padded, y)
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
                 ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
                 columns = work.reshape(geometry["positions"], -1)
