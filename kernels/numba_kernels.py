@@ -277,51 +277,56 @@ def conv2d_tiles_int8(
     pad_left,
     dh,
     dw,
+    groups,
     qmin,
     qmax,
     padded,
     out,
 ):
-    """``reference.conv2d_int8`` of one group with column stride 1 or 2, without im2col:
-    blocks of 8 output columns x 8 output channels through :func:`simd.conv_tile_8_s1`
-    (``_s2``), requantized in the block.
+    """``reference.conv2d_int8`` with column stride 1 or 2, without im2col: blocks of 8
+    output columns x 8 output channels of a group through :func:`simd.conv_tile_8_s1`
+    (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``; for
+    a depthwise layer, every channel), requantized in the block.
 
-    ``weight_pairs`` is int32 ``[O, KH * KW * ceil(C / 2)]``: for each tap the int16 pairs of
-    input channels ``(2m, 2m + 1)`` (the second 0 past ``C``). Scratch: ``padded``
-    ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer after it (the last
-    block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
+    ``weight_pairs`` is int32 ``[O, KH * KW * ceil(C/groups / 2)]``: for each tap the int16
+    pairs of the group's input channels ``(2m, 2m + 1)`` (the second 0 past ``C/groups``).
+    Scratch: ``padded`` ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer
+    after it (the last block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
     """
     n_batch, channels = x.shape[0], x.shape[1]
     _, o_total, oh, ow = out.shape
     _, hp, wp = padded.shape
-    pairs = (channels + 1) // 2
-    positions = oh * ow
-    tiled = o_total - o_total % 8
+    c_per_group, o_per_group = channels // groups, o_total // groups
+    pairs = (c_per_group + 1) // 2
+    plane, positions = hp * wp, oh * ow
+    tiled = o_per_group - o_per_group % 8
     flat = out.reshape(out.size)
-    args = (hp * wp, dh * wp, dw, kh, kw, channels, pairs, weight_pairs, bias, multiplier, shift)
+    args = (plane, dh * wp, dw, kh, kw, c_per_group, pairs, weight_pairs, bias, multiplier, shift)
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
-        for p in range(oh):
-            for q in range(0, ow, 8):
-                valid = min(8, ow - q)
-                start = p * sh * wp + q * sw
-                out_start = n * o_total * positions + p * ow + q
-                for o in range(o_total):
-                    if o < tiled and o % 8 != 0:
-                        continue
-                    target = out_start + o * positions
-                    if o < tiled and sw == 1:
-                        conv_tile_8_s1(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
-                                       positions, valid)  # fmt: skip
-                    elif o < tiled:
-                        conv_tile_8_s2(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
-                                       positions, valid)  # fmt: skip
-                    elif sw == 1:
-                        conv_tile_1_s1(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
-                                       positions, valid)  # fmt: skip
-                    else:
-                        conv_tile_1_s2(padded, start, *args, o, zp_out, qmin, qmax, flat, target,
-                                       positions, valid)  # fmt: skip
+        for g in range(groups):
+            for p in range(oh):
+                for q in range(0, ow, 8):
+                    valid = min(8, ow - q)
+                    start = g * c_per_group * plane + p * sh * wp + q * sw
+                    out_start = n * o_total * positions + p * ow + q
+                    for block in range(0, tiled, 8):
+                        o = g * o_per_group + block
+                        target = out_start + o * positions
+                        if sw == 1:
+                            conv_tile_8_s1(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                                           target, positions, valid)  # fmt: skip
+                        else:
+                            conv_tile_8_s2(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                                           target, positions, valid)  # fmt: skip
+                    for o in range(g * o_per_group + tiled, (g + 1) * o_per_group):
+                        target = out_start + o * positions
+                        if sw == 1:
+                            conv_tile_1_s1(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                                           target, positions, valid)  # fmt: skip
+                        else:
+                            conv_tile_1_s2(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                                           target, positions, valid)  # fmt: skip
 
 
 @_inline

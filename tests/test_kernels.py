@@ -279,7 +279,7 @@ def test_conv2d_numba_bit_exact(p):
             np.empty(reach + (x.shape[1],), dtype=np.int8),
             np.empty(o, dtype=np.int32),
         )
-    if p["groups"] == 1 and sw <= 2:  # also the 8x8 blocks, no im2col
+    if sw <= 2:  # also the 8x8 blocks, no im2col
         slack = np.empty(x.shape[1] * reach[0] * reach[1] + 16, dtype=np.int8)
         kernels[nk.conv2d_tiles_int8] = (
             pack_channel_pairs(weight),
@@ -290,7 +290,7 @@ def test_conv2d_numba_bit_exact(p):
         out = np.empty_like(want)
         groups = () if kernel is nk.depthwise_conv2d_int8 else (p["groups"],)
         if kernel is nk.conv2d_tiles_int8:
-            groups, work = (), ()
+            work = ()
         else:
             work = (work,)
         kernel(

@@ -91,7 +91,7 @@ PORTABLE_CHECK = textwrap.dedent(
         padded = buffer[: c * reach[0] * reach[1]].reshape((c,) + reach)
         out = np.empty_like(want)
         nk.conv2d_tiles_int8(x, pack_channel_pairs(w), bias, mult, shift, 5, -3, 3, 3, 1, sw,
-                             1, 1, 1, 1, -128, 127, padded, out)
+                             1, 1, 1, 1, 1, -128, 127, padded, out)
         assert (out == want).all(), (c, o, sw)
     print("portable ok")
     """

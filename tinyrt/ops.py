@@ -75,22 +75,17 @@ def _conv_kernel(
 ) -> str:
     """Which numba kernel runs a convolution (docs/runtime.md has the measurements):
 
-    - ``tiles``: one group, column stride 1 or 2, at least 8 output columns: blocks of 8
-      columns x 8 output channels straight from the padded input (no im2col);
-    - ``depthwise``: one input channel per output channel on narrow outputs (fewer than 16
-      columns), channels last, so the loops run over channels instead of short rows;
-    - ``direct``: other depthwise layers (rows of outputs) and grouped convolutions whose dot
-      products are shorter than one vector;
-    - ``gemm``: im2col + GEMM, everything else.
+    - depthwise layers: ``depthwise`` (channels last, loops over channels) on outputs under 16
+      columns, ``direct`` (rows of outputs, nine taps in registers for 3x3) on wider ones;
+    - others with column stride 1 or 2 and at least 8 output columns: ``tiles``, blocks of 8
+      columns x 8 output channels straight from the padded input;
+    - the rest: ``gemm`` (im2col + GEMM), or ``direct`` for dot products under one vector.
     """
-    depthwise = groups > 1 and groups == channels
-    if groups == 1 and stride <= 2 and width >= LANES // 2:
+    if groups > 1 and groups == channels:
+        return "depthwise" if out_channels == channels and width < LANES else "direct"
+    if stride <= 2 and width >= LANES // 2:
         return "tiles"
-    if depthwise and out_channels == channels and width < LANES:
-        return "depthwise"
-    if depthwise or k_len < LANES:
-        return "direct"
-    return "gemm"
+    return "direct" if k_len < LANES else "gemm"
 
 
 def pack_channel_pairs(weight: np.ndarray) -> np.ndarray:
@@ -166,7 +161,7 @@ def bind_op(
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
                 pairs = pack_channel_pairs(weight)
-                return lambda: nk.conv2d_tiles_int8(x, pairs, *args, qmin, qmax, padded, y)
+                return lambda: nk.conv2d_tiles_int8(x, pairs, *args, groups, qmin, qmax, padded, y)
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
                 ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
                 columns = work.reshape(geometry["positions"], -1)
