@@ -24,20 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tinyrt  # noqa: E402
+from benchmarks.machine import cpu_name  # noqa: E402
 from examples.catalog import EXAMPLES, Example  # noqa: E402
 from tinyrt.bench import measure_latency  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cycle_samples(x: np.ndarray):

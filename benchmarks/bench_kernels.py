@@ -24,10 +24,9 @@ import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
 
-from bench_examples import cpu_name  # noqa: E402
-
+from benchmarks.machine import cpu_name  # noqa: E402
 from tinyrt.kernels import numba_kernels as nk  # noqa: E402
 from tinyrt.kernels import reference as ref  # noqa: E402
 from tinyrt.ops import _conv_kernel, pack_channel_pairs  # noqa: E402

@@ -46,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 import tinyrt  # noqa: E402
 import tinyrt.kernels  # noqa: E402
+from benchmarks.machine import cpu_name, git_commit  # noqa: E402
 from examples.catalog import EXAMPLES  # noqa: E402
 from tinyrt.bench import measure_latency  # noqa: E402
 from tinyrt.converter import convert  # noqa: E402
@@ -109,33 +110,6 @@ def kernel_sources() -> str:
     for path in sorted(folder.glob("*.py")):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def git_commit() -> str | None:
-    """The checked-out commit, with ``+changes`` if the working tree differs from it."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return None
-    return (head + ("+changes" if dirty else "")) or None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:

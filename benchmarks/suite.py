@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 import tinyrt  # noqa: E402
 from benchmarks import report  # noqa: E402
+from benchmarks.machine import cpu_name, cpuinfo, git_commit  # noqa: E402
 from benchmarks.peers import LABELS, RUNTIMES, NotAvailable, available_threads, prepare  # noqa: E402
 from benchmarks.suite_models import BEST_GEMM, BY_NAME, MODELS, SuiteModel  # noqa: E402
 
@@ -59,26 +60,6 @@ RELEVANT_FLAGS = re.compile(
 # --- machine ------------------------------------------------------------------------------------
 
 
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return info
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return info
-
-
-def cpu_name() -> str:
-    info = _cpuinfo()
-    for key in ("model name", "Model", "Hardware", "CPU part"):
-        if info.get(key):
-            return info[key]
-    return platform.processor() or platform.machine()
-
-
 def machine_slug(name: str, arch: str) -> str:
     """``AMD EPYC`` + ``x86_64`` -> ``amd-epyc-x86_64``."""
     name = re.sub(r"\((r|tm)\)", "", name.lower())
@@ -88,28 +69,12 @@ def machine_slug(name: str, arch: str) -> str:
     return f"{slug}-{arch}"
 
 
-def _git() -> str:
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except OSError:
-        return "unknown"
-    return f"{head}{' (modified)' if dirty else ''}" if head else "unknown"
-
-
 def machine_info() -> dict[str, Any]:
     import llvmlite
     import onnx
     import onnxruntime
 
-    info = _cpuinfo()
+    info = cpuinfo()
     flags = (info.get("flags") or info.get("Features") or "").split()
     arch = platform.machine()
     name = cpu_name()
@@ -129,7 +94,7 @@ def machine_info() -> dict[str, Any]:
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "tinyrt": tinyrt.__version__,
-        "git": _git(),
+        "git": git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
         "load_average_start": _load(),
