@@ -32,7 +32,7 @@ from tinyrt.kernels.simd import (
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "871f60cc8b2916ff"
+SIMD_SOURCE_SHA256 = "6df19b528aedac6f"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -64,98 +64,50 @@ def _requantize(acc, multiplier, shift, zero_point, qmin, qmax):
     return np.int8(min(max(y, qmin), qmax))
 
 
-@_inline
-def _emit(out, index, total, row, bias, multiplier, shift, zp_out, qmin, qmax):
-    """``out[index] = requantize(bias[row] + total)`` with row ``row``'s parameters."""
-    acc = np.int64(total) + bias[row]
-    out[index] = _requantize(acc, multiplier[row], shift[row], zp_out, qmin, qmax)
-
-
 @_jit
 def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride, col_stride):
     """``out[i*row_stride + j*col_stride] = requantize(bias[i] + Σ_k a[i, k] * b[j, k])``.
 
     ``a`` is ``[M, K]`` (weights, one row per output channel), ``b`` is ``[P, K]`` (inputs, one
     row per output position), both C-contiguous; per-channel parameters follow ``i``. ``out``
-    is 1-D. Tiles of 4 rows x 2 columns go through :func:`simd.dot_4x2` (every loaded vector
-    feeds two or four products), the odd column through ``dot_4x1``, the last ``M % 4`` rows
-    through ``dot_1x1``; each tile is requantized as soon as it is summed. ``K`` below one
-    vector (16) takes the plain loop.
+    is 1-D. Tiles of 4 rows x 2 columns go through :func:`simd.gemm_tile_4x2` (every loaded
+    vector feeds two or four products), the odd column through ``gemm_tile_4x1``,
+    the last ``M % 4`` rows through ``gemm_tile_1x1``; each tile is
+    requantized and stored as soon as it is summed. ``K`` below one vector (16) takes the plain
+    loop.
     """
     m, k_len = a.shape
     p = b.shape[0]
     if k_len < LANES:
         for i in range(m):
             for j in range(p):
-                acc = np.int32(0)
-                for k in range(k_len):
-                    acc = np.int32(acc + np.int32(a[i, k]) * np.int32(b[j, k]))
+                acc = np.int64(_dot(a[i], b[j])) + bias[i]
                 index = i * row_stride + j * col_stride
-                _emit(out, index, acc, i, bias, multiplier, shift, zp_out, qmin, qmax)
+                out[index] = _requantize(acc, multiplier[i], shift[i], zp_out, qmin, qmax)
         return
     tile_rows = m - m % 4
     pair_cols = p - p % 2
-    params = (bias, multiplier, shift)
+    params, tail, strides = (
+        (bias, multiplier, shift),
+        (zp_out, qmin, qmax, out),
+        (row_stride, col_stride),
+    )
     for i in range(0, tile_rows, 4):
         for j in range(0, pair_cols, 2):
-            gemm_tile_4x2(
-                a,
-                i * k_len,
-                k_len,
-                b,
-                j * k_len,
-                k_len,
-                k_len,
-                *params,
-                i,
-                zp_out,
-                qmin,
-                qmax,
-                out,
-                i * row_stride + j * col_stride,
-                row_stride,
-                col_stride,
-            )
-        if pair_cols < p:
-            j = pair_cols
-            gemm_tile_4x1(
-                a,
-                i * k_len,
-                k_len,
-                b,
-                j * k_len,
-                k_len,
-                k_len,
-                *params,
-                i,
-                zp_out,
-                qmin,
-                qmax,
-                out,
-                i * row_stride + j * col_stride,
-                row_stride,
-                col_stride,
-            )
+            at = i * row_stride + j * col_stride
+            gemm_tile_4x2(a, i * k_len, k_len, b, j * k_len, k_len, k_len, *params, i, *tail, at,
+                          *strides)  # fmt: skip
+    if pair_cols < p:  # the odd column (all of a GEMV)
+        j = pair_cols
+        for i in range(0, tile_rows, 4):
+            at = i * row_stride + j * col_stride
+            gemm_tile_4x1(a, i * k_len, k_len, b, j * k_len, k_len, k_len, *params, i, *tail, at,
+                          *strides)  # fmt: skip
     for i in range(tile_rows, m):
         for j in range(p):
-            gemm_tile_1x1(
-                a,
-                i * k_len,
-                k_len,
-                b,
-                j * k_len,
-                k_len,
-                k_len,
-                *params,
-                i,
-                zp_out,
-                qmin,
-                qmax,
-                out,
-                i * row_stride + j * col_stride,
-                row_stride,
-                col_stride,
-            )
+            at = i * row_stride + j * col_stride
+            gemm_tile_1x1(a, i * k_len, k_len, b, j * k_len, k_len, k_len, *params, i, *tail, at,
+                          *strides)  # fmt: skip
 
 
 @_jit

@@ -1,4 +1,5 @@
-"""Blocks of int8 dot products in explicit vectors: the inner loop of the int8 GEMM.
+"""Blocks of int8 products in explicit vectors: the inner loops of the int8 GEMM, of the
+convolution blocks and of the LSTM/GRU gates (docs/kernels.md).
 
 ``dot_RxC(a, a_start, a_step, b, b_start, b_step, k_len)`` returns the ``R * C`` int32 sums
 
@@ -21,6 +22,9 @@ pairs into 8 int32 lanes, one accumulator per (row, column):
 
 The last ``k_len % 16`` elements are one more 16-element load ending at the row's end,
 overlapping the previous step, with the already-counted lanes zeroed; no load leaves the row.
+
+``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes and
+the stores); ``conv_tile_C_sS`` is a convolution block that needs no im2col.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from numba.extending import intrinsic
 
 from tinyrt.kernels import LANES
 
-_I1, _I8, _I16, _I32 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _BYTES = ir.VectorType(_I8, LANES)
 _WORDS = ir.VectorType(_I16, LANES)
 _SUMS = ir.VectorType(_I32, LANES // 2)

@@ -54,7 +54,7 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     kernel = _conv_kernel(a2["groups"], channels, weight.shape[0], weight[0].size, ow, sw)
     work = {  # bytes
-        "tiles": _ACC_ALIGN,  # room for the last block's loads past the padded input
+        "tiles": _SCRATCH_ALIGN,  # room for the last block's loads past the padded input
         "gemm": oh * ow * weight[0].size,  # im2col rows
         "depthwise": 4 * channels,  # int32 accumulators, one per channel
         "direct": 4 * ow,  # int32 accumulators, one per output column
@@ -73,7 +73,7 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
 def _conv_kernel(
     groups: int, channels: int, out_channels: int, k_len: int, width: int, stride: int
 ) -> str:
-    """Which numba kernel runs a convolution (docs/runtime.md has the measurements):
+    """Which numba kernel runs a convolution (docs/kernels.md has the measurements):
 
     - depthwise layers: ``depthwise`` (channels last, loops over channels) on outputs under 16
       columns, ``direct`` (rows of outputs, nine taps in registers for 3x3) on wider ones;
@@ -98,14 +98,14 @@ def pack_channel_pairs(weight: np.ndarray) -> np.ndarray:
     return pairs.view("<i4").reshape(o, -1)
 
 
-_ACC_ALIGN = 64
+_SCRATCH_ALIGN = 64
 
 
 def conv_scratch_shape(op: Op, out_shape: tuple[int, ...]) -> tuple[int]:
     """Bytes of the numba convolution's scratch: the padded input, then (64-byte aligned) the
     kernel's second buffer (:func:`_conv_geometry`)."""
     geometry = _conv_geometry(op, out_shape)
-    padded = -(-int(np.prod(geometry["padded"])) // _ACC_ALIGN) * _ACC_ALIGN
+    padded = -(-int(np.prod(geometry["padded"])) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
     return (padded + geometry["work"],)
 
 
@@ -155,7 +155,7 @@ def bind_op(
             geometry = _conv_geometry(op, out.shape)
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
-            work = scratch[-(-padded_size // _ACC_ALIGN) * _ACC_ALIGN :]
+            work = scratch[-(-padded_size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN :]
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out, *geometry["window"])
             o = weight.shape[0]
             # weights in the order each kernel reads them (copies made once, at load)
