@@ -27,12 +27,13 @@ from tinyrt.kernels.simd import (
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
+    requantize_8,
 )
 
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "6df19b528aedac6f"
+SIMD_SOURCE_SHA256 = "d7ac88f4b5acd004"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -309,8 +310,12 @@ def _im2col(padded, first_channel, c_per_group, kh, kw, sh, sw, dh, dw, ow, colu
 
 @_inline
 def _requantize_row(acc, multiplier, shift, zp_out, qmin, qmax, out):
-    """``out[q] = requantize(acc[q])`` with one channel's parameters (a loop LLVM vectorizes)."""
-    for q in range(acc.size):
+    """``out[q] = requantize(acc[q])`` with one channel's parameters: 8 at a time in vector
+    lanes (:func:`simd.requantize_8`), the last ``size % 8`` one by one."""
+    full = acc.size - acc.size % 8
+    for q in range(0, full, 8):
+        requantize_8(acc, q, multiplier, shift, zp_out, qmin, qmax, out)
+    for q in range(full, acc.size):
         out[q] = _requantize(acc[q], multiplier, shift, zp_out, qmin, qmax)
 
 

@@ -418,6 +418,35 @@ def _make_conv_tile(channels: int, stride: int):
     return tile
 
 
+@intrinsic
+def requantize_8(typingctx, acc, start, multiplier, shift, zp_out, qmin, qmax, out):
+    """``out[start + l] = requantize(acc[start + l], multiplier, shift)`` for the 8 lanes
+    ``l`` (one channel's parameters; ``acc`` int32 and ``out`` int8 indexed as flat), in
+    vector lanes: the scalar requantization costs more than a depthwise row's products."""
+    sig = types.void(acc, start, multiplier, shift, zp_out, qmin, qmax, out)
+
+    def codegen(context, builder, signature, args):
+        acc, start, multiplier, shift, zp, qmin, qmax, out = _as_int64(
+            context, builder, args, signature
+        )
+        lanes = LANES // 2
+        acc_ptr = context.make_array(signature.args[0])(context, builder, acc).data
+        out_ptr = context.make_array(signature.args[7])(context, builder, out).data
+        sums = builder.load(
+            builder.bitcast(builder.gep(acc_ptr, [start]), _SUMS.as_pointer()), align=4
+        )
+        params = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (multiplier, shift)]
+        splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
+        y = _requantize_lanes(builder, sums, ir.Constant(_SUMS, None), *params, *splats)
+        target = builder.bitcast(
+            builder.gep(out_ptr, [start]), ir.VectorType(_I8, lanes).as_pointer()
+        )
+        builder.store(y, target, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 dot_4x1 = _make_dot(4, 1)
 dot_3x1 = _make_dot(3, 1)
 gemm_tile_4x2 = _make_gemm_tile(4, 2)
