@@ -78,13 +78,15 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     chw = np.empty(c * reach[0] * reach[1] + 64, np.int8)
     padded_chw = chw[: c * reach[0] * reach[1]].reshape((c,) + reach)
     padded_hwc = np.empty(reach + (c,), np.int8)
-    flat = weight.reshape(o, -1)
+    # weights packed and scratch made once, as tinyrt does at load: only the kernels are timed
+    flat, pairs = weight.reshape(o, -1), pack_channel_pairs(weight)
+    row_acc = np.empty(ow, np.int32)
     kernels = {
         "tiles": lambda: nk.conv2d_tiles_int8(
-            x, pack_channel_pairs(weight), *common, groups, -128, 127, padded_chw, out
+            x, pairs, *common, groups, -128, 127, padded_chw, out
         ),
         "direct": lambda: nk.conv2d_direct_int8(
-            x, flat, *common, groups, -128, 127, padded_chw, np.empty(ow, np.int32), out
+            x, flat, *common, groups, -128, 127, padded_chw, row_acc, out
         ),
     }
     if stride > 2:
@@ -96,9 +98,9 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
             x, ohwi, *common, groups, -128, 127, padded_hwc, columns, out
         )
     if groups == c == o:
-        taps = np.ascontiguousarray(flat.T)
+        taps, channel_acc = np.ascontiguousarray(flat.T), np.empty(c, np.int32)
         kernels["depthwise"] = lambda: nk.depthwise_conv2d_int8(
-            x, taps, *common, -128, 127, padded_hwc, np.empty(c, np.int32), out
+            x, taps, *common, -128, 127, padded_hwc, channel_acc, out
         )
     times = {}
     for name, run in kernels.items():
