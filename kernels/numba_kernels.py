@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from tinyrt.kernels.simd import (
     LANES,
@@ -22,8 +24,6 @@ from tinyrt.kernels.simd import (
     conv_tile_1_s2,
     conv_tile_8_s1,
     conv_tile_8_s2,
-    dot_3x1,
-    dot_4x1,
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
@@ -33,7 +33,7 @@ from tinyrt.kernels.simd import (
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "d7ac88f4b5acd004"
+SIMD_SOURCE_SHA256 = "42f9bde1f306560e"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -65,9 +65,23 @@ def _requantize(acc, multiplier, shift, zero_point, qmin, qmax):
     return np.int8(min(max(y, qmin), qmax))
 
 
+def _finish(out, scaled, zp_out, qmin, qmax):
+    """What a GEMM stores of ``scaled = mbqm(bias + Σ)``: into int8 ``out``, ``clamp(scaled +
+    zp_out, qmin, qmax)`` (``requantize``); into int32 ``out``, ``scaled`` itself."""
+    raise NotImplementedError("compiled only, through its overload")
+
+
+@overload(_finish, inline="always")
+def _finish_overload(out, scaled, zp_out, qmin, qmax):
+    if out.dtype == types.int32:
+        return lambda out, scaled, zp_out, qmin, qmax: scaled
+    return lambda out, scaled, zp_out, qmin, qmax: min(max(scaled + zp_out, qmin), qmax)
+
+
 @_jit
 def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride, col_stride):
-    """``out[i*row_stride + j*col_stride] = requantize(bias[i] + Σ_k a[i, k] * b[j, k])``.
+    """``out[i*row_stride + j*col_stride] = requantize(bias[i] + Σ_k a[i, k] * b[j, k])``,
+    or for an int32 ``out`` the scaled sum before the zero point, ``mbqm(bias[i] + Σ)``.
 
     ``a`` is ``[M, K]`` (weights, one row per output channel), ``b`` is ``[P, K]`` (inputs, one
     row per output position), both C-contiguous; per-channel parameters follow ``i``. ``out``
@@ -83,8 +97,8 @@ def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride
         for i in range(m):
             for j in range(p):
                 acc = np.int64(_dot(a[i], b[j])) + bias[i]
-                index = i * row_stride + j * col_stride
-                out[index] = _requantize(acc, multiplier[i], shift[i], zp_out, qmin, qmax)
+                scaled = _multiply_by_quantized_multiplier(acc, multiplier[i], shift[i])
+                out[i * row_stride + j * col_stride] = _finish(out, scaled, zp_out, qmin, qmax)
         return
     tile_rows = m - m % 4
     pair_cols = p - p % 2
@@ -657,49 +671,17 @@ def _dot(row, v):
 
 
 @_inline
-def _gate_sums4(weight, j, v):
-    """``Σ_k weight[g*H + j, k] * v[k]`` for the four gates ``g`` of unit ``j`` (int32).
-
-    ``weight`` is ``[4H, K]``: the rows are ``H * K`` elements apart, one
-    :func:`simd.dot_4x1` reads them all against one load of ``v``."""
-    k_len = v.shape[0]
-    hidden = weight.shape[0] // 4
-    if k_len >= LANES:
-        return dot_4x1(weight, j * k_len, hidden * k_len, v, 0, 0, k_len)
-    return (
-        _dot(weight[j], v),
-        _dot(weight[hidden + j], v),
-        _dot(weight[2 * hidden + j], v),
-        _dot(weight[3 * hidden + j], v),
-    )
+def _gate_inputs(weight, v, bias, multiplier, shift, out):
+    """``out[t, r] = mbqm(bias[r] + Σ_k weight[r, k] * v[t, k])`` (int32, Q3.12): every gate
+    row's part from one input, for the ``T`` rows of ``v`` (one GEMM)."""
+    rows = weight.shape[0]
+    gemm_int8(weight, v, bias, multiplier, shift, 0, 0, 0, out, 1, rows)
 
 
 @_inline
-def _gate_sums3(weight, j, v):
-    """:func:`_gate_sums4` for the three gates of a GRU (``weight`` ``[3H, K]``)."""
-    k_len = v.shape[0]
-    hidden = weight.shape[0] // 3
-    if k_len >= LANES:
-        return dot_3x1(weight, j * k_len, hidden * k_len, v, 0, 0, k_len)
-    return (_dot(weight[j], v), _dot(weight[hidden + j], v), _dot(weight[2 * hidden + j], v))
-
-
-@_inline
-def _gate_input(total, bias, multiplier, shift, r):
-    """``mbqm(bias[r] + total)``: gate row ``r``'s Q3.12 part from one input."""
-    return _multiply_by_quantized_multiplier(np.int64(total) + bias[r], multiplier[r], shift[r])
-
-
-@_inline
-def _gate_pre(layer, sum_x, sum_h, r):
-    """``sat16(mbqm(bias_ih[r] + sum_x) + mbqm(bias_hh[r] + sum_h))``: gate row ``r``'s
-    Q3.12 pre-activation.
-
-    ``layer`` is ``(bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh)``.
-    """
-    bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh = layer
-    from_x = _gate_input(sum_x, bias_ih, multiplier_ih, shift_ih, r)
-    return _sat16(from_x + _gate_input(sum_h, bias_hh, multiplier_hh, shift_hh, r))
+def _gate_pre(from_x, from_h):
+    """``sat16(from_x + from_h)``: a gate's Q3.12 pre-activation from its two parts."""
+    return _sat16(np.int64(from_x) + from_h)
 
 
 @_jit
@@ -722,36 +704,36 @@ def lstm_int8(
     reverse,
     h,
     c,
-    h_next,
+    gates_x,
+    gates_h,
     out,
     out_offset,
 ):
     """``reference.lstm_int8``, continuing the stream state ``h`` ``[N, H]``, ``c`` ``[N, H]``.
 
-    ``h``/``c`` are read as the initial state and left holding the final one; ``h_next`` is
-    ``[H]`` int8 scratch (a step's new ``h``, kept apart until every unit has read ``h``); the
+    ``h``/``c`` are read as the initial state and left holding the final one. Scratch: int32
+    ``gates_x`` (at least ``T * 4H``: every step's input part, one GEMM per sequence) and
+    ``gates_h`` (``4H``: a step's recurrent part, one GEMV before any unit updates ``h``). The
     outputs go to ``out[:, :, out_offset : out_offset + H]`` of ``out`` ``[N, T, W]``.
     """
     n_batch, steps, _ = x.shape
     hidden = h.shape[1]
-    layer = (bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh)
+    rows = 4 * hidden
     for n in range(n_batch):
         h_row = h[n]
         c_row = c[n]
+        _gate_inputs(weight_ih, x[n], bias_ih, multiplier_ih, shift_ih, gates_x)
         for step in range(steps):
             t = steps - 1 - step if reverse else step
-            x_t = x[n, t]
+            _gate_inputs(weight_hh, h[n : n + 1], bias_hh, multiplier_hh, shift_hh, gates_h)
+            gx = gates_x[t * rows : (t + 1) * rows]
             for j in range(hidden):
-                sum_x = _gate_sums4(weight_ih, j, x_t)
-                sum_h = _gate_sums4(weight_hh, j, h_row)
-                pre_i = _gate_pre(layer, sum_x[0], sum_h[0], j)
-                pre_f = _gate_pre(layer, sum_x[1], sum_h[1], hidden + j)
-                pre_g = _gate_pre(layer, sum_x[2], sum_h[2], 2 * hidden + j)
-                pre_o = _gate_pre(layer, sum_x[3], sum_h[3], 3 * hidden + j)
-                i = _lookup_q15(sigmoid_table, pre_i)
-                f = _lookup_q15(sigmoid_table, pre_f)
-                g = _lookup_q15(tanh_table, pre_g)
-                o = _lookup_q15(sigmoid_table, pre_o)
+                i = _lookup_q15(sigmoid_table, _gate_pre(gx[j], gates_h[j]))
+                f = _lookup_q15(sigmoid_table, _gate_pre(gx[hidden + j], gates_h[hidden + j]))
+                r = 2 * hidden + j
+                g = _lookup_q15(tanh_table, _gate_pre(gx[r], gates_h[r]))
+                r = 3 * hidden + j
+                o = _lookup_q15(sigmoid_table, _gate_pre(gx[r], gates_h[r]))
                 cell = _sat16(
                     _rounding_divide_by_pot(f * c_row[j], 15)
                     + _rounding_divide_by_pot(i * g, 30 - cell_frac)
@@ -764,10 +746,8 @@ def lstm_int8(
                 scaled = _multiply_by_quantized_multiplier(
                     o * _lookup_q15(tanh_table, c12), out_multiplier, out_shift
                 )
-                h_next[j] = _clamp_int8(zp_h + scaled)
-            for j in range(hidden):
-                h_row[j] = h_next[j]
-                out[n, t, out_offset + j] = h_next[j]
+                h_row[j] = _clamp_int8(zp_h + scaled)
+                out[n, t, out_offset + j] = h_row[j]
 
 
 @_jit
@@ -789,36 +769,35 @@ def gru_int8(
     reverse,
     h,
     h8,
+    gates_x,
+    gates_h,
     out,
     out_offset,
 ):
     """``reference.gru_int8``, continuing the stream state ``h`` (int16 Q0.15 ``[N, H]``).
 
-    ``h8`` is int8 ``[H]`` scratch: the state quantized for the recurrent product, formed at
-    the start of each step (so every unit can update ``h`` in place). ``out``/``out_offset``
-    as in :func:`lstm_int8`.
+    Scratch: int8 ``h8`` ``[1, H]``, the state quantized for the recurrent product (formed at
+    the start of each step), and ``gates_x``/``gates_h`` as in :func:`lstm_int8` with ``3H``
+    rows. ``out``/``out_offset`` as in :func:`lstm_int8`.
     """
     n_batch, steps, _ = x.shape
     hidden = h.shape[1]
-    layer = (bias_ih, bias_hh, multiplier_ih, shift_ih, multiplier_hh, shift_hh)
+    rows = 3 * hidden
     for n in range(n_batch):
         h_row = h[n]
+        _gate_inputs(weight_ih, x[n], bias_ih, multiplier_ih, shift_ih, gates_x)
         for step in range(steps):
             t = steps - 1 - step if reverse else step
-            x_t = x[n, t]
             for j in range(hidden):
                 scaled = _multiply_by_quantized_multiplier(h_row[j], out_multiplier, out_shift)
-                h8[j] = _clamp_int8(zp_h + scaled)
+                h8[0, j] = _clamp_int8(zp_h + scaled)
+            _gate_inputs(weight_hh, h8, bias_hh, multiplier_hh, shift_hh, gates_h)
+            gx = gates_x[t * rows : (t + 1) * rows]
             for j in range(hidden):
-                sum_x = _gate_sums3(weight_ih, j, x_t)
-                sum_h = _gate_sums3(weight_hh, j, h8)
-                pre_r = _gate_pre(layer, sum_x[0], sum_h[0], j)
-                pre_z = _gate_pre(layer, sum_x[1], sum_h[1], hidden + j)
-                row = 2 * hidden + j
-                xn = _sat16(_gate_input(sum_x[2], bias_ih, multiplier_ih, shift_ih, row))
-                hn = _sat16(_gate_input(sum_h[2], bias_hh, multiplier_hh, shift_hh, row))
-                reset = _lookup_q15(sigmoid_table, pre_r)
-                update = _lookup_q15(sigmoid_table, pre_z)
+                reset = _lookup_q15(sigmoid_table, _gate_pre(gx[j], gates_h[j]))
+                update = _lookup_q15(sigmoid_table, _gate_pre(gx[hidden + j], gates_h[hidden + j]))
+                r = 2 * hidden + j
+                xn, hn = _sat16(gx[r]), _sat16(gates_h[r])
                 new = _lookup_q15(tanh_table, _sat16(xn + _rounding_divide_by_pot(reset * hn, 15)))
                 h15 = _sat16(new + _rounding_divide_by_pot(update * (np.int64(h_row[j]) - new), 15))
                 h_row[j] = h15

@@ -1,30 +1,37 @@
-"""Blocks of int8 products in explicit vectors: the inner loops of the int8 GEMM, of the
-convolution blocks and of the LSTM/GRU gates (docs/kernels.md).
+"""Blocks of int8 products in explicit vectors: the inner loops of the int8 GEMM (linear
+layers, convolution by im2col, the LSTM/GRU gates) and of the direct convolution blocks
+(docs/kernels.md).
 
-``dot_RxC(a, a_start, a_step, b, b_start, b_step, k_len)`` returns the ``R * C`` int32 sums
+A GEMM tile of ``R`` rows of ``a`` and ``C`` rows of ``b`` sums
 
     s[r * C + c] = Σ_{k < k_len} a[a_start + r * a_step + k] * b[b_start + c * b_step + k]
 
-for ``k_len >= 16``: ``R`` rows of ``a`` and ``C`` rows of ``b``, C-contiguous int8 arrays
-indexed as flat, with rows ``a_step`` and ``b_step`` elements apart (a GEMM tile: the row
-length; an LSTM unit's four gates: ``H * K``). The sums wrap like int32, exactly as the
-reference's int32 accumulator does.
+for ``k_len >= 16``, C-contiguous int8 arrays indexed as flat, rows ``a_step`` and ``b_step``
+elements apart. The sums wrap like int32, exactly as the reference's int32 accumulator does.
 
 Why written as LLVM IR (:func:`numba.extending.intrinsic`): LLVM vectorizes one dot product
 into ``vpmaddwd`` by itself, but once a loop carries several accumulators (needed so that each
 loaded vector feeds several products) it falls back to ``vpmulld`` and loses half the speed.
-Here each 16-element step loads every row once, sign-extends int8 to int16 and multiplies in
-pairs into 8 int32 lanes, one accumulator per (row, column):
+Each step loads every row once and multiplies it with every column, one accumulator per
+(row, column):
 
-- on x86 with AVX2, ``llvm.x86.avx2.pmadd.wd`` (``vpmaddwd``: 16 multiplies and 8 adds);
-- elsewhere (ARM, older x86), the same arithmetic in portable vector IR (widen, multiply,
-  add even and odd lanes), which every LLVM backend lowers to its own vector instructions.
+- on x86 with AVX-512 VNNI, 64-element steps first: ``llvm.x86.avx512.vpdpbusd.512``
+  (``vpdpbusd``: 64 multiplies of an unsigned by a signed byte, summed in fours into 16 int32
+  lanes, no saturation). The ``a`` rows go in as ``a + 128`` (a bit flip, ``a ^ 0x80``), so
+  each column's ``128 * Σ b`` (one more ``vpdpbusd`` per column, shared by every row) is
+  subtracted at the end: ``Σ a b = Σ (a + 128) b - 128 Σ b``, exact in wrapping int32;
+- then 16-element steps (all of them without VNNI): int8 sign-extended to int16 and
+  multiplied in pairs into 8 int32 lanes, with ``llvm.x86.avx2.pmadd.wd`` (``vpmaddwd``: 16
+  multiplies and 8 adds; ``vpdpwssd`` adds them too under VNNI) on x86 with AVX2, elsewhere
+  (ARM, older x86) in portable vector IR (widen, multiply, add even and odd lanes) that every
+  LLVM backend lowers to its own vector instructions.
 
 The last ``k_len % 16`` elements are one more 16-element load ending at the row's end,
 overlapping the previous step, with the already-counted lanes zeroed; no load leaves the row.
 
 ``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes and
-the stores); ``conv_tile_C_sS`` is a convolution block that needs no im2col.
+the stores); ``conv_tile_C_sS`` is a convolution block that needs no im2col (int16 pairs
+only).
 """
 
 from __future__ import annotations
@@ -44,40 +51,51 @@ _WORDS = ir.VectorType(_I16, LANES)
 _SUMS = ir.VectorType(_I32, LANES // 2)
 
 
-def _target_has_avx2() -> bool:
-    """Whether Numba compiles for a CPU with AVX2 (``NUMBA_CPU_NAME``/``FEATURES`` override
-    the host, e.g. for a portable cache)."""
+def _target_features() -> set[str]:
+    """The CPU features Numba compiles for (``NUMBA_CPU_NAME``/``FEATURES`` override the host,
+    e.g. for a portable cache)."""
     if numba.config.CPU_NAME:
         features = numba.config.CPU_FEATURES or ""
     else:
         features = llvmlite.binding.get_host_cpu_features().flatten()
-    return "+avx2" in features.split(",")
+    return set(features.split(","))
 
 
-HAS_AVX2 = _target_has_avx2()
+_FEATURES = _target_features()
+HAS_AVX2 = "+avx2" in _FEATURES
+# vpdpbusd on 512-bit vectors, vpdpwssd on 256-bit ones (AVX512VL)
+HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
 
 
-def _pair_products(builder: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
-    """``[x[2i] * y[2i] + x[2i+1] * y[2i+1] for i < 8]`` of two int16 vectors, as int32."""
+def _x86(builder: ir.IRBuilder, name: str, result: ir.Type, *args: ir.Value) -> ir.Value:
+    """A call of the LLVM intrinsic ``name`` (operands of the types of ``args``)."""
+    signature = ir.FunctionType(result, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, signature, name), args)
+
+
+def _accumulate_pairs(builder: ir.IRBuilder, acc: ir.Value, x: ir.Value, y: ir.Value) -> ir.Value:
+    """``acc[i] + x[2i] * y[2i] + x[2i+1] * y[2i+1]`` for ``i < 8``: int16 vectors ``x``, ``y``
+    multiplied in pairs into the int32 vector ``acc``."""
+    if HAS_VNNI:
+        return _x86(builder, "llvm.x86.avx512.vpdpwssd.256", _SUMS, acc,
+                    builder.bitcast(x, _SUMS), builder.bitcast(y, _SUMS))  # fmt: skip
     if HAS_AVX2:
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_SUMS, [_WORDS, _WORDS]), "llvm.x86.avx2.pmadd.wd"
-        )
-        return builder.call(fn, [x, y])
-    halves = []
+        return builder.add(acc, _x86(builder, "llvm.x86.avx2.pmadd.wd", _SUMS, x, y))
     for first in (0, 1):
         lanes = ir.Constant(ir.VectorType(_I32, LANES // 2), list(range(first, LANES, 2)))
         xs = builder.sext(builder.shuffle_vector(x, ir.Constant(_WORDS, None), lanes), _SUMS)
         ys = builder.sext(builder.shuffle_vector(y, ir.Constant(_WORDS, None), lanes), _SUMS)
-        halves.append(builder.mul(xs, ys))
-    return builder.add(*halves)
+        acc = builder.add(acc, builder.mul(xs, ys))
+    return acc
 
 
 def _add_pairs(builder: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
-    """``[x0+x1, x2+x3, .., x6+x7, y0+y1, .., y6+y7]`` of two int32 vectors (``vphaddd``)."""
-    both = list(range(LANES))  # lanes of x then of y, as shufflevector numbers them
-    even = ir.Constant(ir.VectorType(_I32, LANES // 2), both[0::2])
-    odd = ir.Constant(ir.VectorType(_I32, LANES // 2), both[1::2])
+    """``[x0+x1, x2+x3, .., y0+y1, y2+y3, ..]`` of two int32 vectors of ``n`` lanes, ``n``
+    lanes (``vphaddd``)."""
+    n = x.type.count
+    both = list(range(2 * n))  # lanes of x then of y, as shufflevector numbers them
+    even = ir.Constant(ir.VectorType(_I32, n), both[0::2])
+    odd = ir.Constant(ir.VectorType(_I32, n), both[1::2])
     return builder.add(builder.shuffle_vector(x, y, even), builder.shuffle_vector(x, y, odd))
 
 
@@ -96,95 +114,122 @@ def _as_int64(context, builder, args, signature) -> list:
     ]
 
 
+_CHUNK = 64  # bytes per vpdpbusd step
+_QUADS = ir.VectorType(_I32, _CHUNK // 4)
+
+
 def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Value:
-    """IR for the module docstring's sums: an int32 vector of 8 lanes, lane ``r * cols + c``
-    (lanes past ``rows * cols`` are zero). ``args`` start ``a, a_start, a_step, b, b_start,
-    b_step, k_len`` (integers already int64)."""
+    """IR for the module docstring's sums of a ``rows`` x ``cols`` tile: an int32 vector of 8
+    lanes, lane ``r * cols + c`` (lanes past ``rows * cols`` are zero). ``args`` start
+    ``a, a_start, a_step, b, b_start, b_step, k_len`` (integers already int64)."""
     a_arr, a0, a_step, b_arr, b0, b_step, k_total = args[:7]
     i64 = k_total.type
     a_ptr = context.make_array(signature.args[0])(context, builder, a_arr).data
     b_ptr = context.make_array(signature.args[3])(context, builder, b_arr).data
     a_rows = [builder.add(a0, builder.mul(a_step, ir.Constant(i64, r))) for r in range(rows)]
     b_rows = [builder.add(b0, builder.mul(b_step, ir.Constant(i64, c))) for c in range(cols)]
-    slots = []
-    for _ in range(rows * cols):
-        slot = cgutils.alloca_once(builder, _SUMS)
-        builder.store(ir.Constant(_SUMS, None), slot)
-        slots.append(slot)
 
-    def load(ptr: ir.Value, offset: ir.Value) -> ir.Value:
-        address = builder.bitcast(builder.gep(ptr, [offset]), _BYTES.as_pointer())
-        return builder.sext(builder.load(address, align=1), _WORDS)
+    def slots(n: int, vector: ir.VectorType) -> list:
+        made = []
+        for _ in range(n):
+            slot = cgutils.alloca_once(builder, vector)
+            builder.store(ir.Constant(vector, None), slot)
+            made.append(slot)
+        return made
+
+    def load(ptr: ir.Value, offset: ir.Value, vector: ir.VectorType) -> ir.Value:
+        address = builder.bitcast(builder.gep(ptr, [offset]), vector.as_pointer())
+        return builder.load(address, align=1)
+
+    done = ir.Constant(i64, 0)
+    totals = []
+    if HAS_VNNI:
+        chunk_bytes = ir.VectorType(_I8, _CHUNK)
+        flip = ir.Constant(chunk_bytes, [-128] * _CHUNK)  # 0x80: a ^ 0x80 = a + 128, unsigned
+        quads, corrections = slots(rows * cols, _QUADS), slots(cols, _QUADS)
+
+        def dpbusd(acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+            operands = (builder.bitcast(v, _QUADS) for v in (unsigned, signed))
+            return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", _QUADS, acc, *operands)
+
+        chunks = builder.sdiv(k_total, ir.Constant(i64, _CHUNK))
+        with cgutils.for_range(builder, chunks) as loop:
+            k = builder.mul(loop.index, ir.Constant(i64, _CHUNK))
+            a_vecs = [
+                builder.xor(load(a_ptr, builder.add(s, k), chunk_bytes), flip) for s in a_rows
+            ]
+            b_vecs = [load(b_ptr, builder.add(s, k), chunk_bytes) for s in b_rows]
+            for c, bv in enumerate(b_vecs):
+                builder.store(dpbusd(builder.load(corrections[c]), flip, bv), corrections[c])
+                for r, av in enumerate(a_vecs):
+                    slot = quads[r * cols + c]
+                    builder.store(dpbusd(builder.load(slot), av, bv), slot)
+        done = builder.mul(chunks, ir.Constant(i64, _CHUNK))
+        totals = [
+            builder.sub(builder.load(quads[r * cols + c]), builder.load(corrections[c]))
+            for r in range(rows)
+            for c in range(cols)
+        ]
+
+    pairs = slots(rows * cols, _SUMS)
 
     def accumulate(k: ir.Value, keep: ir.Value | None) -> None:
-        a_vecs = [load(a_ptr, builder.add(start, k)) for start in a_rows]
+        a_vecs = [builder.sext(load(a_ptr, builder.add(s, k), _BYTES), _WORDS) for s in a_rows]
         if keep is not None:
             zero = ir.Constant(_WORDS, None)
             a_vecs = [builder.select(keep, v, zero) for v in a_vecs]
-        b_vecs = [load(b_ptr, builder.add(start, k)) for start in b_rows]
+        b_vecs = [builder.sext(load(b_ptr, builder.add(s, k), _BYTES), _WORDS) for s in b_rows]
         for r, av in enumerate(a_vecs):
             for c, bv in enumerate(b_vecs):
-                slot = slots[r * cols + c]
-                sums = builder.add(builder.load(slot), _pair_products(builder, av, bv))
-                builder.store(sums, slot)
+                slot = pairs[r * cols + c]
+                builder.store(_accumulate_pairs(builder, builder.load(slot), av, bv), slot)
 
     lanes = ir.Constant(i64, LANES)
-    full = builder.sdiv(k_total, lanes)
-    with cgutils.for_range(builder, full) as loop:
-        accumulate(builder.mul(loop.index, lanes), None)
-    done = builder.mul(full, lanes)
+    steps = builder.sdiv(builder.sub(k_total, done), lanes)
+    with cgutils.for_range(builder, steps) as loop:
+        accumulate(builder.add(done, builder.mul(loop.index, lanes)), None)
+    done = builder.add(done, builder.mul(steps, lanes))
     with builder.if_then(builder.icmp_signed("<", done, k_total)):
         # lanes [0, LANES - tail) of the last load were counted by the full steps
         counted = builder.trunc(builder.sub(lanes, builder.sub(k_total, done)), _I32)
         index = ir.Constant(ir.VectorType(_I32, LANES), list(range(LANES)))
         keep = builder.icmp_signed(">=", index, _splat(builder, counted, LANES))
         accumulate(builder.sub(k_total, lanes), keep)
-    sums = [builder.load(slot) for slot in slots]
-    sums += [ir.Constant(_SUMS, None)] * (LANES // 2 - len(sums))
-    while len(sums) > 1:  # pairwise lane sums: 8 accumulators -> 8 totals, in order
+    sums = [builder.load(slot) for slot in pairs]
+    if totals:  # the 8 lanes of the pair sums join the 16 of the chunk sums
+        wide = ir.Constant(ir.VectorType(_I32, _CHUNK // 4), list(range(_CHUNK // 4)))
+        zero = ir.Constant(_SUMS, None)
+        sums = [
+            builder.add(builder.shuffle_vector(x, zero, wide), y)
+            for x, y in zip(sums, totals, strict=True)
+        ]
+    sums += [ir.Constant(sums[0].type, None)] * (LANES // 2 - len(sums))
+    while len(sums) > 1:  # pairwise lane sums: 8 accumulators -> 8 (or 16) lanes, in order
         sums = [_add_pairs(builder, x, y) for x, y in zip(sums[::2], sums[1::2], strict=True)]
+    if totals:  # lanes 2i and 2i + 1 hold halves of accumulator i
+        undef = ir.Constant(sums[0].type, None)
+        halves = [ir.Constant(_SUMS, list(range(first, _CHUNK // 4, 2))) for first in (0, 1)]
+        return builder.add(*(builder.shuffle_vector(sums[0], undef, h) for h in halves))
     return sums[0]
 
 
-def _make_dot(rows: int, cols: int):
-    """The ``dot_{rows}x{cols}`` intrinsic described in the module docstring."""
-
-    @intrinsic
-    def dot(typingctx, a, a_start, a_step, b, b_start, b_step, k_len):
-        result = types.UniTuple(types.int32, rows * cols)
-        sig = result(a, a_start, a_step, b, b_start, b_step, k_len)
-
-        def codegen(context, builder, signature, args):
-            args = _as_int64(context, builder, args, signature)
-            sums = _dot_sums(context, builder, signature, args, rows, cols)
-            totals = [
-                builder.extract_element(sums, ir.Constant(_I32, i)) for i in range(rows * cols)
-            ]
-            return context.make_tuple(builder, result, totals)
-
-        return sig, codegen
-
-    dot.__name__ = dot.__qualname__ = f"dot_{rows}x{cols}"
-    return dot
-
-
-def _requantize_lanes(builder, acc, bias, multiplier, shift, zero_point, qmin, qmax):
-    """``reference.requantize`` of 8 int32 lanes with per-lane int32 parameters, as vectors;
-    the same steps, in the same order, as ``reference.multiply_by_quantized_multiplier``."""
+def _scale_lanes(builder, acc, bias, multiplier, shift):
+    """``reference.multiply_by_quantized_multiplier(acc + bias, multiplier, shift)`` of 8 int32
+    lanes with per-lane int32 parameters, as vectors, in the reference's steps and order; the
+    result fits int32."""
     wide = ir.VectorType(ir.IntType(64), LANES // 2)
 
     def const(value: int, vector=_SUMS) -> ir.Constant:
         return ir.Constant(vector, [value] * (LANES // 2))
 
-    def clamp(x, low, high):
-        x = builder.select(builder.icmp_signed("<", x, low), low, x)
-        return builder.select(builder.icmp_signed(">", x, high), high, x)
-
     left = builder.select(builder.icmp_signed(">", shift, const(0)), shift, const(0))
     right = builder.sub(left, shift)  # max(-shift, 0)
     x = builder.add(builder.sext(acc, wide), builder.sext(bias, wide))
-    x = clamp(
-        builder.shl(x, builder.zext(left, wide)), const(-(2**31), wide), const(2**31 - 1, wide)
+    x = _clamp(
+        builder,
+        builder.shl(x, builder.zext(left, wide)),
+        const(-(2**31), wide),
+        const(2**31 - 1, wide),
     )
     # x fits int32 now: sext(trunc(x)) lets LLVM use a 32x32->64 multiply
     product = builder.mul(
@@ -202,17 +247,30 @@ def _requantize_lanes(builder, acc, bias, multiplier, shift, zero_point, qmin, q
         builder.ashr(mask, const(1)), builder.zext(builder.icmp_signed("<", high, const(0)), _SUMS)
     )
     above = builder.icmp_signed(">", builder.and_(high, mask), threshold)
-    scaled = builder.add(builder.ashr(high, right), builder.zext(above, _SUMS))
-    y = clamp(builder.add(scaled, zero_point), qmin, qmax)
+    return builder.add(builder.ashr(high, right), builder.zext(above, _SUMS))
+
+
+def _clamp(builder, x, low, high):
+    x = builder.select(builder.icmp_signed("<", x, low), low, x)
+    return builder.select(builder.icmp_signed(">", x, high), high, x)
+
+
+def _requantize_lanes(builder, acc, bias, multiplier, shift, zero_point, qmin, qmax):
+    """``reference.requantize`` of 8 int32 lanes (:func:`_scale_lanes`, then the zero point
+    and the clamp), as int8."""
+    scaled = _scale_lanes(builder, acc, bias, multiplier, shift)
+    y = _clamp(builder, builder.add(scaled, zero_point), qmin, qmax)
     return builder.trunc(y, ir.VectorType(_I8, LANES // 2))
 
 
 def _make_gemm_tile(rows: int, cols: int):
     """``gemm_tile_{rows}x{cols}(a, a_start, a_step, b, b_start, b_step, k_len, bias,
     multiplier, shift, row, zp_out, qmin, qmax, out, out_start, row_stride, col_stride)``:
-    the ``dot_{rows}x{cols}`` sums, requantized in vector lanes (sum ``(r, c)`` with row
+    the module docstring's sums, requantized in vector lanes (sum ``(r, c)`` with row
     ``row + r``'s bias and parameters) and stored to
-    ``out[out_start + r * row_stride + c * col_stride]``: a GEMM tile with its epilogue."""
+    ``out[out_start + r * row_stride + c * col_stride]``: a GEMM tile with its epilogue.
+    An int32 ``out`` gets ``mbqm(bias + sum)`` itself (``zp_out``, ``qmin``, ``qmax``
+    unused): the recurrent gates' Q3.12 inputs."""
 
     @intrinsic
     def tile(
@@ -277,8 +335,13 @@ def _make_gemm_tile(rows: int, cols: int):
                     value = values[min(lane // cols, rows - 1)]
                     vector = builder.insert_element(vector, value, ir.Constant(_I32, lane))
                 params.append(vector)
-            splats = [_splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp, qmin, qmax)]
-            y = _requantize_lanes(builder, sums, *params, *splats)
+            if signature.args[14].dtype == types.int32:
+                y = _scale_lanes(builder, sums, *params)
+            else:
+                splats = [
+                    _splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp, qmin, qmax)
+                ]
+                y = _requantize_lanes(builder, sums, *params, *splats)
             out_ptr = context.make_array(signature.args[14])(context, builder, out).data
             for r in range(rows):
                 for c in range(cols):
@@ -380,9 +443,7 @@ def _make_conv_tile(channels: int, stride: int):
                         offset = builder.add(builder.mul(row, w_row), column)
                         pair = builder.load(builder.gep(w_ptr, [offset]))
                         pair = builder.bitcast(_splat(builder, pair, lanes), _WORDS)
-                        sums = builder.add(
-                            builder.load(slot), _pair_products(builder, inputs, pair)
-                        )
+                        sums = _accumulate_pairs(builder, builder.load(slot), inputs, pair)
                         builder.store(sums, slot)
             splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
             bytes8 = ir.VectorType(_I8, lanes)
@@ -447,8 +508,6 @@ def requantize_8(typingctx, acc, start, multiplier, shift, zp_out, qmin, qmax, o
     return sig, codegen
 
 
-dot_4x1 = _make_dot(4, 1)
-dot_3x1 = _make_dot(3, 1)
 gemm_tile_4x2 = _make_gemm_tile(4, 2)
 gemm_tile_4x1 = _make_gemm_tile(4, 1)
 gemm_tile_1x1 = _make_gemm_tile(1, 1)

@@ -1,5 +1,5 @@
-"""The vector dot-product blocks (kernels/simd.py) against int64 NumPy, on this CPU's path and
-on the portable one every other CPU takes."""
+"""The vector blocks of kernels/simd.py against int64 NumPy and the reference kernels, on this
+CPU's path and, compiled for other targets, on the paths other CPUs take."""
 
 import hashlib
 import os
@@ -7,65 +7,53 @@ import subprocess
 import sys
 import textwrap
 
-import numba
+import llvmlite.binding
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels, simd
 
 
-@numba.njit
-def _all_blocks(a, a_step, b, b_step, k_len):
-    return (
-        simd.dot_4x1(a, 1, a_step, b, 2, b_step, k_len),
-        simd.dot_3x1(a, 1, a_step, b, 2, b_step, k_len),
-    )
-
-
-def _expected(a, a_step, b, b_step, k_len, rows, cols):
-    """``s[r * cols + c]`` of the simd docstring, in int64 then wrapped to int32."""
-    sums = [
-        int(
-            np.dot(
-                a[1 + r * a_step : 1 + r * a_step + k_len].astype(np.int64),
-                b[2 + c * b_step : 2 + c * b_step + k_len].astype(np.int64),
-            )
-        )
-        for r in range(rows)
-        for c in range(cols)
-    ]
-    return np.array(sums, dtype=np.int64).astype(np.int32).tolist()
+def _raw_sums(a, b):
+    """``Σ_k a[i, k] * b[j, k]`` through ``gemm_int8``'s tiles: an int32 output holds
+    ``mbqm(bias + Σ)``, the identity at multiplier 2^30, shift 1 and bias 0."""
+    rows = a.shape[0]
+    out = np.full(rows * b.shape[0], 7, np.int32)
+    ones = np.full(rows, 1 << 30, np.int32)
+    numba_kernels.gemm_int8(a, b, np.zeros(rows, np.int32), ones, np.ones(rows, np.int32),
+                            0, 0, 0, out, 1, rows)  # fmt: skip
+    return out.reshape(b.shape[0], rows).T
 
 
 @settings(max_examples=60, deadline=None)
 @given(
-    k_len=st.integers(16, 100),
-    a_gap=st.integers(0, 40),
-    b_gap=st.integers(0, 40),
+    rows=st.integers(1, 10),
+    cols=st.integers(1, 5),
+    k_len=st.integers(16, 300),
     extreme=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_dot_blocks_match_int64(k_len, a_gap, b_gap, extreme, seed):
-    """The dot blocks the recurrent kernels use, lengths with and without a partial last
-    vector, rows further apart than their length (the gate rows), and all -128 (the largest
-    pair sums). The GEMM tiles are held to the reference through linear and conv tests."""
+def test_gemm_tiles_match_int64(rows, cols, k_len, extreme, seed):
+    """Every tile shape (4x2, 4x1, 1x1) over lengths with and without a partial last vector,
+    below, at and past the 64-byte steps, and all -128 (the largest products and, for VNNI,
+    the largest correction)."""
     rng = np.random.default_rng(seed)
-    a_step, b_step = k_len + a_gap, k_len + b_gap
-    a = rng.integers(-128, 128, 1 + 4 * a_step).astype(np.int8)
-    b = rng.integers(-128, 128, 2 + 2 * b_step).astype(np.int8)
+    a = rng.integers(-128, 128, (rows, k_len)).astype(np.int8)
+    b = rng.integers(-128, 128, (cols, k_len)).astype(np.int8)
     if extreme:
         a[:], b[:] = -128, -128
-    blocks = _all_blocks(a, a_step, b, b_step, k_len)
-    for got, (rows, cols) in zip(blocks, [(4, 1), (3, 1)], strict=True):
-        assert list(got) == _expected(a, a_step, b, b_step, k_len, rows, cols)
+    want = a.astype(np.int64) @ b.astype(np.int64).T
+    np.testing.assert_array_equal(_raw_sums(a, b), want)
 
 
-PORTABLE_CHECK = textwrap.dedent(
+OTHER_TARGET_CHECK = textwrap.dedent(
     """
     import numpy as np
+    import sys
     from tinyrt.kernels import numba_kernels as nk, reference as ref, simd
-    assert not simd.HAS_AVX2
+    assert (simd.HAS_AVX2, simd.HAS_VNNI) == tuple(map(eval, sys.argv[1:])), sys.argv
     rng = np.random.default_rng(0)
     for n, k, o in [(1, 16, 4), (3, 17, 9), (2, 45, 5), (5, 64, 8), (4, 33, 7)]:
         x = rng.integers(-128, 128, (n, k)).astype(np.int8)
@@ -93,20 +81,36 @@ PORTABLE_CHECK = textwrap.dedent(
         nk.conv2d_tiles_int8(x, pack_channel_pairs(w), bias, mult, shift, 5, -3, 3, 3, 1, sw,
                              1, 1, 1, 1, 1, -128, 127, padded, out)
         assert (out == want).all(), (c, o, sw)
-    print("portable ok")
+    print("bit-exact")
     """
 )
 
 
-def test_portable_path_is_bit_exact(tmp_path):
-    """The vector IR that non-AVX2 CPUs (ARM included) get, compiled here for a generic x86
-    target, gives the reference's outputs (GEMM tiles through linear layers, conv blocks)."""
-    env = dict(os.environ, NUMBA_CPU_NAME="generic", NUMBA_CACHE_DIR=str(tmp_path))
+HOST_FEATURES = set(llvmlite.binding.get_host_cpu_features().flatten().split(","))
+
+
+@pytest.mark.parametrize(
+    "cpu,features,flags",
+    [
+        ("generic", "", (False, False)),  # the portable IR every non-x86 CPU gets
+        ("haswell", "+avx2", (True, False)),  # vpmaddwd only: x86 without AVX-512 VNNI
+    ],
+)
+def test_other_targets_are_bit_exact(tmp_path, cpu, features, flags):
+    """The code paths other CPUs take, compiled here for another target (the host's path is
+    what every other test runs): GEMM tiles through linear layers, conv blocks."""
+    if features and features not in HOST_FEATURES:
+        pytest.skip(f"this CPU cannot run {cpu} code")
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,
+               NUMBA_CACHE_DIR=str(tmp_path))  # fmt: skip
     result = subprocess.run(
-        [sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True
+        [sys.executable, "-c", OTHER_TARGET_CHECK, *map(str, flags)],
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
-    assert "portable ok" in result.stdout
+    assert "bit-exact" in result.stdout
 
 
 def test_kernel_cache_sees_simd_changes():

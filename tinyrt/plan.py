@@ -230,7 +230,7 @@ class Executor:
     def _new_states(
         self, op: Op, graph: Graph, shapes: list[tuple[int, ...]]
     ) -> list[RecurrentState]:
-        (batch, _, features), hidden = shapes[op.inputs[0]], op.attrs["hidden_size"]
+        (batch, steps, features), hidden = shapes[op.inputs[0]], op.attrs["hidden_size"]
         zero_point = graph.values[op.outputs[0]].zero_point
         h_type, c_type = state_dtypes(op.kind)
         rows = (4 if op.kind.startswith("lstm") else 3) * hidden
@@ -242,8 +242,11 @@ class Executor:
                     np.zeros(max(features, hidden), np.int8),
                     np.zeros((2, rows), np.float32),
                 )
-            else:  # LSTM: the next h while h is still read; GRU: int8 view of the Q0.15 state
-                scratch = (np.zeros(hidden, np.int8),)
+            else:  # every step's input part of the gates, one step's recurrent part
+                gates = (np.zeros(steps * rows, np.int32), np.zeros(rows, np.int32))
+                # a GRU's int8 view of its Q0.15 state, for the recurrent product
+                h8 = (np.zeros((1, hidden), np.int8),) if op.kind == "gru" else ()
+                scratch = h8 + gates
             h = np.zeros((batch, hidden), h_type)
             made.append(RecurrentState(op, direction, h, c, scratch, zero_point))
         self.states.extend(made)
