@@ -19,6 +19,7 @@ from numba import types
 from numba.extending import overload
 
 from tinyrt.kernels.simd import (
+    CHANNELS_PER_WORD,
     LANES,
     conv_tile_1_s1,
     conv_tile_1_s2,
@@ -33,7 +34,7 @@ from tinyrt.kernels.simd import (
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "42f9bde1f306560e"
+SIMD_SOURCE_SHA256 = "14cf94c1ca35fb0a"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -230,7 +231,7 @@ def conv2d_int8(
 @_jit
 def conv2d_tiles_int8(
     x,
-    weight_pairs,
+    weight_words,
     bias,
     multiplier,
     shift,
@@ -255,8 +256,8 @@ def conv2d_tiles_int8(
     (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``; for
     a depthwise layer, every channel), requantized in the block.
 
-    ``weight_pairs`` is int32 ``[O, KH * KW * ceil(C/groups / 2)]``: for each tap the int16
-    pairs of the group's input channels ``(2m, 2m + 1)`` (the second 0 past ``C/groups``).
+    ``weight_words`` is ``tinyrt.ops.pack_channel_words`` of the weights: for each tap the
+    group's input channels in words of :data:`CHANNELS_PER_WORD`.
     Scratch: ``padded`` ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer
     after it (the last block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
     """
@@ -264,11 +265,11 @@ def conv2d_tiles_int8(
     _, o_total, oh, ow = out.shape
     _, hp, wp = padded.shape
     c_per_group, o_per_group = channels // groups, o_total // groups
-    pairs = (c_per_group + 1) // 2
+    words = -(-c_per_group // CHANNELS_PER_WORD)
     plane, positions = hp * wp, oh * ow
     tiled = o_per_group - o_per_group % 8
     flat = out.reshape(out.size)
-    args = (plane, dh * wp, dw, kh, kw, c_per_group, pairs, weight_pairs, bias, multiplier, shift)
+    args = (plane, dh * wp, dw, kh, kw, c_per_group, words, weight_words, bias, multiplier, shift)
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for g in range(groups):

@@ -49,6 +49,7 @@ _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _BYTES = ir.VectorType(_I8, LANES)
 _WORDS = ir.VectorType(_I16, LANES)
 _SUMS = ir.VectorType(_I32, LANES // 2)
+_WORDS_I32 = ir.VectorType(_I32, LANES)  # shuffle masks of 16 lanes
 
 
 def _target_features() -> set[str]:
@@ -65,6 +66,9 @@ _FEATURES = _target_features()
 HAS_AVX2 = "+avx2" in _FEATURES
 # vpdpbusd on 512-bit vectors, vpdpwssd on 256-bit ones (AVX512VL)
 HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
+# input channels per int32 weight word of the convolution blocks: int16 pairs, or int8 quads
+# under VNNI
+CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
 
 
 def _x86(builder: ir.IRBuilder, name: str, result: ir.Type, *args: ir.Value) -> ir.Value:
@@ -365,31 +369,35 @@ def _make_gemm_tile(rows: int, cols: int):
 def _make_conv_tile(channels: int, stride: int):
     """``conv_tile_{channels}_s{stride}``: a block of a convolution (one group), 8 adjacent
     output columns of one output row for ``channels`` output channels, with no im2col: each
-    step loads the 8 inputs under one tap for two input channels, interleaves them into pairs
-    and multiplies them (``vpmaddwd``) by each output channel's weight pair, broadcast.
+    step loads the 8 inputs under one tap for a word of :data:`CHANNELS_PER_WORD` input
+    channels, interleaves them so each int32 lane holds one column's word, and multiplies them
+    by each output channel's weight word, broadcast: two int16 channels (``vpmaddwd``), or
+    four int8 channels under VNNI (``vpdpbusd``, inputs as ``x + 128``, the word row's last
+    entry ``128 * Σ w`` subtracted at the end as in the GEMM).
 
     Arguments: ``padded`` (the padded input ``[C, HP, WP]``, read through its data pointer,
     with at least 16 readable bytes after the last row), ``x_start`` (offset of channel 0 at
     the block's first window), ``channel_step`` (``HP * WP``), ``row_step`` (``dh * WP``),
-    ``col_step`` (``dw``), ``kh``, ``kw``, ``n_channels`` (``C``), ``pairs`` (weights for the
-    channel pairs ``(2m, 2m + 1)``: ``weights`` int32 ``[O, KH * KW * pairs]``, each the int16
-    pair, the second 0 past ``C``), ``bias``, ``multiplier``, ``shift``, ``o`` (the block's first
-    output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
+    ``col_step`` (``dw``), ``kh``, ``kw``, ``n_channels`` (``C``), ``words`` (channel words
+    per tap), ``weights`` (int32 ``[O, KH * KW * words + 1]``, from
+    ``tinyrt.ops.pack_channel_words``), ``bias``, ``multiplier``, ``shift``, ``o`` (the block's
+    first output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
     ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1 to 8). Columns are ``stride``
     apart in the input (1 or 2). Lanes past ``valid`` read inputs beyond the row, never
     stored."""
     lanes = LANES // 2
+    per_word = CHANNELS_PER_WORD
 
     @intrinsic
     def tile(typingctx, padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels,
-             pairs, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out, out_start,
+             words, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out, out_start,
              out_step, valid):  # fmt: skip
         sig = types.void(padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels,
-                         pairs, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out,
+                         words, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out,
                          out_start, out_step, valid)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels, pairs,
+            (padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels, words,
              weights, bias, multiplier, shift, o, zp, qmin, qmax, out, out_start, out_step,
              valid) = _as_int64(context, builder, args, signature)  # fmt: skip
             i64 = x_start.type
@@ -404,7 +412,8 @@ def _make_conv_tile(channels: int, stride: int):
                 builder.store(ir.Constant(_SUMS, None), slot)
                 slots.append(slot)
             last_channel = builder.sub(n_channels, ir.Constant(i64, 1))
-            w_row = builder.mul(builder.mul(kh, kw), pairs)
+            w_row = builder.mul(builder.mul(kh, kw), words)
+            w_stride = builder.add(w_row, ir.Constant(i64, 1))
 
             def load_inputs(offset: ir.Value) -> ir.Value:
                 """The 8 inputs at ``offset``, ``stride`` apart, as int8 lanes."""
@@ -418,6 +427,22 @@ def _make_conv_tile(channels: int, stride: int):
                 every = ir.Constant(ir.VectorType(_I32, lanes), list(range(0, width, stride)))
                 return builder.shuffle_vector(vector, ir.Constant(vector.type, None), every)
 
+            def interleave(vectors: list) -> ir.Value:
+                """``[v0[0], v1[0], .., v0[1], v1[1], ..]`` of 2 or 4 vectors of 8 bytes."""
+                joined = [
+                    builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 2 * lanes),
+                                                             list(range(2 * lanes))))
+                    for x, y in zip(vectors[::2], vectors[1::2], strict=True)
+                ]  # fmt: skip
+                if len(joined) == 1:
+                    order = [k // 2 + (k % 2) * lanes for k in range(2 * lanes)]
+                    return builder.shuffle_vector(
+                        joined[0], ir.Constant(joined[0].type, None), ir.Constant(_WORDS_I32, order)
+                    )
+                order = [lane + part * lanes for lane in range(lanes) for part in range(4)]
+                mask = ir.Constant(ir.VectorType(_I32, 4 * lanes), order)
+                return builder.shuffle_vector(joined[0], joined[1], mask)
+
             with cgutils.for_range(builder, kh) as i_loop, cgutils.for_range(builder, kw) as j_loop:
                 tap = builder.add(builder.mul(i_loop.index, kw), j_loop.index)
                 window = builder.add(
@@ -426,24 +451,34 @@ def _make_conv_tile(channels: int, stride: int):
                         builder.mul(i_loop.index, row_step), builder.mul(j_loop.index, col_step)
                     ),
                 )
-                with cgutils.for_range(builder, pairs) as pair_loop:
-                    first = builder.mul(pair_loop.index, ir.Constant(i64, 2))
-                    second = builder.add(first, ir.Constant(i64, 1))
-                    over = builder.icmp_signed(">", second, last_channel)
-                    second = builder.select(over, last_channel, second)  # its weight is 0
-                    a = load_inputs(builder.add(window, builder.mul(first, channel_step)))
-                    b = load_inputs(builder.add(window, builder.mul(second, channel_step)))
-                    zipped = ir.Constant(
-                        ir.VectorType(_I32, LANES), [k // 2 + (k % 2) * lanes for k in range(LANES)]
-                    )
-                    inputs = builder.sext(builder.shuffle_vector(a, b, zipped), _WORDS)
-                    column = builder.add(builder.mul(tap, pairs), pair_loop.index)
+                with cgutils.for_range(builder, words) as word_loop:
+                    first = builder.mul(word_loop.index, ir.Constant(i64, per_word))
+                    vectors = []
+                    for extra in range(per_word):
+                        channel = builder.add(first, ir.Constant(i64, extra))
+                        over = builder.icmp_signed(">", channel, last_channel)
+                        channel = builder.select(over, last_channel, channel)  # its weight is 0
+                        vectors.append(
+                            load_inputs(builder.add(window, builder.mul(channel, channel_step)))
+                        )
+                    inputs = interleave(vectors)
+                    if per_word == 4:
+                        inputs = builder.bitcast(
+                            builder.xor(inputs, ir.Constant(inputs.type, [-128] * 4 * lanes)), _SUMS
+                        )
+                    else:
+                        inputs = builder.sext(inputs, _WORDS)
+                    column = builder.add(builder.mul(tap, words), word_loop.index)
                     for c, slot in enumerate(slots):
                         row = builder.add(o, ir.Constant(i64, c))
-                        offset = builder.add(builder.mul(row, w_row), column)
-                        pair = builder.load(builder.gep(w_ptr, [offset]))
-                        pair = builder.bitcast(_splat(builder, pair, lanes), _WORDS)
-                        sums = _accumulate_pairs(builder, builder.load(slot), inputs, pair)
+                        offset = builder.add(builder.mul(row, w_stride), column)
+                        word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
+                        if per_word == 4:
+                            sums = _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _SUMS,
+                                        builder.load(slot), inputs, word)  # fmt: skip
+                        else:
+                            word = builder.bitcast(word, _WORDS)
+                            sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
                         builder.store(sums, slot)
             splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
             bytes8 = ir.VectorType(_I8, lanes)
@@ -453,7 +488,11 @@ def _make_conv_tile(channels: int, stride: int):
                     _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
                     for k, arr in ((10, bias), (11, multiplier), (12, shift))
                 ]
-                y = _requantize_lanes(builder, builder.load(slot), *params, *splats)
+                correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), w_row)])
+                sums = builder.sub(
+                    builder.load(slot), _splat(builder, builder.load(correction), lanes)
+                )
+                y = _requantize_lanes(builder, sums, *params, *splats)
                 start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
                 full = builder.icmp_signed("==", valid, ir.Constant(i64, lanes))
                 with builder.if_else(full) as (whole, part):

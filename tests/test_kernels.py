@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import pack_channel_pairs
+from tinyrt.ops import pack_channel_words
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -282,7 +282,7 @@ def test_conv2d_numba_bit_exact(p):
     if sw <= 2:  # also the 8x8 blocks, no im2col
         slack = np.empty(x.shape[1] * reach[0] * reach[1] + 16, dtype=np.int8)
         kernels[nk.conv2d_tiles_int8] = (
-            pack_channel_pairs(weight),
+            pack_channel_words(weight, nk.CHANNELS_PER_WORD),
             slack[: x.shape[1] * reach[0] * reach[1]].reshape((x.shape[1],) + reach),
             None,
         )

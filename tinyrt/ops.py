@@ -83,19 +83,26 @@ def _conv_kernel(
     """
     if groups > 1 and groups == channels:
         return "depthwise" if out_channels == channels and width < LANES else "direct"
-    if stride <= 2 and width >= LANES // 2:
-        return "tiles"
+    if stride <= 2 and width >= LANES // 2 and k_len <= 2**16:
+        return "tiles"  # (bounded K: under VNNI the blocks' int32 sums hold Σ (x + 128) w)
     return "direct" if k_len < LANES else "gemm"
 
 
-def pack_channel_pairs(weight: np.ndarray) -> np.ndarray:
+def pack_channel_words(weight: np.ndarray, per_word: int) -> np.ndarray:
     """``[O, C, KH, KW]`` int8 as :func:`numba_kernels.conv2d_tiles_int8` reads it: int32
-    ``[O, KH * KW * ceil(C / 2)]``, each the int16 pair of channels ``(2m, 2m + 1)`` of a tap
-    (the second 0 past ``C``)."""
+    ``[O, KH * KW * ceil(C / per_word) + 1]``. For each tap, words of ``per_word`` input
+    channels (``numba_kernels.CHANNELS_PER_WORD``): 2 as int16, or 4 as int8 for ``vpdpbusd``,
+    0 past ``C``. The last entry of a row is what the blocks subtract from their sums: 0, or
+    for 4-channel words ``128 * Σ w`` (they multiply ``x + 128``)."""
     o, c, kh, kw = weight.shape
-    pairs = np.zeros((o, kh, kw, c + c % 2), dtype="<i2")
-    pairs[..., :c] = weight.transpose(0, 2, 3, 1)
-    return pairs.view("<i4").reshape(o, -1)
+    words = -(-c // per_word)
+    dtype = {2: "<i2", 4: "i1"}[per_word]
+    packed = np.zeros((o, kh, kw, words * per_word), dtype=dtype)
+    packed[..., :c] = weight.transpose(0, 2, 3, 1)
+    correction = 128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1, keepdims=True)
+    if per_word == 2:
+        correction[:] = 0
+    return np.concatenate([packed.view("<i4").reshape(o, -1), correction], axis=1, dtype=np.int32)
 
 
 _SCRATCH_ALIGN = 64
@@ -160,8 +167,8 @@ def bind_op(
             o = weight.shape[0]
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
-                pairs = pack_channel_pairs(weight)
-                return lambda: nk.conv2d_tiles_int8(x, pairs, *args, groups, qmin, qmax, padded, y)
+                words = pack_channel_words(weight, nk.CHANNELS_PER_WORD)
+                return lambda: nk.conv2d_tiles_int8(x, words, *args, groups, qmin, qmax, padded, y)
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
                 ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
                 columns = work.reshape(geometry["positions"], -1)
