@@ -126,7 +126,9 @@ def gemm_case(m: int, k: int, n: int, runs: int, rng) -> dict:
     return {"shape": f"{m}x{k}x{n}", "us": us, "gmacs": m * k * n / us / 1e3}
 
 
-VECTOR = re.compile(r"^\s+(v(?:pmaddwd|pmulld|pmuldq|pmovsxbw|pmovsxbd|phaddd|paddd)\w*)", re.M)
+VECTOR = re.compile(
+    r"^\s+(v(?:pdpbusd|pdpwssd|pmaddwd|pmulld|pmuldq|pmovsxbw|pmovsxbd|phaddd|paddd)\w*)", re.M
+)
 
 
 def instructions(dispatcher) -> dict[str, int]:
