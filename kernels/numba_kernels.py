@@ -34,7 +34,7 @@ from tinyrt.kernels.simd import (
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "14cf94c1ca35fb0a"
+SIMD_SOURCE_SHA256 = "7b62bc50a1b06939"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -45,18 +45,23 @@ INT32_MAX = 2**31 - 1
 
 @_inline
 def _multiply_by_quantized_multiplier(x, multiplier, shift):
-    """Scalar ``reference.multiply_by_quantized_multiplier`` (int64 in, int64 out), step for
-    step, without branches: the sign of a product is a coin flip to the branch predictor."""
+    """Scalar ``reference.multiply_by_quantized_multiplier`` (int64 in, int64 out), without
+    branches (the sign of a product is a coin flip to the branch predictor) and in fewer steps:
+
+    - the reference's nudge by ``±2^30`` and division by ``2^31`` truncating toward zero is
+      ``floor((p + 2^30) / 2^31)`` for either sign of ``p`` (both round ties toward +inf);
+    - its rounding divide by ``2^r`` (ties away from zero) is ``floor((h + half) / 2^r)`` with
+      ``half = (2^r - 1 + [h >= 0]) >> 1``: ``2^(r-1)`` for ``h >= 0``, one less below, 0 at
+      ``r = 0``.
+
+    tests/test_simd.py holds this (and the vector form) to the reference over all of int32.
+    """
     left = max(shift, 0)
     right = max(-shift, 0)
     x = min(max(np.int64(x) << left, INT32_MIN), INT32_MAX)
-    product = x * np.int64(multiplier)
-    nudged = product + (1 << 30) - np.int64(product < 0) * ((1 << 31) - 1)
-    # / 2^31 truncating toward zero: an arithmetic shift, after adding 2^31 - 1 to negatives
-    high = (nudged + np.int64(nudged < 0) * ((1 << 31) - 1)) >> 31
+    high = (x * np.int64(multiplier) + (1 << 30)) >> 31
     mask = (np.int64(1) << right) - 1
-    threshold = (mask >> 1) + np.int64(high < 0)
-    return (high >> right) + np.int64((high & mask) > threshold)
+    return (high + ((mask + np.int64(high >= 0)) >> 1)) >> right
 
 
 @_inline

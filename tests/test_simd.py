@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels, simd
+from tinyrt.kernels import reference as ref
 
 
 def _raw_sums(a, b):
@@ -46,6 +47,28 @@ def test_gemm_tiles_match_int64(rows, cols, k_len, extreme, seed):
         a[:], b[:] = -128, -128
     want = a.astype(np.int64) @ b.astype(np.int64).T
     np.testing.assert_array_equal(_raw_sums(a, b), want)
+
+
+@pytest.mark.parametrize("k_len", [1, 16])  # the scalar loop, the vector tiles' epilogue
+def test_scaling_matches_reference_over_int32(k_len):
+    """``mbqm(bias)`` as the kernels compute it (scalar and in vector lanes, through an int32
+    GEMM output over zero products) against ``reference.multiply_by_quantized_multiplier``:
+    int32 values from everywhere in the range, every multiplier sign and every shift, and the
+    rounding ties."""
+    rng = np.random.default_rng(k_len)
+    n = 200_000
+    x = rng.integers(-(2**31), 2**31, n)
+    x[:4096] = np.arange(-2048, 2048)  # ties at every shift below
+    multiplier = rng.integers(-(2**31) + 1, 2**31, n)
+    multiplier[:4096] = 1 << 30
+    shift = rng.integers(-31, 8, n)
+    shift[:4096] = np.arange(4096) % 13 - 12
+    want = ref.multiply_by_quantized_multiplier(x, multiplier, shift)
+    zeros = np.zeros((n, k_len), np.int8)
+    got = np.empty(n, np.int32)
+    numba_kernels.gemm_int8(zeros, zeros[:1], x.astype(np.int32), multiplier.astype(np.int32),
+                            shift.astype(np.int32), 0, 0, 0, got, 1, n)  # fmt: skip
+    np.testing.assert_array_equal(got, want)
 
 
 OTHER_TARGET_CHECK = textwrap.dedent(
