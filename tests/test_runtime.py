@@ -51,6 +51,34 @@ def test_backends_bit_identical_on_every_op(models, batch):
         np.testing.assert_array_equal(array, q[name])
 
 
+@pytest.mark.parametrize("shape", [(1, 12, 25, 5), (3, 5, 3, 7), (2, 70, 4, 4)])
+def test_pointwise_convolution_as_one_row(shape):
+    """A 1x1 stride-1 convolution runs on the image flattened to one row (ops._is_pointwise):
+    narrow images, a batch, channel counts off the weight words; numba equals the reference."""
+    n, c, h, w = shape
+    g = GraphBuilder(seed=c)
+    x = g.input([1, c, h, w], 0.02, -5)
+    y = g.value([1, 16, h, w], 0.05, 4)
+    g.op(
+        "conv2d",
+        [x],
+        y,
+        g.layer_tensors("pw", (16, c, 1, 1), 0.02 * 0.01 / 0.05),
+        stride=[1, 1],
+        padding=[0, 0, 0, 0],
+        dilation=[1, 1],
+        groups=1,
+        qmin=-128,
+        qmax=127,
+    )
+    g.output(y)
+    data = g.serialize()
+    x_q = np.random.default_rng(c).integers(-128, 128, shape).astype(np.int8)
+    want = tinyrt.load(data, "reference").run_quantized({"x": x_q})
+    got = tinyrt.load(data, "numba").run_quantized({"x": x_q})
+    np.testing.assert_array_equal(got["y"], want["y"])
+
+
 def test_batch_items_are_independent(models):
     _, fast = models
     x = random_input(4, seed=7)

@@ -41,6 +41,15 @@ def _image(x: np.ndarray) -> np.ndarray:
     return x.reshape(x.shape[0], x.shape[1], 1, x.shape[2]) if x.ndim == 3 else x
 
 
+def _is_pointwise(op: Op) -> bool:
+    """A 1x1 convolution with stride 1 and no padding: its output positions are its input
+    positions, so the numba kernels run it on the image as one row of ``H * W`` columns
+    (full blocks of columns however narrow the image)."""
+    a2 = _as_2d(op)
+    taps = op.tensors["weight"].shape[2:]
+    return all(k == 1 for k in taps) and a2["stride"] == (1, 1) and not any(a2["padding"])
+
+
 def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     """What a numba convolution needs besides its operands: the 2-D window, the padded input
     it reads (exactly the rows and columns the output windows reach), the kernel that runs it
@@ -49,6 +58,8 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
     oh, ow = (1,) * (4 - len(out_shape)) + tuple(out_shape[2:])
+    if _is_pointwise(op):
+        oh, ow = 1, oh * ow
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     channels = weight.shape[1] * a2["groups"]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
@@ -159,6 +170,8 @@ def bind_op(
         stride, padding, dilation = a2["stride"], a2["padding"], a2["dilation"]
         groups, qmin, qmax = a2["groups"], a2["qmin"], a2["qmax"]
         if nk:
+            if _is_pointwise(op):
+                x, y = (v.reshape(v.shape[0], v.shape[1], 1, -1) for v in (x, y))
             geometry = _conv_geometry(op, out.shape)
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
