@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_name  # noqa: E402
 from tinyrt.kernels import numba_kernels as nk  # noqa: E402
 from tinyrt.kernels import reference as ref  # noqa: E402
-from tinyrt.ops import _conv_kernel, pack_channel_words  # noqa: E402
+from tinyrt.ops import _conv_kernel, tile_operands  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (label, C, O, H, W, KH/KW, stride, padding, groups): layers of the suite's models
@@ -79,11 +79,11 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     padded_chw = chw[: c * reach[0] * reach[1]].reshape((c,) + reach)
     padded_hwc = np.empty(reach + (c,), np.int8)
     # weights packed and scratch made once, as tinyrt does at load: only the kernels are timed
-    flat, pairs = weight.reshape(o, -1), pack_channel_words(weight, nk.CHANNELS_PER_WORD)
+    flat, words = weight.reshape(o, -1), tile_operands(weight, padded_chw.shape, (1, 1), nk)
     row_acc = np.empty(ow, np.int32)
     kernels = {
         "tiles": lambda: nk.conv2d_tiles_int8(
-            x, pairs, *common, groups, -128, 127, padded_chw, out
+            x, *words, *common, groups, -128, 127, padded_chw, out
         ),
         "direct": lambda: nk.conv2d_direct_int8(
             x, flat, *common, groups, -128, 127, padded_chw, row_acc, out

@@ -18,8 +18,8 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from tinyrt.kernels.simd import (
-    CHANNELS_PER_WORD,
+from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight packing
+    CHANNELS_PER_WORD,  # noqa: F401
     LANES,
     conv_tile_1_s1,
     conv_tile_1_s2,
@@ -34,7 +34,7 @@ from tinyrt.kernels.simd import (
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "7b62bc50a1b06939"
+SIMD_SOURCE_SHA256 = "0ee1c5f36de97aa9"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -237,6 +237,7 @@ def conv2d_int8(
 def conv2d_tiles_int8(
     x,
     weight_words,
+    offsets,
     bias,
     multiplier,
     shift,
@@ -261,20 +262,21 @@ def conv2d_tiles_int8(
     (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``; for
     a depthwise layer, every channel), requantized in the block.
 
-    ``weight_words`` is ``tinyrt.ops.pack_channel_words`` of the weights: for each tap the
-    group's input channels in words of :data:`CHANNELS_PER_WORD`.
-    Scratch: ``padded`` ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer
-    after it (the last block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
+    ``weight_words`` and ``offsets`` are ``tinyrt.ops.tile_operands``: the weights in words
+    and where a group's window reads ``padded`` (so ``kh``, ``kw``, ``dh``, ``dw``, taken
+    like every convolution kernel's, are already in them). Scratch: ``padded``
+    ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer after it (the last
+    block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
     """
     n_batch, channels = x.shape[0], x.shape[1]
     _, o_total, oh, ow = out.shape
     _, hp, wp = padded.shape
     c_per_group, o_per_group = channels // groups, o_total // groups
-    words = -(-c_per_group // CHANNELS_PER_WORD)
+    words = weight_words.shape[1] - 1
     plane, positions = hp * wp, oh * ow
     tiled = o_per_group - o_per_group % 8
     flat = out.reshape(out.size)
-    args = (plane, dh * wp, dw, kh, kw, c_per_group, words, weight_words, bias, multiplier, shift)
+    args = (offsets, words, weight_words, bias, multiplier, shift)
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for g in range(groups):

@@ -360,52 +360,51 @@ def _make_gemm_tile(rows: int, cols: int):
 
 def _make_conv_tile(channels: int, stride: int):
     """``conv_tile_{channels}_s{stride}``: a block of a convolution (one group), 8 adjacent
-    output columns of one output row for ``channels`` output channels, with no im2col: each
-    step loads the 8 inputs under one tap for a word of :data:`CHANNELS_PER_WORD` input
-    channels, interleaves them so each int32 lane holds one column's word, and multiplies them
-    by each output channel's weight word, broadcast: two int16 channels (``vpmaddwd``), or
-    four int8 channels under VNNI (``vpdpbusd``, inputs as ``x + 128``, the word row's last
-    entry ``128 * Σ w`` subtracted at the end as in the GEMM).
+    output columns of one output row for ``channels`` output channels, with no im2col.
+
+    The window's ``K = C * KH * KW`` inputs (channel, tap) go in words of
+    :data:`CHANNELS_PER_WORD`: each step loads, for each element of a word, the 8 inputs at
+    its offset from the columns' windows, interleaves them so each int32 lane holds one
+    column's word, and multiplies them by each output channel's weight word, broadcast: two
+    int16 elements (``vpmaddwd``), or four int8 ones under VNNI (``vpdpbusd``, inputs as
+    ``x + 128``, the weight row's last entry ``128 * Σ w`` subtracted at the end as in the
+    GEMM). Words mix channels and taps freely, so a 1-channel layer wastes no lanes.
 
     Arguments: ``padded`` (the padded input ``[C, HP, WP]``, read through its data pointer,
-    with at least 16 readable bytes after the last row), ``x_start`` (offset of channel 0 at
-    the block's first window), ``channel_step`` (``HP * WP``), ``row_step`` (``dh * WP``),
-    ``col_step`` (``dw``), ``kh``, ``kw``, ``n_channels`` (``C``), ``words`` (channel words
-    per tap), ``weights`` (int32 ``[O, KH * KW * words + 1]``, from
-    ``tinyrt.ops.pack_channel_words``), ``bias``, ``multiplier``, ``shift``, ``o`` (the block's
-    first output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
-    ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1 to 8). Columns are ``stride``
-    apart in the input (1 or 2). Lanes past ``valid`` read inputs beyond the row, never
-    stored."""
+    with at least 16 readable bytes after the last row), ``x_start`` (offset of the block's
+    first window), ``offsets`` (int64 ``[words * CHANNELS_PER_WORD]``: each element's offset
+    from a window's start, from ``tinyrt.ops.conv_offsets``), ``words``, ``weights`` (int32
+    ``[O, words + 1]``, from ``tinyrt.ops.pack_conv_words``), ``bias``, ``multiplier``,
+    ``shift``, ``o`` (the block's first output channel), ``zp_out``, ``qmin``, ``qmax``,
+    ``out`` (flat), ``out_start``, ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1
+    to 8). Columns are ``stride`` apart in the input (1 or 2). Lanes past ``valid`` read inputs
+    beyond the row, never stored."""
     lanes = LANES // 2
     per_word = CHANNELS_PER_WORD
 
     @intrinsic
-    def tile(typingctx, padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels,
-             words, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out, out_start,
-             out_step, valid):  # fmt: skip
-        sig = types.void(padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels,
-                         words, weights, bias, multiplier, shift, o, zp_out, qmin, qmax, out,
-                         out_start, out_step, valid)  # fmt: skip
+    def tile(typingctx, padded, x_start, offsets, words, weights, bias, multiplier, shift, o,
+             zp_out, qmin, qmax, out, out_start, out_step, valid):  # fmt: skip
+        sig = types.void(padded, x_start, offsets, words, weights, bias, multiplier, shift, o,
+                         zp_out, qmin, qmax, out, out_start, out_step, valid)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (padded, x_start, channel_step, row_step, col_step, kh, kw, n_channels, words,
-             weights, bias, multiplier, shift, o, zp, qmin, qmax, out, out_start, out_step,
-             valid) = _as_int64(context, builder, args, signature)  # fmt: skip
+            (padded, x_start, offsets, words, weights, bias, multiplier, shift, o, zp, qmin,
+             qmax, out, out_start, out_step, valid) = _as_int64(context, builder, args,
+                                                                signature)  # fmt: skip
             i64 = x_start.type
 
             def data(position: int, value: ir.Value) -> ir.Value:
                 return context.make_array(signature.args[position])(context, builder, value).data
 
-            x_ptr, w_ptr, out_ptr = data(0, padded), data(9, weights), data(17, out)
+            x_ptr, offsets_ptr = data(0, padded), data(2, offsets)
+            w_ptr, out_ptr = data(4, weights), data(12, out)
             slots = []
             for _ in range(channels):
                 slot = cgutils.alloca_once(builder, _SUMS)
                 builder.store(ir.Constant(_SUMS, None), slot)
                 slots.append(slot)
-            last_channel = builder.sub(n_channels, ir.Constant(i64, 1))
-            w_row = builder.mul(builder.mul(kh, kw), words)
-            w_stride = builder.add(w_row, ir.Constant(i64, 1))
+            w_stride = builder.add(words, ir.Constant(i64, 1))
 
             def load_inputs(offset: ir.Value) -> ir.Value:
                 """The 8 inputs at ``offset``, ``stride`` apart, as int8 lanes."""
@@ -435,52 +434,38 @@ def _make_conv_tile(channels: int, stride: int):
                 mask = ir.Constant(ir.VectorType(_I32, 4 * lanes), order)
                 return builder.shuffle_vector(joined[0], joined[1], mask)
 
-            with cgutils.for_range(builder, kh) as i_loop, cgutils.for_range(builder, kw) as j_loop:
-                tap = builder.add(builder.mul(i_loop.index, kw), j_loop.index)
-                window = builder.add(
-                    x_start,
-                    builder.add(
-                        builder.mul(i_loop.index, row_step), builder.mul(j_loop.index, col_step)
-                    ),
-                )
-                with cgutils.for_range(builder, words) as word_loop:
-                    first = builder.mul(word_loop.index, ir.Constant(i64, per_word))
-                    vectors = []
-                    for extra in range(per_word):
-                        channel = builder.add(first, ir.Constant(i64, extra))
-                        over = builder.icmp_signed(">", channel, last_channel)
-                        channel = builder.select(over, last_channel, channel)  # its weight is 0
-                        vectors.append(
-                            load_inputs(builder.add(window, builder.mul(channel, channel_step)))
-                        )
-                    inputs = interleave(vectors)
+            with cgutils.for_range(builder, words) as word_loop:
+                first = builder.mul(word_loop.index, ir.Constant(i64, per_word))
+                vectors = []
+                for element in range(per_word):
+                    at = builder.gep(offsets_ptr, [builder.add(first, ir.Constant(i64, element))])
+                    vectors.append(load_inputs(builder.add(x_start, builder.load(at))))
+                inputs = interleave(vectors)
+                if per_word == 4:
+                    flip = ir.Constant(inputs.type, [-128] * 4 * lanes)
+                    inputs = builder.bitcast(builder.xor(inputs, flip), _SUMS)
+                else:
+                    inputs = builder.sext(inputs, _WORDS)
+                for c, slot in enumerate(slots):
+                    row = builder.add(o, ir.Constant(i64, c))
+                    offset = builder.add(builder.mul(row, w_stride), word_loop.index)
+                    word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
                     if per_word == 4:
-                        inputs = builder.bitcast(
-                            builder.xor(inputs, ir.Constant(inputs.type, [-128] * 4 * lanes)), _SUMS
-                        )
+                        sums = _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _SUMS,
+                                    builder.load(slot), inputs, word)  # fmt: skip
                     else:
-                        inputs = builder.sext(inputs, _WORDS)
-                    column = builder.add(builder.mul(tap, words), word_loop.index)
-                    for c, slot in enumerate(slots):
-                        row = builder.add(o, ir.Constant(i64, c))
-                        offset = builder.add(builder.mul(row, w_stride), column)
-                        word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
-                        if per_word == 4:
-                            sums = _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _SUMS,
-                                        builder.load(slot), inputs, word)  # fmt: skip
-                        else:
-                            word = builder.bitcast(word, _WORDS)
-                            sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
-                        builder.store(sums, slot)
+                        word = builder.bitcast(word, _WORDS)
+                        sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
+                    builder.store(sums, slot)
             splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
             bytes8 = ir.VectorType(_I8, lanes)
             for c, slot in enumerate(slots):
                 row = builder.add(o, ir.Constant(i64, c))
                 params = [
                     _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
-                    for k, arr in ((10, bias), (11, multiplier), (12, shift))
+                    for k, arr in ((5, bias), (6, multiplier), (7, shift))
                 ]
-                correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), w_row)])
+                correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), words)])
                 sums = builder.sub(
                     builder.load(slot), _splat(builder, builder.load(correction), lanes)
                 )

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import pack_channel_words
+from tinyrt.ops import tile_operands
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -281,11 +281,9 @@ def test_conv2d_numba_bit_exact(p):
         )
     if sw <= 2:  # also the 8x8 blocks, no im2col
         slack = np.empty(x.shape[1] * reach[0] * reach[1] + 16, dtype=np.int8)
-        kernels[nk.conv2d_tiles_int8] = (
-            pack_channel_words(weight, nk.CHANNELS_PER_WORD),
-            slack[: x.shape[1] * reach[0] * reach[1]].reshape((x.shape[1],) + reach),
-            None,
-        )
+        padded = slack[: x.shape[1] * reach[0] * reach[1]].reshape((x.shape[1],) + reach)
+        operands = tile_operands(weight, padded.shape, (dh, dw), nk)  # words, offsets
+        kernels[nk.conv2d_tiles_int8] = (operands, padded, None)
     for kernel, (layout, padded, work) in kernels.items():  # every shape through each
         out = np.empty_like(want)
         groups = () if kernel is nk.depthwise_conv2d_int8 else (p["groups"],)
@@ -293,9 +291,11 @@ def test_conv2d_numba_bit_exact(p):
             work = ()
         else:
             work = (work,)
+        if not isinstance(layout, tuple):
+            layout = (np.ascontiguousarray(layout).reshape(len(layout), -1),)
         kernel(
             x,
-            np.ascontiguousarray(layout).reshape(len(layout), -1),
+            *layout,
             bias,
             multiplier,
             shift,

@@ -88,7 +88,7 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         out = np.empty_like(want)
         nk.linear_int8(x, w, bias, mult, shift, 3, -128, 127, out)
         assert (out == want).all(), (n, k, o)
-    from tinyrt.ops import pack_channel_words
+    from tinyrt.ops import tile_operands
     for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
         x = rng.integers(-128, 128, (1, c, 7, 19)).astype(np.int8)
         w = rng.integers(-127, 128, (o, c, 3, 3)).astype(np.int8)
@@ -101,8 +101,8 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         buffer = np.empty(c * reach[0] * reach[1] + 16, np.int8)
         padded = buffer[: c * reach[0] * reach[1]].reshape((c,) + reach)
         out = np.empty_like(want)
-        words = pack_channel_words(w, nk.CHANNELS_PER_WORD)
-        nk.conv2d_tiles_int8(x, words, bias, mult, shift, 5, -3, 3, 3, 1, sw,
+        operands = tile_operands(w, padded.shape, (1, 1), nk)
+        nk.conv2d_tiles_int8(x, *operands, bias, mult, shift, 5, -3, 3, 3, 1, sw,
                              1, 1, 1, 1, 1, -128, 127, padded, out)
         assert (out == want).all(), (c, o, sw)
     print("bit-exact")

@@ -99,21 +99,46 @@ def _conv_kernel(
     return "direct" if k_len < LANES else "gemm"
 
 
-def pack_channel_words(weight: np.ndarray, per_word: int) -> np.ndarray:
+def pack_conv_words(weight: np.ndarray, per_word: int) -> np.ndarray:
     """``[O, C, KH, KW]`` int8 as :func:`numba_kernels.conv2d_tiles_int8` reads it: int32
-    ``[O, KH * KW * ceil(C / per_word) + 1]``. For each tap, words of ``per_word`` input
-    channels (``numba_kernels.CHANNELS_PER_WORD``): 2 as int16, or 4 as int8 for ``vpdpbusd``,
-    0 past ``C``. The last entry of a row is what the blocks subtract from their sums: 0, or
-    for 4-channel words ``128 * Σ w`` (they multiply ``x + 128``)."""
-    o, c, kh, kw = weight.shape
-    words = -(-c // per_word)
-    dtype = {2: "<i2", 4: "i1"}[per_word]
-    packed = np.zeros((o, kh, kw, words * per_word), dtype=dtype)
-    packed[..., :c] = weight.transpose(0, 2, 3, 1)
-    correction = 128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1, keepdims=True)
+    ``[O, words + 1]``. Each row holds the ``K = C * KH * KW`` weights in the order of
+    :func:`conv_offsets` (taps major, channels fastest), in words of ``per_word``
+    (``numba_kernels.CHANNELS_PER_WORD``): 2 as int16, or 4 as int8 for ``vpdpbusd``, 0 past
+    ``K``. The last entry is what the blocks subtract from their sums: 0, or for 4-element
+    words ``128 * Σ w`` (they multiply ``x + 128``)."""
+    o = weight.shape[0]
+    flat = weight.transpose(0, 2, 3, 1).reshape(o, -1)
+    words = -(-flat.shape[1] // per_word)
+    packed = np.zeros((o, words * per_word), dtype={2: "<i2", 4: "i1"}[per_word])
+    packed[:, : flat.shape[1]] = flat
+    correction = 128 * flat.astype(np.int64).sum(axis=1, keepdims=True)
     if per_word == 2:
         correction[:] = 0
-    return np.concatenate([packed.view("<i4").reshape(o, -1), correction], axis=1, dtype=np.int32)
+    return np.concatenate([packed.view("<i4"), correction], axis=1, dtype=np.int32)
+
+
+def conv_offsets(
+    channels: int, kh: int, kw: int, steps: tuple[int, int, int], per_word: int
+) -> np.ndarray:
+    """Where each of a window's ``K = channels * KH * KW`` inputs lies from the window's start
+    in the padded input, in :func:`pack_conv_words`'s order, padded to whole words with 0
+    (weight 0 there): int64, for ``steps = (channel, row, column)`` strides in elements."""
+    channel_step, row_step, col_step = steps
+    i, j, c = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(channels), indexing="ij")
+    offsets = (c * channel_step + i * row_step + j * col_step).reshape(-1)
+    return np.pad(offsets, (0, -len(offsets) % per_word)).astype(np.int64)
+
+
+def tile_operands(
+    weight: np.ndarray, padded_shape: tuple[int, ...], dilation: tuple[int, int], nk: ModuleType
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`numba_kernels.conv2d_tiles_int8`'s weight words and window offsets for weights
+    ``[O, C/groups, KH, KW]`` over a padded input ``[C, HP, WP]``."""
+    _, c, kh, kw = weight.shape
+    _, rows, columns = padded_shape
+    steps = (rows * columns, dilation[0] * columns, dilation[1])
+    per_word = nk.CHANNELS_PER_WORD
+    return pack_conv_words(weight, per_word), conv_offsets(c, kh, kw, steps, per_word)
 
 
 _SCRATCH_ALIGN = 64
@@ -180,8 +205,10 @@ def bind_op(
             o = weight.shape[0]
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
-                words = pack_channel_words(weight, nk.CHANNELS_PER_WORD)
-                return lambda: nk.conv2d_tiles_int8(x, words, *args, groups, qmin, qmax, padded, y)
+                words, offsets = tile_operands(weight, padded.shape, a2["dilation"], nk)
+                return lambda: nk.conv2d_tiles_int8(
+                    x, words, offsets, *args, groups, qmin, qmax, padded, y
+                )
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
                 ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
                 columns = work.reshape(geometry["positions"], -1)
