@@ -71,6 +71,8 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     want = ref.conv2d_int8(
         x, weight, bias, multiplier, shift, 3, -2, (stride,) * 2, (pad,) * 4, (1, 1), groups
     )
+    if k == stride == 1 and pad == 0:  # pointwise: one row of H * W, as tinyrt.ops runs it
+        x, want = x.reshape(1, c, 1, -1), want.reshape(1, o, 1, -1)
     oh, ow = want.shape[2:]
     reach = ((oh - 1) * stride + k, (ow - 1) * stride + k)
     common = (bias, multiplier, shift, 3, -2, k, k, stride, stride, pad, pad, 1, 1)
@@ -97,11 +99,6 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
         kernels["gemm"] = lambda: nk.conv2d_int8(
             x, ohwi, *common, groups, -128, 127, padded_hwc, columns, out
         )
-    if groups == c == o:
-        taps, channel_acc = np.ascontiguousarray(flat.T), np.empty(c, np.int32)
-        kernels["depthwise"] = lambda: nk.depthwise_conv2d_int8(
-            x, taps, *common, -128, 127, padded_hwc, channel_acc, out
-        )
     times = {}
     for name, run in kernels.items():
         out[...] = 0
@@ -110,7 +107,7 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
             raise AssertionError(f"{label}: kernel {name} differs from the reference")
         times[name] = best_of(run, runs)
     macs = o * oh * ow * weight[0].size
-    chosen = _conv_kernel(groups, c, o, weight[0].size, ow, stride)
+    chosen = _conv_kernel(weight[0].size, stride)
     return {"layer": label, "macs": macs, "us": times, "chosen": chosen}
 
 
@@ -144,7 +141,7 @@ def instructions(dispatcher) -> dict[str, int]:
 
 
 def markdown(convs: list[dict], gemms: list[dict], asm: dict) -> str:
-    names = ["tiles", "gemm", "direct", "depthwise"]
+    names = ["tiles", "gemm", "direct"]
     lines = [
         "| layer | MMAC | " + " | ".join(names) + " | chosen |",
         "|---|---|" + "---|" * len(names) + "---|",
@@ -183,7 +180,6 @@ def main() -> None:
             "linear_int8",
             "conv2d_tiles_int8",
             "conv2d_direct_int8",
-            "depthwise_conv2d_int8",
         )
     }
     table = markdown(convs, gemms, asm)

@@ -342,22 +342,6 @@ def _requantize_row(acc, multiplier, shift, zp_out, qmin, qmax, out):
 
 
 @_inline
-def _depthwise_row_3x3(a0, a1, a2, b0, b1, b2, c0, c1, c2, taps, bias, acc):
-    """``acc[q] = bias + Σ_t taps[t] * v_t[q]`` over the nine input views ``a0 .. c2`` (the
-    window's rows i = 0, 1, 2 at columns j = 0, 1, 2): one output row of a 3x3 depthwise
-    convolution in one pass, the nine taps in registers."""
-    w0, w1, w2 = np.int32(taps[0]), np.int32(taps[1]), np.int32(taps[2])
-    w3, w4, w5 = np.int32(taps[3]), np.int32(taps[4]), np.int32(taps[5])
-    w6, w7, w8 = np.int32(taps[6]), np.int32(taps[7]), np.int32(taps[8])
-    for q in range(acc.size):
-        total = np.int32(bias + w0 * np.int32(a0[q]) + w1 * np.int32(a1[q]) + w2 * np.int32(a2[q]))
-        total = np.int32(total + w3 * np.int32(b0[q]) + w4 * np.int32(b1[q]) + w5 * np.int32(b2[q]))
-        acc[q] = np.int32(
-            total + w6 * np.int32(c0[q]) + w7 * np.int32(c1[q]) + w8 * np.int32(c2[q])
-        )
-
-
-@_inline
 def _accumulate_tap(acc, inputs, w):
     """``acc[q] += w * inputs[q]`` (int32) over a row of outputs."""
     for q in range(acc.size):
@@ -389,8 +373,8 @@ def conv2d_direct_int8(
     out,
 ):
     """``reference.conv2d_int8`` computed directly, one output row at a time, for the
-    convolutions im2col would turn into short dot products: depthwise ones and those with
-    ``C/groups * KH * KW`` under one vector.
+    convolutions the blocks of :func:`conv2d_tiles_int8` cannot take (column stride above 2)
+    and im2col would turn into short dot products (``C/groups * KH * KW`` under one vector).
 
     For each weight tap the whole row of outputs takes ``acc[q] += w * xpad[.., q*sw + ..]``
     (over contiguous memory when ``sw == 1``); then the row is requantized. ``weight`` is
@@ -409,26 +393,6 @@ def conv2d_direct_int8(
             first_channel = (o // o_per_group) * c_per_group
             taps = weight[o]
             for p in range(oh):
-                if c_per_group == 1 and kh == 3 and kw == 3:
-                    channel = padded[first_channel]
-                    r0, r1, r2 = channel[p * sh], channel[p * sh + dh], channel[p * sh + 2 * dh]
-                    j1, j2 = dw, 2 * dw
-                    if sw == 1:  # contiguous views: plain vector loads
-                        _depthwise_row_3x3(
-                            r0[:ow], r0[j1 : j1 + ow], r0[j2 : j2 + ow],
-                            r1[:ow], r1[j1 : j1 + ow], r1[j2 : j2 + ow],
-                            r2[:ow], r2[j1 : j1 + ow], r2[j2 : j2 + ow],
-                            taps, bias[o], acc,
-                        )  # fmt: skip
-                    else:
-                        _depthwise_row_3x3(
-                            r0[:span:sw], r0[j1 : j1 + span : sw], r0[j2 : j2 + span : sw],
-                            r1[:span:sw], r1[j1 : j1 + span : sw], r1[j2 : j2 + span : sw],
-                            r2[:span:sw], r2[j1 : j1 + span : sw], r2[j2 : j2 + span : sw],
-                            taps, bias[o], acc,
-                        )  # fmt: skip
-                    _requantize_row(acc, multiplier[o], shift[o], zp_out, qmin, qmax, out[n, o, p])
-                    continue
                 acc[:] = bias[o]
                 for c in range(c_per_group):
                     channel = padded[first_channel + c]
@@ -442,62 +406,6 @@ def conv2d_direct_int8(
                             else:
                                 _accumulate_tap(acc, source[start : start + span : sw], w)
                 _requantize_row(acc, multiplier[o], shift[o], zp_out, qmin, qmax, out[n, o, p])
-
-
-@_jit
-def depthwise_conv2d_int8(
-    x,
-    weight,
-    bias,
-    multiplier,
-    shift,
-    zp_in,
-    zp_out,
-    kh,
-    kw,
-    sh,
-    sw,
-    pad_top,
-    pad_left,
-    dh,
-    dw,
-    qmin,
-    qmax,
-    padded,
-    acc,
-    out,
-):
-    """``reference.conv2d_int8`` for depthwise layers (``groups == C == O``), channels last.
-
-    Every output position takes ``acc[c] = bias[c] + Σ_t weight[t, c] * xpad[.., .., c]`` over
-    the taps ``t``: loops over contiguous channels, however small the image (a row-at-a-time
-    kernel spends its time on loop overhead at 25x5). ``weight`` is ``[KH * KW, C]`` (taps
-    major); scratch: ``padded`` ``[HP, WP, C]`` (:func:`_pad_input`) and ``acc`` int32 ``[C]``.
-    Other arguments as :func:`conv2d_int8`.
-    """
-    n_batch = x.shape[0]
-    channels = weight.shape[1]
-    _, _, oh, ow = out.shape
-    for n in range(n_batch):
-        _pad_input(x[n], zp_in, pad_top, pad_left, padded, True)
-        for p in range(oh):
-            for q in range(ow):
-                acc[:] = bias
-                for i in range(kh):
-                    line = padded[p * sh + i * dh]
-                    for j in range(kw):
-                        _accumulate_products(acc, weight[i * kw + j], line[q * sw + j * dw])
-                for c in range(channels):
-                    out[n, c, p, q] = _requantize(
-                        acc[c], multiplier[c], shift[c], zp_out, qmin, qmax
-                    )
-
-
-@_inline
-def _accumulate_products(acc, w, v):
-    """``acc[c] += w[c] * v[c]`` (int32)."""
-    for c in range(acc.size):
-        acc[c] = np.int32(acc[c] + np.int32(w[c]) * np.int32(v[c]))
 
 
 @_jit

@@ -273,12 +273,6 @@ def test_conv2d_numba_bit_exact(p):
             np.empty(ow, dtype=np.int32),
         ),
     }
-    if p["groups"] == x.shape[1] == o:  # depthwise: also the channels-last kernel
-        kernels[nk.depthwise_conv2d_int8] = (
-            weight.reshape(o, -1).T,
-            np.empty(reach + (x.shape[1],), dtype=np.int8),
-            np.empty(o, dtype=np.int32),
-        )
     if sw <= 2:  # also the 8x8 blocks, no im2col
         slack = np.empty(x.shape[1] * reach[0] * reach[1] + 16, dtype=np.int8)
         padded = slack[: x.shape[1] * reach[0] * reach[1]].reshape((x.shape[1],) + reach)
@@ -286,7 +280,6 @@ def test_conv2d_numba_bit_exact(p):
         kernels[nk.conv2d_tiles_int8] = (operands, padded, None)
     for kernel, (layout, padded, work) in kernels.items():  # every shape through each
         out = np.empty_like(want)
-        groups = () if kernel is nk.depthwise_conv2d_int8 else (p["groups"],)
         if kernel is nk.conv2d_tiles_int8:
             work = ()
         else:
@@ -309,7 +302,7 @@ def test_conv2d_numba_bit_exact(p):
             left,
             dh,
             dw,
-            *groups,
+            p["groups"],
             p["qmin"],
             127,
             padded,

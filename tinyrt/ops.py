@@ -63,39 +63,31 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     channels = weight.shape[1] * a2["groups"]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-    kernel = _conv_kernel(a2["groups"], channels, weight.shape[0], weight[0].size, ow, sw)
+    kernel = _conv_kernel(weight[0].size, sw)
     work = {  # bytes
         "tiles": _SCRATCH_ALIGN,  # room for the last block's loads past the padded input
         "gemm": oh * ow * weight[0].size,  # im2col rows
-        "depthwise": 4 * channels,  # int32 accumulators, one per channel
         "direct": 4 * ow,  # int32 accumulators, one per output column
     }[kernel]
     return {
         "window": (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw),
-        "padded": (rows, columns, channels)
-        if kernel in ("gemm", "depthwise")
-        else (channels, rows, columns),
+        "padded": (rows, columns, channels) if kernel == "gemm" else (channels, rows, columns),
         "positions": oh * ow,
         "kernel": kernel,
         "work": work,
     }
 
 
-def _conv_kernel(
-    groups: int, channels: int, out_channels: int, k_len: int, width: int, stride: int
-) -> str:
+def _conv_kernel(k_len: int, stride: int) -> str:
     """Which numba kernel runs a convolution (docs/kernels.md has the measurements):
 
-    - depthwise layers: ``depthwise`` (channels last, loops over channels) on outputs under 16
-      columns, ``direct`` (rows of outputs, nine taps in registers for 3x3) on wider ones;
-    - others with column stride 1 or 2 and at least 8 output columns: ``tiles``, blocks of 8
-      columns x 8 output channels straight from the padded input;
+    - column stride 1 or 2: ``tiles``, blocks of 8 columns x 8 output channels straight from
+      the padded input, whatever the groups (depthwise layers included) and however narrow
+      the image (K up to 2^16: under VNNI the blocks' int32 sums hold Σ (x + 128) w);
     - the rest: ``gemm`` (im2col + GEMM), or ``direct`` for dot products under one vector.
     """
-    if groups > 1 and groups == channels:
-        return "depthwise" if out_channels == channels and width < LANES else "direct"
-    if stride <= 2 and width >= LANES // 2 and k_len <= 2**16:
-        return "tiles"  # (bounded K: under VNNI the blocks' int32 sums hold Σ (x + 128) w)
+    if stride <= 2 and k_len <= 2**16:
+        return "tiles"
     return "direct" if k_len < LANES else "gemm"
 
 
@@ -215,10 +207,6 @@ def bind_op(
                 return lambda: nk.conv2d_int8(
                     x, ohwi, *args, groups, qmin, qmax, padded, columns, y
                 )
-            if geometry["kernel"] == "depthwise":  # taps major, channels contiguous
-                taps = np.ascontiguousarray(weight.reshape(o, -1).T)
-                acc = work.view(np.int32)
-                return lambda: nk.depthwise_conv2d_int8(x, taps, *args, qmin, qmax, padded, acc, y)
             oihw, acc = weight.reshape(o, -1), work.view(np.int32)
             return lambda: nk.conv2d_direct_int8(x, oihw, *args, groups, qmin, qmax, padded, acc, y)
         return lambda: np.copyto(
