@@ -25,6 +25,8 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     conv_tile_1_s2,
     conv_tile_8_s1,
     conv_tile_8_s2,
+    conv_tile_dw8_s1,
+    conv_tile_dw8_s2,
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
@@ -34,7 +36,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "0ee1c5f36de97aa9"
+SIMD_SOURCE_SHA256 = "739f3d1104a239ba"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -259,8 +261,9 @@ def conv2d_tiles_int8(
 ):
     """``reference.conv2d_int8`` with column stride 1 or 2, without im2col: blocks of 8
     output columns x 8 output channels of a group through :func:`simd.conv_tile_8_s1`
-    (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``; for
-    a depthwise layer, every channel), requantized in the block.
+    (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``);
+    a depthwise layer's channels 8 groups at a time (``conv_tile_dw8``), the last
+    ``groups % 8`` one at a time. Each block is requantized and stored as it is summed.
 
     ``weight_words`` and ``offsets`` are ``tinyrt.ops.tile_operands``: the weights in words
     and where a group's window reads ``padded`` (so ``kh``, ``kw``, ``dh``, ``dw``, taken
@@ -275,32 +278,46 @@ def conv2d_tiles_int8(
     words = weight_words.shape[1] - 1
     plane, positions = hp * wp, oh * ow
     tiled = o_per_group - o_per_group % 8
+    # depthwise (one input and one output channel per group): 8 groups per block
+    paired = groups - groups % 8 if c_per_group == o_per_group == 1 else 0
     flat = out.reshape(out.size)
     args = (offsets, words, weight_words, bias, multiplier, shift)
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
-        for g in range(groups):
-            for p in range(oh):
-                for q in range(0, ow, 8):
-                    valid = min(8, ow - q)
-                    start = g * c_per_group * plane + p * sh * wp + q * sw
-                    out_start = n * o_total * positions + p * ow + q
+        for p in range(oh):
+            for q in range(0, ow, 8):
+                # a block short of 8 columns stores all 8 when the extra ones land in its
+                # channels' later rows, which later blocks overwrite: only a plane's last row
+                # stores column by column
+                valid = 8 if p * ow + q + 8 <= positions else ow - q
+                window = p * sh * wp + q * sw
+                out_start = n * o_total * positions + p * ow + q
+                for g in range(0, paired, 8):
+                    start, target = g * plane + window, out_start + g * positions
+                    if sw == 1:
+                        conv_tile_dw8_s1(padded, start, plane, *args, g, zp_out, qmin, qmax, flat,
+                                         target, positions, valid)  # fmt: skip
+                    else:
+                        conv_tile_dw8_s2(padded, start, plane, *args, g, zp_out, qmin, qmax, flat,
+                                         target, positions, valid)  # fmt: skip
+                for g in range(paired, groups):
+                    start = g * c_per_group * plane + window
                     for block in range(0, tiled, 8):
                         o = g * o_per_group + block
                         target = out_start + o * positions
                         if sw == 1:
-                            conv_tile_8_s1(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                            conv_tile_8_s1(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
                                            target, positions, valid)  # fmt: skip
                         else:
-                            conv_tile_8_s2(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                            conv_tile_8_s2(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
                                            target, positions, valid)  # fmt: skip
                     for o in range(g * o_per_group + tiled, (g + 1) * o_per_group):
                         target = out_start + o * positions
                         if sw == 1:
-                            conv_tile_1_s1(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                            conv_tile_1_s1(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
                                            target, positions, valid)  # fmt: skip
                         else:
-                            conv_tile_1_s2(padded, start, *args, o, zp_out, qmin, qmax, flat,
+                            conv_tile_1_s2(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
                                            target, positions, valid)  # fmt: skip
 
 

@@ -358,9 +358,12 @@ def _make_gemm_tile(rows: int, cols: int):
     return tile
 
 
-def _make_conv_tile(channels: int, stride: int):
+def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
     """``conv_tile_{channels}_s{stride}``: a block of a convolution (one group), 8 adjacent
-    output columns of one output row for ``channels`` output channels, with no im2col.
+    output columns of one output row for ``channels`` output channels, with no im2col;
+    ``conv_tile_dw{channels}_s{stride}``: the same for ``channels`` groups of one input and one
+    output channel each (depthwise), output channel ``c`` of the block reading its inputs
+    ``in_step`` further on (``in_step`` unused by the others, whose channels share inputs).
 
     The window's ``K = C * KH * KW`` inputs (channel, tap) go in words of
     :data:`CHANNELS_PER_WORD`: each step loads, for each element of a word, the 8 inputs at
@@ -372,33 +375,33 @@ def _make_conv_tile(channels: int, stride: int):
 
     Arguments: ``padded`` (the padded input ``[C, HP, WP]``, read through its data pointer,
     with at least 16 readable bytes after the last row), ``x_start`` (offset of the block's
-    first window), ``offsets`` (int64 ``[words * CHANNELS_PER_WORD]``: each element's offset
-    from a window's start, from ``tinyrt.ops.conv_offsets``), ``words``, ``weights`` (int32
-    ``[O, words + 1]``, from ``tinyrt.ops.pack_conv_words``), ``bias``, ``multiplier``,
-    ``shift``, ``o`` (the block's first output channel), ``zp_out``, ``qmin``, ``qmax``,
-    ``out`` (flat), ``out_start``, ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1
-    to 8). Columns are ``stride`` apart in the input (1 or 2). Lanes past ``valid`` read inputs
-    beyond the row, never stored."""
+    first window), ``in_step``, ``offsets`` (int64 ``[words * CHANNELS_PER_WORD]``: each
+    element's offset from a window's start, from ``tinyrt.ops.conv_offsets``), ``words``,
+    ``weights`` (int32 ``[O, words + 1]``, from ``tinyrt.ops.pack_conv_words``), ``bias``,
+    ``multiplier``, ``shift``, ``o`` (the block's first output channel), ``zp_out``, ``qmin``,
+    ``qmax``, ``out`` (flat), ``out_start``, ``out_step`` (``OH * OW``), ``valid`` (columns to
+    store, 1 to 8). Columns are ``stride`` apart in the input (1 or 2). Lanes past ``valid``
+    read inputs beyond the row, never stored."""
     lanes = LANES // 2
     per_word = CHANNELS_PER_WORD
 
     @intrinsic
-    def tile(typingctx, padded, x_start, offsets, words, weights, bias, multiplier, shift, o,
-             zp_out, qmin, qmax, out, out_start, out_step, valid):  # fmt: skip
-        sig = types.void(padded, x_start, offsets, words, weights, bias, multiplier, shift, o,
-                         zp_out, qmin, qmax, out, out_start, out_step, valid)  # fmt: skip
+    def tile(typingctx, padded, x_start, in_step, offsets, words, weights, bias, multiplier,
+             shift, o, zp_out, qmin, qmax, out, out_start, out_step, valid):  # fmt: skip
+        sig = types.void(padded, x_start, in_step, offsets, words, weights, bias, multiplier,
+                         shift, o, zp_out, qmin, qmax, out, out_start, out_step, valid)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (padded, x_start, offsets, words, weights, bias, multiplier, shift, o, zp, qmin,
-             qmax, out, out_start, out_step, valid) = _as_int64(context, builder, args,
-                                                                signature)  # fmt: skip
+            (padded, x_start, in_step, offsets, words, weights, bias, multiplier, shift, o, zp,
+             qmin, qmax, out, out_start, out_step, valid) = _as_int64(context, builder, args,
+                                                                      signature)  # fmt: skip
             i64 = x_start.type
 
             def data(position: int, value: ir.Value) -> ir.Value:
                 return context.make_array(signature.args[position])(context, builder, value).data
 
-            x_ptr, offsets_ptr = data(0, padded), data(2, offsets)
-            w_ptr, out_ptr = data(4, weights), data(12, out)
+            x_ptr, offsets_ptr = data(0, padded), data(3, offsets)
+            w_ptr, out_ptr = data(5, weights), data(13, out)
             slots = []
             for _ in range(channels):
                 slot = cgutils.alloca_once(builder, _SUMS)
@@ -434,19 +437,28 @@ def _make_conv_tile(channels: int, stride: int):
                 mask = ir.Constant(ir.VectorType(_I32, 4 * lanes), order)
                 return builder.shuffle_vector(joined[0], joined[1], mask)
 
-            with cgutils.for_range(builder, words) as word_loop:
-                first = builder.mul(word_loop.index, ir.Constant(i64, per_word))
-                vectors = []
-                for element in range(per_word):
-                    at = builder.gep(offsets_ptr, [builder.add(first, ir.Constant(i64, element))])
-                    vectors.append(load_inputs(builder.add(x_start, builder.load(at))))
-                inputs = interleave(vectors)
+            def word_inputs(base: ir.Value, elements: list) -> ir.Value:
+                """A word's inputs for the 8 columns from ``base``, ready to multiply."""
+                inputs = interleave([load_inputs(builder.add(base, e)) for e in elements])
                 if per_word == 4:
                     flip = ir.Constant(inputs.type, [-128] * 4 * lanes)
-                    inputs = builder.bitcast(builder.xor(inputs, flip), _SUMS)
-                else:
-                    inputs = builder.sext(inputs, _WORDS)
+                    return builder.bitcast(builder.xor(inputs, flip), _SUMS)
+                return builder.sext(inputs, _WORDS)
+
+            with cgutils.for_range(builder, words) as word_loop:
+                first = builder.mul(word_loop.index, ir.Constant(i64, per_word))
+                elements = [
+                    builder.load(
+                        builder.gep(offsets_ptr, [builder.add(first, ir.Constant(i64, e))])
+                    )
+                    for e in range(per_word)
+                ]
+                if not depthwise:
+                    inputs = word_inputs(x_start, elements)
                 for c, slot in enumerate(slots):
+                    if depthwise:
+                        base = builder.add(x_start, builder.mul(in_step, ir.Constant(i64, c)))
+                        inputs = word_inputs(base, elements)
                     row = builder.add(o, ir.Constant(i64, c))
                     offset = builder.add(builder.mul(row, w_stride), word_loop.index)
                     word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
@@ -463,7 +475,7 @@ def _make_conv_tile(channels: int, stride: int):
                 row = builder.add(o, ir.Constant(i64, c))
                 params = [
                     _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
-                    for k, arr in ((5, bias), (6, multiplier), (7, shift))
+                    for k, arr in ((6, bias), (7, multiplier), (8, shift))
                 ]
                 correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), words)])
                 sums = builder.sub(
@@ -491,7 +503,8 @@ def _make_conv_tile(channels: int, stride: int):
 
         return sig, codegen
 
-    tile.__name__ = tile.__qualname__ = f"conv_tile_{channels}_s{stride}"
+    kind = "dw" if depthwise else ""
+    tile.__name__ = tile.__qualname__ = f"conv_tile_{kind}{channels}_s{stride}"
     return tile
 
 
@@ -531,3 +544,5 @@ conv_tile_8_s1 = _make_conv_tile(8, 1)
 conv_tile_8_s2 = _make_conv_tile(8, 2)
 conv_tile_1_s1 = _make_conv_tile(1, 1)
 conv_tile_1_s2 = _make_conv_tile(1, 2)
+conv_tile_dw8_s1 = _make_conv_tile(8, 1, depthwise=True)
+conv_tile_dw8_s2 = _make_conv_tile(8, 2, depthwise=True)

@@ -192,7 +192,8 @@ def test_quantize_dequantize_round_trip():
 
 @st.composite
 def conv_params(draw):
-    groups = draw(st.integers(1, 3))
+    # 8 groups and more: depthwise layers' blocks of 8 channels, with and without the rest
+    groups = draw(st.one_of(st.integers(1, 3), st.integers(8, 19)))
     depthwise = draw(st.booleans())
     # up to 6 channels per group x 3x3 taps: dot products shorter and longer than one
     # 16-lane vector, with a partial last vector; up to 9 outputs: partial 4-row tiles
