@@ -317,20 +317,16 @@ def _make_gemm_tile(rows: int, cols: int):
             bias, multiplier, shift, row, zp, qmin, qmax, out, start, row_stride, col_stride = args[
                 7:
             ]
-            params = []
+            params = []  # rows row..row+rows-1 of each: one load, spread to lane r * cols + c
+            spread = ir.Constant(_SUMS, [min(lane // cols, rows - 1) for lane in range(LANES // 2)])
             for position in (7, 8, 9):
                 data = context.make_array(signature.args[position])(
                     context, builder, args[position]
                 ).data
-                values = [
-                    builder.load(builder.gep(data, [builder.add(row, ir.Constant(row.type, r))]))
-                    for r in range(rows)
-                ]
-                vector = ir.Constant(_SUMS, None)
-                for lane in range(LANES // 2):
-                    value = values[min(lane // cols, rows - 1)]
-                    vector = builder.insert_element(vector, value, ir.Constant(_I32, lane))
-                params.append(vector)
+                loaded = ir.VectorType(_I32, rows)
+                address = builder.bitcast(builder.gep(data, [row]), loaded.as_pointer())
+                values = builder.load(address, align=4)
+                params.append(builder.shuffle_vector(values, ir.Constant(loaded, None), spread))
             if signature.args[14].dtype == types.int32:
                 y = _scale_lanes(builder, sums, *params)
             else:
@@ -339,17 +335,37 @@ def _make_gemm_tile(rows: int, cols: int):
                 ]
                 y = _requantize_lanes(builder, sums, *params, *splats)
             out_ptr = context.make_array(signature.args[14])(context, builder, out).data
-            for r in range(rows):
-                for c in range(cols):
-                    offset = builder.add(
-                        start,
-                        builder.add(
-                            builder.mul(row_stride, ir.Constant(start.type, r)),
-                            builder.mul(col_stride, ir.Constant(start.type, c)),
-                        ),
-                    )
-                    value = builder.extract_element(y, ir.Constant(_I32, r * cols + c))
-                    builder.store(value, builder.gep(out_ptr, [offset]))
+            one = ir.Constant(row_stride.type, 1)
+            with builder.if_else(builder.icmp_signed("==", row_stride, one)) as (rows_next, other):
+                with rows_next:  # a column's rows side by side (linear layers): one store
+                    for c in range(cols):
+                        lanes = ir.Constant(
+                            ir.VectorType(_I32, rows), [r * cols + c for r in range(rows)]
+                        )
+                        column = builder.shuffle_vector(y, ir.Constant(y.type, None), lanes)
+                        at = builder.gep(
+                            out_ptr,
+                            [
+                                builder.add(
+                                    start, builder.mul(col_stride, ir.Constant(start.type, c))
+                                )
+                            ],
+                        )
+                        builder.store(
+                            column, builder.bitcast(at, column.type.as_pointer()), align=1
+                        )
+                with other:
+                    for r in range(rows):
+                        for c in range(cols):
+                            offset = builder.add(
+                                start,
+                                builder.add(
+                                    builder.mul(row_stride, ir.Constant(start.type, r)),
+                                    builder.mul(col_stride, ir.Constant(start.type, c)),
+                                ),
+                            )
+                            value = builder.extract_element(y, ir.Constant(_I32, r * cols + c))
+                            builder.store(value, builder.gep(out_ptr, [offset]))
             return context.get_dummy_value()
 
         return sig, codegen
