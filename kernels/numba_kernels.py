@@ -552,6 +552,15 @@ def quantize(x, scale, zero_point, out):
         out[i] = np.int8(min(max(q, -128.0), 127.0))
 
 
+@_jit
+def lookup(codes, table, out):
+    """``out[i] = table[codes[i]]`` over 1-D views: int8 outputs dequantized through the
+    table of their 256 codes (``codes`` the int8 bytes as uint8), without NumPy's ``take``
+    widening every index first."""
+    for i in range(out.size):
+        out[i] = table[codes[i]]
+
+
 # --- recurrent layers and embeddings (docs/recurrent.md) ---------------------------------
 
 

@@ -551,7 +551,12 @@ class Model:
                 outputs.append(self._read_state(executor, p, quantized=False))
                 continue
             if codes is not None:  # int8: reference.dequantize of its 256 codes, looked up
-                y = self._tables[p.value].take(codes)
+                table = self._tables[p.value]
+                if self._kernels is None:
+                    y = table.take(codes)
+                else:
+                    y = np.empty(codes.shape, np.float32)
+                    self._kernels.lookup(codes.reshape(-1), table, y.reshape(-1))
             else:
                 y = self._real(self.graph.values[p.value], executor.buffers[p.value])
             outputs.append(np.ascontiguousarray(_swap(self._activation(p, y), p)))
