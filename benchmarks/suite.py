@@ -60,17 +60,19 @@ RELEVANT_FLAGS = re.compile(
 # --- machine ------------------------------------------------------------------------------------
 
 
-def machine_slug(name: str, arch: str) -> str:
-    """``AMD EPYC`` + ``x86_64`` -> ``amd-epyc-x86_64``."""
+def machine_slug(name: str, core: str, arch: str) -> str:
+    """``AMD EPYC`` + ``znver4`` + ``x86_64`` -> ``amd-epyc-znver4-x86_64`` (``core``: LLVM's
+    name for the microarchitecture, which tells apart machines sold under one name)."""
     name = re.sub(r"\((r|tm)\)", "", name.lower())
     name = name.split("@")[0]
     name = re.sub(r"\b(cpu|processor|\d+-core)\b", " ", name)
-    slug = re.sub(r"[^a-z0-9]+", "-", name).strip("-")[:40].strip("-") or "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{name} {core}").strip("-")[:48].strip("-") or "cpu"
     return f"{slug}-{arch}"
 
 
 def machine_info() -> dict[str, Any]:
     import llvmlite
+    import llvmlite.binding
     import onnx
     import onnxruntime
 
@@ -78,9 +80,11 @@ def machine_info() -> dict[str, Any]:
     flags = (info.get("flags") or info.get("Features") or "").split()
     arch = platform.machine()
     name = cpu_name()
+    core = llvmlite.binding.get_host_cpu_name()
     return {
-        "id": machine_slug(name, arch),
+        "id": machine_slug(name, core, arch),
         "cpu": name,
+        "llvm_cpu": core,
         "arch": arch,
         "cpu_flags": sorted(f for f in flags if RELEVANT_FLAGS.match(f)),
         "cores": os.cpu_count(),
