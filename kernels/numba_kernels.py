@@ -21,11 +21,15 @@ from numba.extending import overload
 from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight packing
     CHANNELS_PER_WORD,  # noqa: F401
     LANES,
+    WIDE_COLUMNS,
     conv_tile_1_s1,
+    conv_tile_1_s1w,
     conv_tile_1_s2,
     conv_tile_8_s1,
+    conv_tile_8_s1w,
     conv_tile_8_s2,
     conv_tile_dw8_s1,
+    conv_tile_dw8_s1w,
     conv_tile_dw8_s2,
     gemm_tile_1x1,
     gemm_tile_4x1,
@@ -36,7 +40,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "5a87523b46870528"
+SIMD_SOURCE_SHA256 = "88311d0e782ede05"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -260,7 +264,8 @@ def conv2d_tiles_int8(
     out,
 ):
     """``reference.conv2d_int8`` with column stride 1 or 2, without im2col: blocks of 8
-    output columns x 8 output channels of a group through :func:`simd.conv_tile_8_s1`
+    output columns (:data:`simd.WIDE_COLUMNS` on long stride-1 rows) x 8 output channels of a
+    group through :func:`simd.conv_tile_8_s1`
     (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``);
     a depthwise layer's channels 8 groups at a time (``conv_tile_dw8``), the last
     ``groups % 8`` one at a time. Each block is requantized and stored as it is summed.
@@ -268,7 +273,7 @@ def conv2d_tiles_int8(
     ``weight_words`` and ``offsets`` are ``tinyrt.ops.tile_operands``: the weights in words
     and where a group's window reads ``padded`` (so ``kh``, ``kw``, ``dh``, ``dw``, taken
     like every convolution kernel's, are already in them). Scratch: ``padded``
-    ``[C, HP, WP]`` (:func:`_pad_input`) with at least 16 bytes of buffer after it (the last
+    ``[C, HP, WP]`` (:func:`_pad_input`) with at least 32 bytes of buffer after it (the last
     block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
     """
     n_batch, channels = x.shape[0], x.shape[1]
@@ -282,43 +287,61 @@ def conv2d_tiles_int8(
     paired = groups - groups % 8 if c_per_group == o_per_group == 1 else 0
     flat = out.reshape(out.size)
     args = (offsets, words, weight_words, bias, multiplier, shift)
+    # stride-1 rows at least WIDE_COLUMNS long go in the wide blocks
+    columns = WIDE_COLUMNS if sw == 1 and ow >= WIDE_COLUMNS else 8
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for p in range(oh):
-            for q in range(0, ow, 8):
-                # a block short of 8 columns stores all 8 when the extra ones land in its
+            for q in range(0, ow, columns):
+                # a block short of its columns stores them all when the extra ones land in its
                 # channels' later rows, which later blocks overwrite: only a plane's last row
                 # stores column by column
-                valid = 8 if p * ow + q + 8 <= positions else ow - q
+                valid = columns if p * ow + q + columns <= positions else ow - q
                 window = p * sh * wp + q * sw
                 out_start = n * o_total * positions + p * ow + q
+                tail = (zp_out, qmin, qmax, flat)
                 for g in range(0, paired, 8):
                     start, target = g * plane + window, out_start + g * positions
-                    if sw == 1:
-                        conv_tile_dw8_s1(padded, start, plane, *args, g, zp_out, qmin, qmax, flat,
-                                         target, positions, valid)  # fmt: skip
-                    else:
-                        conv_tile_dw8_s2(padded, start, plane, *args, g, zp_out, qmin, qmax, flat,
-                                         target, positions, valid)  # fmt: skip
+                    _conv_block(-8, sw, columns, padded, start, plane, args, g, tail, target,
+                                positions, valid)  # fmt: skip
                 for g in range(paired, groups):
                     start = g * c_per_group * plane + window
                     for block in range(0, tiled, 8):
                         o = g * o_per_group + block
-                        target = out_start + o * positions
-                        if sw == 1:
-                            conv_tile_8_s1(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
-                                           target, positions, valid)  # fmt: skip
-                        else:
-                            conv_tile_8_s2(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
-                                           target, positions, valid)  # fmt: skip
+                        _conv_block(8, sw, columns, padded, start, 0, args, o, tail,
+                                    out_start + o * positions, positions, valid)  # fmt: skip
                     for o in range(g * o_per_group + tiled, (g + 1) * o_per_group):
-                        target = out_start + o * positions
-                        if sw == 1:
-                            conv_tile_1_s1(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
-                                           target, positions, valid)  # fmt: skip
-                        else:
-                            conv_tile_1_s2(padded, start, 0, *args, o, zp_out, qmin, qmax, flat,
-                                           target, positions, valid)  # fmt: skip
+                        _conv_block(1, sw, columns, padded, start, 0, args, o, tail,
+                                    out_start + o * positions, positions, valid)  # fmt: skip
+
+
+@_inline
+def _conv_block(kind, sw, columns, padded, start, in_step, args, o, tail, target, step, valid):
+    """One block of :func:`conv2d_tiles_int8`: ``kind`` 8 (8 output channels sharing their
+    inputs), 1 (one output channel) or -8 (8 depthwise channels), of 8 or
+    :data:`simd.WIDE_COLUMNS` columns ``sw`` apart (the ``simd.conv_tile_*`` it runs)."""
+    zp_out, qmin, qmax, flat = tail
+    rest = (o, zp_out, qmin, qmax, flat, target, step, valid)
+    if kind == 8:
+        if columns > 8:
+            conv_tile_8_s1w(padded, start, in_step, *args, *rest)
+        elif sw == 1:
+            conv_tile_8_s1(padded, start, in_step, *args, *rest)
+        else:
+            conv_tile_8_s2(padded, start, in_step, *args, *rest)
+    elif kind == 1:
+        if columns > 8:
+            conv_tile_1_s1w(padded, start, in_step, *args, *rest)
+        elif sw == 1:
+            conv_tile_1_s1(padded, start, in_step, *args, *rest)
+        else:
+            conv_tile_1_s2(padded, start, in_step, *args, *rest)
+    elif columns > 8:
+        conv_tile_dw8_s1w(padded, start, in_step, *args, *rest)
+    elif sw == 1:
+        conv_tile_dw8_s1(padded, start, in_step, *args, *rest)
+    else:
+        conv_tile_dw8_s2(padded, start, in_step, *args, *rest)
 
 
 @_inline

@@ -69,6 +69,9 @@ HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
 # input channels per int32 weight word of the convolution blocks: int16 pairs, or int8 quads
 # under VNNI
 CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
+# output columns of the wide convolution blocks (stride 1, rows at least this long): one
+# int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
+WIDE_COLUMNS = 16 if HAS_VNNI else 8
 
 
 def _x86(builder: ir.IRBuilder, name: str, result: ir.Type, *args: ir.Value) -> ir.Value:
@@ -374,32 +377,35 @@ def _make_gemm_tile(rows: int, cols: int):
     return tile
 
 
-def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
-    """``conv_tile_{channels}_s{stride}``: a block of a convolution (one group), 8 adjacent
-    output columns of one output row for ``channels`` output channels, with no im2col;
-    ``conv_tile_dw{channels}_s{stride}``: the same for ``channels`` groups of one input and one
-    output channel each (depthwise), output channel ``c`` of the block reading its inputs
-    ``in_step`` further on (``in_step`` unused by the others, whose channels share inputs).
+def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns: int = 8):
+    """``conv_tile_{channels}_s{stride}``: a block of a convolution (one group), ``columns``
+    (8, or :data:`WIDE_COLUMNS` for the ``..w`` blocks) adjacent output columns of one output
+    row for ``channels`` output channels, with no im2col; ``conv_tile_dw{channels}_s{stride}``:
+    the same for ``channels`` groups of one input and one output channel each (depthwise),
+    output channel ``c`` of the block reading its inputs ``in_step`` further on (``in_step``
+    unused by the others, whose channels share inputs).
 
     The window's ``K = C * KH * KW`` inputs (channel, tap) go in words of
-    :data:`CHANNELS_PER_WORD`: each step loads, for each element of a word, the 8 inputs at
-    its offset from the columns' windows, interleaves them so each int32 lane holds one
+    :data:`CHANNELS_PER_WORD`: each step loads, for each element of a word, the block's inputs
+    at its offset from the columns' windows, interleaves them so each int32 lane holds one
     column's word, and multiplies them by each output channel's weight word, broadcast: two
     int16 elements (``vpmaddwd``), or four int8 ones under VNNI (``vpdpbusd``, inputs as
     ``x + 128``, the weight row's last entry ``128 * Σ w`` subtracted at the end as in the
     GEMM). Words mix channels and taps freely, so a 1-channel layer wastes no lanes.
 
     Arguments: ``padded`` (the padded input ``[C, HP, WP]``, read through its data pointer,
-    with at least 16 readable bytes after the last row), ``x_start`` (offset of the block's
-    first window), ``in_step``, ``offsets`` (int64 ``[words * CHANNELS_PER_WORD]``: each
-    element's offset from a window's start, from ``tinyrt.ops.conv_offsets``), ``words``,
-    ``weights`` (int32 ``[O, words + 1]``, from ``tinyrt.ops.pack_conv_words``), ``bias``,
-    ``multiplier``, ``shift``, ``o`` (the block's first output channel), ``zp_out``, ``qmin``,
-    ``qmax``, ``out`` (flat), ``out_start``, ``out_step`` (``OH * OW``), ``valid`` (columns to
-    store, 1 to 8). Columns are ``stride`` apart in the input (1 or 2). Lanes past ``valid``
-    read inputs beyond the row, never stored."""
-    lanes = LANES // 2
+    with at least ``columns * stride`` readable bytes after the last row), ``x_start``
+    (offset of the block's first window), ``in_step``, ``offsets`` (int64
+    ``[words * CHANNELS_PER_WORD]``: each element's offset from a window's start, from
+    ``tinyrt.ops.conv_offsets``), ``words``, ``weights`` (int32 ``[O, words + 1]``, from
+    ``tinyrt.ops.pack_conv_words``), ``bias``, ``multiplier``, ``shift``, ``o`` (the block's
+    first output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
+    ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1 to ``columns``). Columns are
+    ``stride`` apart in the input (1 or 2). Lanes past ``valid`` read inputs beyond the row,
+    never stored."""
+    lanes = columns
     per_word = CHANNELS_PER_WORD
+    sums_type = ir.VectorType(_I32, lanes)
 
     @intrinsic
     def tile(typingctx, padded, x_start, in_step, offsets, words, weights, bias, multiplier,
@@ -420,13 +426,13 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
             w_ptr, out_ptr = data(5, weights), data(13, out)
             slots = []
             for _ in range(channels):
-                slot = cgutils.alloca_once(builder, _SUMS)
-                builder.store(ir.Constant(_SUMS, None), slot)
+                slot = cgutils.alloca_once(builder, sums_type)
+                builder.store(ir.Constant(sums_type, None), slot)
                 slots.append(slot)
             w_stride = builder.add(words, ir.Constant(i64, 1))
 
             def load_inputs(offset: ir.Value) -> ir.Value:
-                """The 8 inputs at ``offset``, ``stride`` apart, as int8 lanes."""
+                """The block's inputs at ``offset``, ``stride`` apart, as int8 lanes."""
                 width = lanes * stride
                 address = builder.bitcast(
                     builder.gep(x_ptr, [offset]), ir.VectorType(_I8, width).as_pointer()
@@ -438,7 +444,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
                 return builder.shuffle_vector(vector, ir.Constant(vector.type, None), every)
 
             def interleave(vectors: list) -> ir.Value:
-                """``[v0[0], v1[0], .., v0[1], v1[1], ..]`` of 2 or 4 vectors of 8 bytes."""
+                """``[v0[0], v1[0], .., v0[1], v1[1], ..]`` of 2 or 4 vectors of ``lanes`` bytes."""
                 joined = [
                     builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(_I32, 2 * lanes),
                                                              list(range(2 * lanes))))
@@ -454,11 +460,11 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
                 return builder.shuffle_vector(joined[0], joined[1], mask)
 
             def word_inputs(base: ir.Value, elements: list) -> ir.Value:
-                """A word's inputs for the 8 columns from ``base``, ready to multiply."""
+                """A word's inputs for the block's columns from ``base``, ready to multiply."""
                 inputs = interleave([load_inputs(builder.add(base, e)) for e in elements])
                 if per_word == 4:
                     flip = ir.Constant(inputs.type, [-128] * 4 * lanes)
-                    return builder.bitcast(builder.xor(inputs, flip), _SUMS)
+                    return builder.bitcast(builder.xor(inputs, flip), sums_type)
                 return builder.sext(inputs, _WORDS)
 
             with cgutils.for_range(builder, words) as word_loop:
@@ -479,25 +485,40 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
                     offset = builder.add(builder.mul(row, w_stride), word_loop.index)
                     word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
                     if per_word == 4:
-                        sums = _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _SUMS,
+                        sums = _x86(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", sums_type,
                                     builder.load(slot), inputs, word)  # fmt: skip
                     else:
                         word = builder.bitcast(word, _WORDS)
                         sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
                     builder.store(sums, slot)
-            splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
+            half = LANES // 2  # the requantization's lanes
+            splats = [_splat(builder, builder.trunc(v, _I32), half) for v in (zp, qmin, qmax)]
             bytes8 = ir.VectorType(_I8, lanes)
             for c, slot in enumerate(slots):
                 row = builder.add(o, ir.Constant(i64, c))
                 params = [
-                    _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
+                    _splat(builder, builder.load(builder.gep(data(k, arr), [row])), half)
                     for k, arr in ((6, bias), (7, multiplier), (8, shift))
                 ]
                 correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), words)])
                 sums = builder.sub(
                     builder.load(slot), _splat(builder, builder.load(correction), lanes)
                 )
-                y = _requantize_lanes(builder, sums, *params, *splats)
+                undef = ir.Constant(sums_type, None)
+                parts = [
+                    _requantize_lanes(
+                        builder,
+                        builder.shuffle_vector(
+                            sums, undef, ir.Constant(_SUMS, list(range(h, h + half)))
+                        ),
+                        *params,
+                        *splats,
+                    )
+                    for h in range(0, lanes, half)
+                ]
+                y = parts[0]
+                if len(parts) == 2:
+                    y = builder.shuffle_vector(*parts, ir.Constant(sums_type, list(range(lanes))))
                 start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
                 full = builder.icmp_signed("==", valid, ir.Constant(i64, lanes))
                 with builder.if_else(full) as (whole, part):
@@ -519,8 +540,8 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False):
 
         return sig, codegen
 
-    kind = "dw" if depthwise else ""
-    tile.__name__ = tile.__qualname__ = f"conv_tile_{kind}{channels}_s{stride}"
+    kind, wide = "dw" if depthwise else "", "w" if columns > 8 else ""
+    tile.__name__ = tile.__qualname__ = f"conv_tile_{kind}{channels}_s{stride}{wide}"
     return tile
 
 
@@ -558,7 +579,10 @@ gemm_tile_4x1 = _make_gemm_tile(4, 1)
 gemm_tile_1x1 = _make_gemm_tile(1, 1)
 conv_tile_8_s1 = _make_conv_tile(8, 1)
 conv_tile_8_s2 = _make_conv_tile(8, 2)
+conv_tile_8_s1w = _make_conv_tile(8, 1, columns=WIDE_COLUMNS)
 conv_tile_1_s1 = _make_conv_tile(1, 1)
 conv_tile_1_s2 = _make_conv_tile(1, 2)
+conv_tile_1_s1w = _make_conv_tile(1, 1, columns=WIDE_COLUMNS)
 conv_tile_dw8_s1 = _make_conv_tile(8, 1, depthwise=True)
 conv_tile_dw8_s2 = _make_conv_tile(8, 2, depthwise=True)
+conv_tile_dw8_s1w = _make_conv_tile(8, 1, depthwise=True, columns=WIDE_COLUMNS)

@@ -81,7 +81,7 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
 def _conv_kernel(k_len: int, stride: int) -> str:
     """Which numba kernel runs a convolution (docs/kernels.md has the measurements):
 
-    - column stride 1 or 2: ``tiles``, blocks of 8 columns x 8 output channels straight from
+    - column stride 1 or 2: ``tiles``, blocks of 8 or 16 columns x 8 output channels from
       the padded input, whatever the groups (depthwise layers included) and however narrow
       the image (K up to 2^16: under VNNI the blocks' int32 sums hold Σ (x + 128) w);
     - the rest: ``gemm`` (im2col + GEMM), or ``direct`` for dot products under one vector.
