@@ -34,13 +34,14 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
+    gemm_tile_8x1,
     requantize_8,
 )
 
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "88311d0e782ede05"
+SIMD_SOURCE_SHA256 = "19f6f99fbf91e8d9"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -98,10 +99,10 @@ def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride
     ``a`` is ``[M, K]`` (weights, one row per output channel), ``b`` is ``[P, K]`` (inputs, one
     row per output position), both C-contiguous; per-channel parameters follow ``i``. ``out``
     is 1-D. Tiles of 4 rows x 2 columns go through :func:`simd.gemm_tile_4x2` (every loaded
-    vector feeds two or four products), the odd column through ``gemm_tile_4x1``,
-    the last ``M % 4`` rows through ``gemm_tile_1x1``; each tile is
-    requantized and stored as soon as it is summed. ``K`` below one vector (16) takes the plain
-    loop.
+    vector feeds two or four products), the odd column through ``gemm_tile_8x1`` and
+    ``gemm_tile_4x1`` (a GEMV: 8 rows share a load of the column and fill the epilogue's 8
+    lanes), the last ``M % 4`` rows through ``gemm_tile_1x1``; each tile is requantized and
+    stored as soon as it is summed. ``K`` below one vector (16) takes the plain loop.
     """
     m, k_len = a.shape
     p = b.shape[0]
@@ -124,9 +125,14 @@ def gemm_int8(a, b, bias, multiplier, shift, zp_out, qmin, qmax, out, row_stride
             at = i * row_stride + j * col_stride
             gemm_tile_4x2(a, i * k_len, k_len, b, j * k_len, k_len, k_len, *params, i, *tail, at,
                           *strides)  # fmt: skip
-    if pair_cols < p:  # the odd column (all of a GEMV)
+    if pair_cols < p:  # the odd column (all of a GEMV): 8 rows at a time, then 4
         j = pair_cols
-        for i in range(0, tile_rows, 4):
+        eights = m - m % 8
+        for i in range(0, eights, 8):
+            at = i * row_stride + j * col_stride
+            gemm_tile_8x1(a, i * k_len, k_len, b, j * k_len, k_len, k_len, *params, i, *tail, at,
+                          *strides)  # fmt: skip
+        for i in range(eights, tile_rows, 4):
             at = i * row_stride + j * col_stride
             gemm_tile_4x1(a, i * k_len, k_len, b, j * k_len, k_len, k_len, *params, i, *tail, at,
                           *strides)  # fmt: skip

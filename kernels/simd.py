@@ -576,6 +576,7 @@ def requantize_8(typingctx, acc, start, multiplier, shift, zp_out, qmin, qmax, o
 
 gemm_tile_4x2 = _make_gemm_tile(4, 2)
 gemm_tile_4x1 = _make_gemm_tile(4, 1)
+gemm_tile_8x1 = _make_gemm_tile(8, 1)
 gemm_tile_1x1 = _make_gemm_tile(1, 1)
 conv_tile_8_s1 = _make_conv_tile(8, 1)
 conv_tile_8_s2 = _make_conv_tile(8, 2)
