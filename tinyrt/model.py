@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,6 +108,8 @@ class StreamState:
         self.batch = batch
         self._arrays: dict[str, np.ndarray] = {}
         self._zero_points: dict[str, int] = {}
+        # executor -> (pairs, others) of _links; weak, so an evicted plan is forgotten
+        self._links_by_executor: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         for i in model._streamed_ops:
             op = model.graph.ops[i]
             h_type, c_type = state_dtypes(op.kind)
@@ -147,19 +150,34 @@ class StreamState:
         for name, array in arrays.items():
             self._arrays[name][...] = array
 
+    def _links(self, executor: Executor) -> tuple[list, list]:
+        """``(pairs, others)`` for ``executor``, worked out on its first call with this state:
+        ``(this state's array, the executor's)`` per streamed part, and the executor's other
+        recurrent states (bidirectional or fed by an input port), which start from zero."""
+        links = self._links_by_executor.get(executor)
+        if links is None:
+            pairs, streamed = [], set()
+            for i in self.model._streamed_ops:
+                slot = executor.state_of[(i, 0)]
+                streamed.add(id(slot))
+                pairs.append((self._arrays[f"{slot.op.name}.h"], slot.h))
+                if slot.c is not None:
+                    pairs.append((self._arrays[f"{slot.op.name}.c"], slot.c))
+            others = [s for s in executor.states if id(s) not in streamed]
+            links = self._links_by_executor[executor] = (pairs, others)
+        return links
+
     def _load_into(self, executor: Executor) -> None:
-        for i in self.model._streamed_ops:
-            slot = executor.state_of[(i, 0)]
-            slot.h[...] = self._arrays[f"{slot.op.name}.h"]
-            if slot.c is not None:
-                slot.c[...] = self._arrays[f"{slot.op.name}.c"]
+        """Start ``executor``'s recurrent states from this stream (the others from zero)."""
+        pairs, others = self._links(executor)
+        for slot in others:
+            slot.reset()
+        for mine, theirs in pairs:
+            np.copyto(theirs, mine)
 
     def _store_from(self, executor: Executor) -> None:
-        for i in self.model._streamed_ops:
-            slot = executor.state_of[(i, 0)]
-            self._arrays[f"{slot.op.name}.h"][...] = slot.h
-            if slot.c is not None:
-                self._arrays[f"{slot.op.name}.c"][...] = slot.c
+        for mine, theirs in self._links(executor)[0]:
+            np.copyto(mine, theirs)
 
 
 class Model:
@@ -384,8 +402,9 @@ class Model:
         executor = plan.executor
         self._write_inputs(plan, arrays, quantized)
         if executor.states:
-            executor.reset_states()
-            if state is not None:
+            if state is None:
+                executor.reset_states()
+            else:
                 state._load_into(executor)
             self._write_states(executor, arrays, quantized)
         executor.run()
