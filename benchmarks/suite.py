@@ -5,8 +5,8 @@
     python benchmarks/suite.py --models cnn,gemm --threads 1 --batch 1
 
 Every runtime is measured in the same run, on the same inputs, for each model x thread count
-x batch: warm-up, then timed calls (adaptive: until about ``--budget`` seconds or 200 calls,
-at least 20), interleaved in two rounds across runtimes so that drifts of a shared machine
+x batch: warm-up, then timed calls (adaptive: until about ``--budget`` seconds or 2000 calls,
+at least 20), interleaved in ten rounds across runtimes so that drifts of a shared machine
 hit every runtime alike. Each thread count runs in a fresh process with its thread pools
 sized from the start (see ``worker_env``).
 
@@ -51,7 +51,7 @@ from benchmarks.suite_models import BEST_GEMM, BY_NAME, MODELS, SuiteModel  # no
 
 CACHE = ROOT / "out" / "suite"
 RESULTS = ROOT / "benchmarks" / "results"
-ROUNDS = 2  # timed chunks per runtime, interleaved across runtimes
+ROUNDS = 10  # timed chunks per runtime, interleaved across runtimes
 RELEVANT_FLAGS = re.compile(
     r"^(sse4_2|avx|avx2|fma|f16c|avx512\w*|avx_vnni\w*|amx\w*|asimd\w*|i8mm|sve\w*|dotprod)$"
 )
@@ -349,7 +349,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.thread_counts = _list(args.threads or ("1" if quick else "1,all"), all_threads)
     args.batches = _list(args.batch or ("1" if quick else "1,8"), all_threads)
     args.budget = args.budget or (0.1 if quick else 0.5)
-    args.min_calls, args.max_calls = (10, 50) if quick else (20, 200)
+    args.min_calls, args.max_calls = (10, 50) if quick else (20, 2000)
     args.warmup = 0.05 if quick else 0.1
     args.out = args.out or (ROOT / "out" / "suite" / "quick" if quick else RESULTS)
     if args.runs is not None and args.runs < 1:
