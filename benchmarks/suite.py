@@ -1,6 +1,6 @@
 """tinyrt against PyTorch and ONNX Runtime: latency of the suite's models and kernels.
 
-    python benchmarks/suite.py                  # the full run (3-6 minutes on 2 cores)
+    python benchmarks/suite.py                  # the full run (about 5 minutes on 2 cores)
     python benchmarks/suite.py --quick          # 1 thread, batch 1, short timings
     python benchmarks/suite.py --models cnn,gemm --threads 1 --batch 1
 
