@@ -325,7 +325,8 @@ def conv2d_tiles_int8(
 def _conv_block(kind, sw, columns, padded, start, in_step, args, o, tail, target, step, valid):
     """One block of :func:`conv2d_tiles_int8`: ``kind`` 8 (8 output channels sharing their
     inputs), 1 (one output channel) or -8 (8 depthwise channels), of 8 or
-    :data:`simd.WIDE_COLUMNS` columns ``sw`` apart (the ``simd.conv_tile_*`` it runs)."""
+    :data:`simd.WIDE_COLUMNS` columns ``sw`` apart (the ``simd.conv_tile_*`` it runs; each is
+    its own intrinsic, and Numba cannot pick one from a tuple at run time, so each is named)."""
     zp_out, qmin, qmax, flat = tail
     rest = (o, zp_out, qmin, qmax, flat, target, step, valid)
     if kind == 8:
