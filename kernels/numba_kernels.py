@@ -293,16 +293,17 @@ def conv2d_tiles_int8(
     paired = groups - groups % 8 if c_per_group == o_per_group == 1 else 0
     flat = out.reshape(out.size)
     args = (offsets, words, weight_words, bias, multiplier, shift)
-    # stride-1 rows at least WIDE_COLUMNS long go in the wide blocks
-    columns = WIDE_COLUMNS if sw == 1 and ow >= WIDE_COLUMNS else 8
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for p in range(oh):
-            for q in range(0, ow, columns):
+            q = 0
+            while q < ow:
+                # stride-1 rows take wide blocks while more than 8 columns remain, then 8
+                columns = WIDE_COLUMNS if sw == 1 and ow - q > 8 else 8
                 # a block short of its columns stores them all when the extra ones land in its
                 # channels' later rows, which later blocks overwrite: only a plane's last row
                 # stores column by column
-                valid = columns if p * ow + q + columns <= positions else ow - q
+                valid = columns if p * ow + q + columns <= positions else min(columns, ow - q)
                 window = p * sh * wp + q * sw
                 out_start = n * o_total * positions + p * ow + q
                 tail = (zp_out, qmin, qmax, flat)
@@ -319,6 +320,7 @@ def conv2d_tiles_int8(
                     for o in range(g * o_per_group + tiled, (g + 1) * o_per_group):
                         _conv_block(1, sw, columns, padded, start, 0, args, o, tail,
                                     out_start + o * positions, positions, valid)  # fmt: skip
+                q += columns
 
 
 @_inline
