@@ -69,8 +69,8 @@ HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
 # input channels per int32 weight word of the convolution blocks: int16 pairs, or int8 quads
 # under VNNI
 CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
-# output columns of the wide convolution blocks (stride 1, rows at least this long): one
-# int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
+# output columns of the wide convolution blocks (stride-1 rows, while more than 8 columns
+# remain): one int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
 WIDE_COLUMNS = 16 if HAS_VNNI else 8
 
 
