@@ -79,6 +79,27 @@ def test_pointwise_convolution_as_one_row(shape):
     np.testing.assert_array_equal(got["y"], want["y"])
 
 
+def test_memory_limit_counts_the_recurrent_gate_scratch():
+    """Every step's int32 gate inputs (4H or 3H per step and direction) grow with the
+    sequence outside the arena; the memory limit must see them before anything is made."""
+    from graph_builder import recurrent_graph
+
+    from tinyrt.graph import infer_shapes, parse_graph
+    from tinyrt.plan import activation_nbytes
+
+    g = recurrent_graph()
+    graph = parse_graph(g.graph(), g.tensors)
+    steps = 1000
+    shapes = infer_shapes(graph, {graph.inputs[0].value: (1, steps)})
+    values = sum(
+        int(np.prod(shape)) * {"int8": 1, "int32": 4}[v.dtype]
+        for v, shape in zip(graph.values, shapes, strict=True)
+    )
+    # lstm H=5, gru H=4, bidirectional lstm H=3: (steps + 1) int32 rows per direction
+    gates = 4 * (steps + 1) * (4 * 5 + 3 * 4 + 2 * 4 * 3)
+    assert activation_nbytes(graph, shapes) == values + gates
+
+
 def test_batch_items_are_independent(models):
     _, fast = models
     x = random_input(4, seed=7)

@@ -64,13 +64,28 @@ def scratch_shape(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | No
     return None
 
 
+def gate_scratch_nbytes(op: Op, input_shape: tuple[int, ...]) -> int:
+    """Bytes of an integer LSTM/GRU's gate scratch (:meth:`Executor._new_states`): per
+    direction, int32 input parts of every step and one step's recurrent parts."""
+    steps, hidden = input_shape[1], op.attrs["hidden_size"]
+    rows = (4 if op.kind == "lstm" else 3) * hidden
+    directions = 2 if op.attrs["bidirectional"] else 1
+    return directions * (steps + 1) * rows * 4
+
+
 def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
-    """Bytes of all values and scratch buffers for these shapes, before any sharing."""
+    """Bytes of all values and scratch buffers for these shapes, before any sharing (the
+    recurrent gates' scratch included: it grows with the sequence, 4H int32 per step)."""
     values = sum(
         math.prod(shape) * ITEMSIZE[v.dtype] for v, shape in zip(graph.values, shapes, strict=True)
     )
     scratch = (scratch_shape(op, shapes) for op in graph.ops)
-    return values + sum(math.prod(s) for s in scratch if s is not None)
+    gates = sum(
+        gate_scratch_nbytes(op, shapes[op.inputs[0]])
+        for op in graph.ops
+        if op.kind in ("lstm", "gru")
+    )
+    return values + sum(math.prod(s) for s in scratch if s is not None) + gates
 
 
 def state_dtypes(kind: str) -> tuple[type, type | None]:
@@ -243,6 +258,7 @@ class Executor:
                     np.zeros((2, rows), np.float32),
                 )
             else:  # every step's input part of the gates, one step's recurrent part
+                # (gate_scratch_nbytes, counted against the memory limit)
                 gates = (np.zeros(steps * rows, np.int32), np.zeros(rows, np.int32))
                 # a GRU's int8 view of its Q0.15 state, for the recurrent product
                 h8 = (np.zeros((1, hidden), np.int8),) if op.kind == "gru" else ()
