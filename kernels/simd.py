@@ -66,8 +66,8 @@ _FEATURES = _target_features()
 HAS_AVX2 = "+avx2" in _FEATURES
 # vpdpbusd on 512-bit vectors, vpdpwssd on 256-bit ones (AVX512VL)
 HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
-# input channels per int32 weight word of the convolution blocks: int16 pairs, or int8 quads
-# under VNNI
+# window elements (input channels, or taps of a narrow layer) per int32 weight word of the
+# convolution blocks: int16 pairs, or int8 quads under VNNI
 CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
 # output columns of the wide convolution blocks (stride-1 rows, while more than 8 columns
 # remain): one int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
