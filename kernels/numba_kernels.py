@@ -41,7 +41,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "1762765553fe0dbd"
+SIMD_SOURCE_SHA256 = "f5bbb1b50fc0f480"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -293,6 +293,7 @@ def conv2d_tiles_int8(
     paired = groups - groups % 8 if c_per_group == o_per_group == 1 else 0
     flat = out.reshape(out.size)
     args = (offsets, words, weight_words, bias, multiplier, shift)
+    tail = (zp_out, qmin, qmax, flat)
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for p in range(oh):
@@ -306,7 +307,6 @@ def conv2d_tiles_int8(
                 valid = columns if p * ow + q + columns <= positions else min(columns, ow - q)
                 window = p * sh * wp + q * sw
                 out_start = n * o_total * positions + p * ow + q
-                tail = (zp_out, qmin, qmax, flat)
                 for g in range(0, paired, 8):
                     start, target = g * plane + window, out_start + g * positions
                     _conv_block(-8, sw, columns, padded, start, plane, args, g, tail, target,

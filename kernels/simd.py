@@ -80,6 +80,29 @@ def _x86(builder: ir.IRBuilder, name: str, result: ir.Type, *args: ir.Value) -> 
     return builder.call(cgutils.get_or_insert_function(builder.module, signature, name), args)
 
 
+def _zeroed_slots(builder: ir.IRBuilder, n: int, vector: ir.VectorType) -> list:
+    """``n`` stack slots of ``vector``, zeroed: accumulators kept across a loop."""
+    slots = []
+    for _ in range(n):
+        slot = cgutils.alloca_once(builder, vector)
+        builder.store(ir.Constant(vector, None), slot)
+        slots.append(slot)
+    return slots
+
+
+def _plus_128(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """int8 lanes ``x`` as the unsigned bytes ``x + 128`` (a flip of the top bit)."""
+    return builder.xor(x, ir.Constant(x.type, [-128] * x.type.count))
+
+
+def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
+    """``acc[i] + Σ_{k<4} unsigned[4i+k] * signed[4i+k]`` (``vpdpbusd``) for an int32 vector
+    ``acc`` of 8 or 16 lanes and byte vectors (or their bitcasts) of 4 times as many lanes."""
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * acc.type.count}"
+    operands = (builder.bitcast(v, acc.type) for v in (unsigned, signed))
+    return _x86(builder, name, acc.type, acc, *operands)
+
+
 def _accumulate_pairs(builder: ir.IRBuilder, acc: ir.Value, x: ir.Value, y: ir.Value) -> ir.Value:
     """``acc[i] + x[2i] * y[2i] + x[2i+1] * y[2i+1]`` for ``i < 8``: int16 vectors ``x``, ``y``
     multiplied in pairs into the int32 vector ``acc``."""
@@ -136,14 +159,6 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
     a_rows = [builder.add(a0, builder.mul(a_step, ir.Constant(i64, r))) for r in range(rows)]
     b_rows = [builder.add(b0, builder.mul(b_step, ir.Constant(i64, c))) for c in range(cols)]
 
-    def slots(n: int, vector: ir.VectorType) -> list:
-        made = []
-        for _ in range(n):
-            slot = cgutils.alloca_once(builder, vector)
-            builder.store(ir.Constant(vector, None), slot)
-            made.append(slot)
-        return made
-
     def load(ptr: ir.Value, offset: ir.Value, vector: ir.VectorType) -> ir.Value:
         address = builder.bitcast(builder.gep(ptr, [offset]), vector.as_pointer())
         return builder.load(address, align=1)
@@ -152,25 +167,22 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
     totals = []
     if HAS_VNNI:
         chunk_bytes = ir.VectorType(_I8, _CHUNK)
-        flip = ir.Constant(chunk_bytes, [-128] * _CHUNK)  # 0x80: a ^ 0x80 = a + 128, unsigned
-        quads, corrections = slots(rows * cols, _QUADS), slots(cols, _QUADS)
-
-        def dpbusd(acc: ir.Value, unsigned: ir.Value, signed: ir.Value) -> ir.Value:
-            operands = (builder.bitcast(v, _QUADS) for v in (unsigned, signed))
-            return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", _QUADS, acc, *operands)
-
+        bytes_128 = ir.Constant(chunk_bytes, [-128] * _CHUNK)  # unsigned 128 in every byte
+        quads = _zeroed_slots(builder, rows * cols, _QUADS)
+        corrections = _zeroed_slots(builder, cols, _QUADS)
         chunks = builder.sdiv(k_total, ir.Constant(i64, _CHUNK))
         with cgutils.for_range(builder, chunks) as loop:
             k = builder.mul(loop.index, ir.Constant(i64, _CHUNK))
             a_vecs = [
-                builder.xor(load(a_ptr, builder.add(s, k), chunk_bytes), flip) for s in a_rows
+                _plus_128(builder, load(a_ptr, builder.add(s, k), chunk_bytes)) for s in a_rows
             ]
             b_vecs = [load(b_ptr, builder.add(s, k), chunk_bytes) for s in b_rows]
             for c, bv in enumerate(b_vecs):
-                builder.store(dpbusd(builder.load(corrections[c]), flip, bv), corrections[c])
+                correction = _dpbusd(builder, builder.load(corrections[c]), bytes_128, bv)
+                builder.store(correction, corrections[c])
                 for r, av in enumerate(a_vecs):
                     slot = quads[r * cols + c]
-                    builder.store(dpbusd(builder.load(slot), av, bv), slot)
+                    builder.store(_dpbusd(builder, builder.load(slot), av, bv), slot)
         done = builder.mul(chunks, ir.Constant(i64, _CHUNK))
         totals = [
             builder.sub(builder.load(quads[r * cols + c]), builder.load(corrections[c]))
@@ -178,7 +190,7 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
             for c in range(cols)
         ]
 
-    pairs = slots(rows * cols, _SUMS)
+    pairs = _zeroed_slots(builder, rows * cols, _SUMS)
 
     def accumulate(k: ir.Value, keep: ir.Value | None) -> None:
         a_vecs = [builder.sext(load(a_ptr, builder.add(s, k), _BYTES), _WORDS) for s in a_rows]
@@ -424,11 +436,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
 
             x_ptr, offsets_ptr = data(0, padded), data(3, offsets)
             w_ptr, out_ptr = data(5, weights), data(13, out)
-            slots = []
-            for _ in range(channels):
-                slot = cgutils.alloca_once(builder, sums_type)
-                builder.store(ir.Constant(sums_type, None), slot)
-                slots.append(slot)
+            slots = _zeroed_slots(builder, channels, sums_type)
             w_stride = builder.add(words, ir.Constant(i64, 1))
 
             def load_inputs(offset: ir.Value) -> ir.Value:
@@ -463,8 +471,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                 """A word's inputs for the block's columns from ``base``, ready to multiply."""
                 inputs = interleave([load_inputs(builder.add(base, e)) for e in elements])
                 if per_word == 4:
-                    flip = ir.Constant(inputs.type, [-128] * 4 * lanes)
-                    return builder.bitcast(builder.xor(inputs, flip), sums_type)
+                    return _plus_128(builder, inputs)
                 return builder.sext(inputs, _WORDS)
 
             with cgutils.for_range(builder, words) as word_loop:
@@ -485,8 +492,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                     offset = builder.add(builder.mul(row, w_stride), word_loop.index)
                     word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
                     if per_word == 4:
-                        sums = _x86(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", sums_type,
-                                    builder.load(slot), inputs, word)  # fmt: skip
+                        sums = _dpbusd(builder, builder.load(slot), inputs, word)
                     else:
                         word = builder.bitcast(word, _WORDS)
                         sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
