@@ -20,6 +20,7 @@ from numba.extending import overload
 
 from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight packing
     CHANNELS_PER_WORD,  # noqa: F401
+    HAS_VBMI,  # noqa: F401
     LANES,
     WIDE_COLUMNS,
     conv_tile_1_s1,
@@ -31,6 +32,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     conv_tile_dw8_s1,
     conv_tile_dw8_s1w,
     conv_tile_dw8_s2,
+    depthwise_gather_plane,
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
@@ -41,7 +43,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "f5bbb1b50fc0f480"
+SIMD_SOURCE_SHA256 = "93ccd6cbf3528656"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -321,6 +323,27 @@ def conv2d_tiles_int8(
                         _conv_block(1, sw, columns, padded, start, 0, args, o, tail,
                                     out_start + o * positions, positions, valid)  # fmt: skip
                 q += columns
+
+
+@_jit
+def depthwise_gather_int8(
+    x, weight_words, starts, index, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out
+):
+    """``reference.conv2d_int8`` of a depthwise layer (one input and one output channel per
+    group) by :func:`simd.depthwise_gather_plane`, channel by channel, from the unpadded input:
+    ``weight_words``, ``starts`` and ``index`` are ``tinyrt.ops.gather_operands`` (the window,
+    stride, padding and dilation are in them). ``x`` ``[N, C, H, W]``, ``out`` ``[N, C, OH,
+    OW]``. Needs :data:`simd.HAS_VBMI`."""
+    n_batch, channels, h, w = x.shape
+    positions = out.shape[2] * out.shape[3]
+    words = weight_words.shape[1] - 1
+    source, flat = x.reshape(x.size), out.reshape(out.size)
+    for n in range(n_batch):
+        for c in range(channels):
+            plane = n * channels + c
+            depthwise_gather_plane(source, plane * h * w, source.size, starts, index, words,
+                                   weight_words, c, bias, multiplier, shift, zp_in, zp_out,
+                                   qmin, qmax, flat, plane * positions, positions)  # fmt: skip
 
 
 @_inline

@@ -69,6 +69,10 @@ HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
 # window elements (input channels, or taps of a narrow layer) per int32 weight word of the
 # convolution blocks: int16 pairs, or int8 quads under VNNI
 CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
+# vpermi2b (byte permutes over two 64-byte vectors) with VNNI: the gathered depthwise blocks
+HAS_VBMI = HAS_VNNI and "+avx512vbmi" in _FEATURES
+# bytes of input a gathered depthwise block reads (two 64-byte vectors)
+GATHER_WINDOW = 128
 # output columns of the wide convolution blocks (stride-1 rows, while more than 8 columns
 # remain): one int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
 WIDE_COLUMNS = 16 if HAS_VNNI else 8
@@ -549,6 +553,130 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     kind, wide = "dw" if depthwise else "", "w" if columns > 8 else ""
     tile.__name__ = tile.__qualname__ = f"conv_tile_{kind}{channels}_s{stride}{wide}"
     return tile
+
+
+def _masked_load(builder: ir.IRBuilder, address: ir.Value, mask: ir.Value, vector: ir.VectorType):
+    """``vector`` from ``address`` where ``mask`` is set, zero elsewhere; masked-off bytes are
+    not read (``llvm.masked.load``: AVX-512 masked moves)."""
+    pointer = builder.bitcast(address, vector.as_pointer())
+    name = f"llvm.masked.load.v{vector.count}i{vector.element.width}.p0"
+    return _x86(builder, name, vector, pointer, ir.Constant(_I32, 1), mask,
+                ir.Constant(vector, None))  # fmt: skip
+
+
+def _masked_store(builder: ir.IRBuilder, value: ir.Value, address: ir.Value, mask: ir.Value):
+    """``value``'s lanes where ``mask`` is set stored at ``address`` (``llvm.masked.store``)."""
+    pointer = builder.bitcast(address, value.type.as_pointer())
+    name = f"llvm.masked.store.v{value.type.count}i{value.type.element.width}.p0"
+    signature = ir.FunctionType(ir.VoidType(), [value.type, pointer.type, _I32, mask.type])
+    function = cgutils.get_or_insert_function(builder.module, signature, name)
+    builder.call(function, [value, pointer, ir.Constant(_I32, 1), mask])
+
+
+def _lanes_below(builder: ir.IRBuilder, n: ir.Value, lanes: int) -> ir.Value:
+    """The mask ``lane < n`` of ``lanes <= 64`` lanes (``n`` int64, any value)."""
+    n = _clamp(builder, n, ir.Constant(n.type, 0), ir.Constant(n.type, lanes))
+    iota = ir.Constant(ir.VectorType(_I8, lanes), list(range(lanes)))
+    return builder.icmp_signed("<", iota, _splat(builder, builder.trunc(n, _I8), lanes))
+
+
+@intrinsic
+def depthwise_gather_plane(typingctx, x, x_start, x_end, starts, index, words, weights, c,
+                           bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
+                           positions):  # fmt: skip
+    """Output channel ``c`` of a depthwise convolution (one input and one output channel per
+    group), all ``positions = OH * OW`` outputs, from the unpadded input plane at
+    ``x[x_start:]``, in blocks of 16 consecutive outputs (rows wrap inside a block):
+
+    - block ``b`` loads the 128 bytes at ``x_start + starts[b]`` (masked: never a byte at or
+      past ``x_end``, the flat ``x``'s size), flipped to ``x + 128``;
+    - each word ``w`` of 4 taps gathers, with one ``vpermi2b``, each lane's 4 inputs from
+      those bytes: byte ``4 l + e`` is input ``index[b, w, 4 l + e]`` of the 128; an index
+      with its top bit set is a tap in the padding and takes ``zp_in``;
+    - ``vpdpbusd`` multiplies them by the channel's weight word (``weights[c, w]``, int8 taps),
+      and the row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM);
+    - the 16 sums are requantized in vector lanes and stored (masked) at ``out[out_start +
+      16 b:]``.
+
+    ``starts``, ``index`` and ``weights`` come from ``tinyrt.ops.gather_operands``; no padded
+    copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
+    if not HAS_VBMI:
+        raise numba.core.errors.TypingError("depthwise_gather_plane needs AVX-512 VBMI and VNNI")
+    sig = types.void(x, x_start, x_end, starts, index, words, weights, c, bias, multiplier,
+                     shift, zp_in, zp_out, qmin, qmax, out, out_start, positions)  # fmt: skip
+
+    def codegen(context, builder, signature, args):
+        (x, x_start, x_end, starts, index, words, weights, c, bias, multiplier, shift, zp_in,
+         zp_out, qmin, qmax, out, out_start, positions) = _as_int64(context, builder, args,
+                                                                    signature)  # fmt: skip
+        i64 = x_start.type
+
+        def data(position: int, value: ir.Value) -> ir.Value:
+            return context.make_array(signature.args[position])(context, builder, value).data
+
+        def const(value: int) -> ir.Constant:
+            return ir.Constant(i64, value)
+
+        x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
+        w_ptr, out_ptr = data(6, weights), data(15, out)
+        chunk = ir.VectorType(_I8, _CHUNK)
+        row = builder.mul(c, builder.add(words, const(1)))
+        correction = _splat(builder, builder.load(builder.gep(w_ptr, [builder.add(row, words)])),
+                            _CHUNK // 4)  # fmt: skip
+        padding = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
+        params = [
+            _splat(builder, builder.load(builder.gep(data(k, arr), [c])), LANES // 2)
+            for k, arr in ((8, bias), (9, multiplier), (10, shift))
+        ]
+        splats = [_splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp_out, qmin, qmax)]
+        slot = _zeroed_slots(builder, 1, _QUADS)[0]
+        blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
+        with cgutils.for_range(builder, blocks) as block_loop:
+            b = block_loop.index
+            start = builder.add(x_start, builder.load(builder.gep(starts_ptr, [b])))
+            remaining = builder.sub(x_end, start)
+            halves = [
+                _plus_128(builder, _masked_load(
+                    builder,
+                    builder.gep(x_ptr, [builder.add(start, const(h))]),
+                    _lanes_below(builder, builder.sub(remaining, const(h)), _CHUNK),
+                    chunk,
+                ))
+                for h in (0, _CHUNK)
+            ]  # fmt: skip
+            builder.store(ir.Constant(_QUADS, None), slot)
+            with cgutils.for_range(builder, words) as word_loop:
+                w = word_loop.index
+                at = builder.mul(builder.add(builder.mul(b, words), w), const(_CHUNK))
+                picks = builder.load(
+                    builder.bitcast(builder.gep(index_ptr, [at]), chunk.as_pointer()), align=1
+                )
+                gathered = _x86(builder, "llvm.x86.avx512.vpermi2var.qi.512", chunk,
+                                halves[0], picks, halves[1])  # fmt: skip
+                in_padding = builder.icmp_signed("<", picks, ir.Constant(chunk, None))
+                gathered = builder.select(in_padding, padding, gathered)
+                word = builder.load(builder.gep(w_ptr, [builder.add(row, w)]))
+                sums = _dpbusd(builder, builder.load(slot), gathered, _splat(builder, word, 16))
+                builder.store(sums, slot)
+            sums = builder.sub(builder.load(slot), correction)
+            undef = ir.Constant(_QUADS, None)
+            parts = [
+                _requantize_lanes(
+                    builder,
+                    builder.shuffle_vector(sums, undef, ir.Constant(_SUMS, list(range(h, h + 8)))),
+                    *params,
+                    *splats,
+                )
+                for h in (0, 8)
+            ]
+            y = builder.shuffle_vector(*parts, ir.Constant(_WORDS_I32, list(range(16))))
+            first = builder.mul(b, const(16))
+            valid = builder.sub(positions, first)
+            target = builder.gep(out_ptr, [builder.add(out_start, first)])
+            _masked_store(builder, y, target, _lanes_below(builder, valid, 16))
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic

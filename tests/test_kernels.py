@@ -1,5 +1,8 @@
 """Kernels: reference against independent float64 math, numba bit-exact against reference."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import tile_operands
+from tinyrt.ops import gather_operands, tile_operands
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -312,6 +315,127 @@ def test_conv2d_numba_bit_exact(p):
             out,
         )
         np.testing.assert_array_equal(out, want, err_msg=kernel.__name__)
+
+
+needs_vbmi = pytest.mark.skipif(not nk.HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
+
+
+@st.composite
+def depthwise_params(draw):
+    """Depthwise layers whose 16-output blocks mostly fit the 128-byte window: kernels 1 to
+    5 (words of 4 taps with unused taps), strides 1 to 3, padding wider than the kernel's
+    reach (blocks with many taps in the padding), planes from 1x1 (all 16 lanes but one past
+    the plane) to rows of 40 and more than 16 rows (blocks that wrap rows)."""
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    dh, dw = draw(st.integers(1, 2)), draw(st.integers(1, 2))
+    h = draw(st.integers(dh * (kh - 1) + 1, 20))
+    w = draw(st.integers(dw * (kw - 1) + 1, 40))
+    return dict(
+        n=draw(st.integers(1, 2)),
+        channels=draw(st.integers(1, 20)),
+        h=h,
+        w=w,
+        kh=kh,
+        kw=kw,
+        stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+        padding=tuple(draw(st.integers(0, 3)) for _ in range(4)),
+        dilation=(dh, dw),
+        zp_in=draw(st.sampled_from([-128, 0, 77, 127])),
+        zp_out=draw(st.integers(-128, 127)),
+        seed=draw(st.integers(0, 2**32 - 1)),
+    )
+
+
+def _depthwise(p):
+    """A depthwise case of ``depthwise_params``: inputs, weights, the reference output."""
+    rng = np.random.default_rng(p["seed"])
+    x, weight, bias, multiplier, shift = conv_case(
+        rng, p["n"], 1, p["h"], p["w"], 1, p["channels"], p["kh"], p["kw"], p["stride"],
+        p["padding"], p["dilation"], p["zp_in"],
+    )  # fmt: skip
+    want = ref.conv2d_int8(x, weight, bias, multiplier, shift, p["zp_in"], p["zp_out"],
+                           p["stride"], p["padding"], p["dilation"], p["channels"])  # fmt: skip
+    return x, weight, (bias, multiplier, shift, p["zp_in"], p["zp_out"], -128, 127), want
+
+
+def _gather_window(p) -> tuple[int, ...]:
+    (sh, sw), (dh, dw), (top, _, left, _) = p["stride"], p["dilation"], p["padding"]
+    return (p["kh"], p["kw"], sh, sw, top, left, dh, dw)
+
+
+def _widest_block(p, oh: int, ow: int) -> int:
+    """The largest distance between two inputs inside the image that one block of 16
+    consecutive outputs reads, counted output by output and tap by tap."""
+    (sh, sw), (dh, dw), (top, _, left, _) = p["stride"], p["dilation"], p["padding"]
+    widest = 0
+    for first in range(0, oh * ow, 16):
+        read = [
+            row * p["w"] + column
+            for out in range(first, min(first + 16, oh * ow))
+            for i in range(p["kh"])
+            for j in range(p["kw"])
+            for row, column in [(out // ow * sh - top + i * dh, out % ow * sw - left + j * dw)]
+            if 0 <= row < p["h"] and 0 <= column < p["w"]
+        ]
+        widest = max(widest, max(read, default=0) - min(read, default=0))
+    return widest
+
+
+@needs_vbmi
+@SETTINGS
+@given(depthwise_params())
+def test_depthwise_gather_bit_exact(p):
+    """The gathered depthwise kernel against the reference wherever its blocks fit; where
+    they do not (tinyrt then takes the blocks of 8 columns), the blocks' reach proves it."""
+    x, weight, args, want = _depthwise(p)
+    operands = gather_operands(weight, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
+    if operands is None:
+        assert _widest_block(p, *want.shape[2:]) >= 128
+        return
+    out = np.full_like(want, 99)
+    nk.depthwise_gather_int8(x, *operands, *args, out)
+    np.testing.assert_array_equal(out, want)
+
+
+def test_depthwise_gather_fits_the_suite_layers():
+    """The depthwise layers of DS-CNN and MobileNet's narrow end fit the window; a wide
+    stride-2 layer does not (its blocks reach 3 rows of 98 bytes)."""
+    depthwise = np.ones((4, 1, 3, 3), np.int8)
+    fits = [((25, 5), (25, 5), 1), ((12, 12), (6, 6), 2), ((48, 48), (48, 48), 1)]
+    for image, output, stride in fits:
+        window = (3, 3, stride, stride, 1, 1, 1, 1)
+        assert gather_operands(depthwise, image, output, window) is not None
+    assert gather_operands(depthwise, (96, 96), (48, 48), (3, 3, 2, 2, 1, 1, 1, 1)) is None
+
+
+GUARD_PAGE_CHECK = """
+import ctypes, mmap, numpy as np
+from tinyrt.kernels import numba_kernels as nk
+from tinyrt.ops import gather_operands
+libc = ctypes.CDLL(None)
+page = mmap.PAGESIZE
+memory = mmap.mmap(-1, 2 * page)
+base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+assert libc.mprotect(ctypes.c_void_p(base + page), page, 0) == 0  # PROT_NONE
+c, h, w = 3, 5, 7
+x = np.frombuffer(memory, np.int8, c * h * w, page - c * h * w).reshape(1, c, h, w)
+weight = np.ones((c, 1, 3, 3), np.int8)
+operands = gather_operands(weight, (h, w), (h, w), (3, 3, 1, 1, 1, 1, 1, 1))
+ones = np.ones(c, np.int32)
+out = np.empty((1, c, h, w), np.int8)
+nk.depthwise_gather_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, -128, 127, out)
+print("read nothing past the input")
+"""
+
+
+@needs_vbmi
+def test_depthwise_gather_reads_nothing_past_its_input():
+    """The last plane's blocks load 128 bytes from near its end: the masked loads must not
+    touch the page after the input (made unreadable here; a read would kill the process)."""
+    result = subprocess.run([sys.executable, "-c", GUARD_PAGE_CHECK], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "read nothing past the input" in result.stdout
 
 
 @SETTINGS

@@ -97,7 +97,7 @@ def test_memory_limit_counts_the_recurrent_gate_scratch():
     )
     # lstm H=5, gru H=4, bidirectional lstm H=3: (steps + 1) int32 rows per direction
     gates = 4 * (steps + 1) * (4 * 5 + 3 * 4 + 2 * 4 * 3)
-    assert activation_nbytes(graph, shapes) == values + gates
+    assert activation_nbytes(graph, shapes, numba_kernels=None) == values + gates
 
 
 def test_batch_items_are_independent(models):

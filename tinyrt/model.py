@@ -461,7 +461,7 @@ class Model:
             shapes = infer_shapes(self.graph, input_shapes)
         except FormatError as error:
             raise InputError(f"these input shapes do not fit the model: {error}") from error
-        if activation_nbytes(self.graph, shapes) > MAX_ARENA_NBYTES:
+        if activation_nbytes(self.graph, shapes, self._kernels) > MAX_ARENA_NBYTES:
             raise InputError(
                 f"inputs of shapes {list(key)} need more than {MAX_ARENA_NBYTES} bytes of "
                 "activations; split them into smaller batches"

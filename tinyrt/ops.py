@@ -50,18 +50,30 @@ def _is_pointwise(op: Op) -> bool:
     return all(k == 1 for k in taps) and a2["stride"] == (1, 1) and not any(a2["padding"])
 
 
-def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
-    """What a numba convolution needs besides its operands: the 2-D window, the padded input
-    it reads (exactly the rows and columns the output windows reach), the kernel that runs it
-    (:func:`_conv_kernel`) and the size of its second scratch buffer."""
+def _conv_geometry(
+    op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
+) -> dict:
+    """What a numba convolution needs besides its operands: the 2-D window, the kernel that
+    runs it (:func:`_conv_kernel`; ``gather`` for a depthwise layer whose blocks fit
+    :func:`gather_operands`, when the CPU permutes bytes: ``byte_permute``), the padded input
+    it reads (exactly the rows and columns the output windows reach; none for ``gather``), the
+    gather operands and the size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
-    oh, ow = (1,) * (4 - len(out_shape)) + tuple(out_shape[2:])
+    image = ((1,) * (4 - len(in_shape)) + tuple(in_shape))[2:]
+    oh, ow = ((1,) * (4 - len(out_shape)) + tuple(out_shape))[2:]
+    (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
+    window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
+    channels = weight.shape[1] * a2["groups"]
+    gather = None
+    if byte_permute and weight.shape[1] == 1 and weight.shape[0] == a2["groups"]:
+        depthwise = weight.reshape(weight.shape[0], 1, kh, kw)
+        gather = gather_operands(depthwise, image, (oh, ow), window)
+    if gather is not None:
+        return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,), "work": 0}
     if _is_pointwise(op):
         oh, ow = 1, oh * ow
-    (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
-    channels = weight.shape[1] * a2["groups"]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     kernel = _conv_kernel(weight[0].size, sw)
     work = {  # bytes
@@ -70,7 +82,7 @@ def _conv_geometry(op: Op, out_shape: tuple[int, ...]) -> dict:
         "direct": 4 * ow,  # int32 accumulators, one per output column
     }[kernel]
     return {
-        "window": (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw),
+        "window": window,
         "padded": (rows, columns, channels) if kernel == "gemm" else (channels, rows, columns),
         "positions": oh * ow,
         "kernel": kernel,
@@ -133,13 +145,63 @@ def tile_operands(
     return pack_conv_words(weight, per_word), conv_offsets(c, kh, kw, steps, per_word)
 
 
+GATHER_BLOCK = 16  # outputs per block of numba_kernels.depthwise_gather_int8
+_GATHER_WINDOW = 128  # bytes each block reads (simd.GATHER_WINDOW)
+_IN_PADDING = -128  # an index with the top bit set: the tap reads the zero point
+
+
+def gather_operands(
+    weight: np.ndarray,
+    image: tuple[int, int],
+    output: tuple[int, int],
+    window: tuple[int, ...],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """:func:`numba_kernels.depthwise_gather_int8`'s weight words, block starts and gather
+    indices for depthwise weights ``[C, 1, KH, KW]`` over an unpadded ``[H, W]`` plane with
+    output ``[OH, OW]`` and ``window = (kh, kw, sh, sw, pad_top, pad_left, dh, dw)``; None if
+    some block of 16 outputs reads inputs more than 128 bytes apart (the kernel reads two
+    64-byte vectors per block).
+
+    Block ``b`` covers outputs ``16 b ..`` of the plane in row-major order (lanes past the
+    last output repeat it, never stored). ``starts[b]`` is the first input any of its in-image
+    taps reads; ``index[b, w, 4 l + e]`` is where lane ``l``'s tap ``4 w + e`` (taps row-major,
+    words of 4 as :func:`pack_conv_words`) lies from there, or ``-128`` for a tap in the
+    padding (and the word's unused taps, whose weights are 0)."""
+    kh, kw, sh, sw, pad_top, pad_left, dh, dw = window
+    (h, w), (oh, ow) = image, output
+    positions = oh * ow
+    blocks = -(-positions // GATHER_BLOCK)
+    lanes = np.minimum(np.arange(blocks * GATHER_BLOCK), positions - 1)
+    i, j = (t.reshape(-1) for t in np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij"))
+    rows = (lanes // ow * sh - pad_top)[:, None] + i * dh
+    columns = (lanes % ow * sw - pad_left)[:, None] + j * dw
+    inside = ((rows >= 0) & (rows < h) & (columns >= 0) & (columns < w)).reshape(blocks, -1)
+    source = (rows * w + columns).reshape(blocks, -1)
+    lowest = np.where(inside, source, np.iinfo(np.int64).max).min(axis=1)
+    starts = np.where(inside.any(axis=1), lowest, 0)
+    offsets = source - starts[:, None]
+    if (np.where(inside, offsets, 0) >= _GATHER_WINDOW).any():
+        return None
+    taps = kh * kw
+    words = -(-taps // 4)
+    picks = np.full((blocks, GATHER_BLOCK, words * 4), _IN_PADDING, np.int8)
+    picks[:, :, :taps] = np.where(inside, offsets, _IN_PADDING).reshape(blocks, GATHER_BLOCK, taps)
+    index = picks.reshape(blocks, GATHER_BLOCK, words, 4).transpose(0, 2, 1, 3).reshape(-1)
+    return pack_conv_words(weight, 4), starts.astype(np.int64), np.ascontiguousarray(index)
+
+
 _SCRATCH_ALIGN = 64
 
 
-def conv_scratch_shape(op: Op, out_shape: tuple[int, ...]) -> tuple[int]:
+def conv_scratch_shape(
+    op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
+) -> tuple[int] | None:
     """Bytes of the numba convolution's scratch: the padded input, then (64-byte aligned) the
-    kernel's second buffer (:func:`_conv_geometry`)."""
-    geometry = _conv_geometry(op, out_shape)
+    kernel's second buffer (:func:`_conv_geometry`); None for the gathered depthwise kernel,
+    which needs none."""
+    geometry = _conv_geometry(op, in_shape, out_shape, byte_permute)
+    if geometry["kernel"] == "gather":
+        return None
     padded = -(-int(np.prod(geometry["padded"])) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
     return (padded + geometry["work"],)
 
@@ -189,11 +251,15 @@ def bind_op(
         if nk:
             if _is_pointwise(op):
                 x, y = (v.reshape(v.shape[0], v.shape[1], 1, -1) for v in (x, y))
-            geometry = _conv_geometry(op, out.shape)
+            geometry = _conv_geometry(op, ins[0].shape, out.shape, nk.HAS_VBMI)
+            args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
+            if geometry["kernel"] == "gather":
+                gather = geometry["gather"]
+                return lambda: nk.depthwise_gather_int8(x, *gather, *args, qmin, qmax, y)
+            args += geometry["window"]
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
             work = scratch[-(-padded_size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN :]
-            args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out, *geometry["window"])
             o = weight.shape[0]
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":

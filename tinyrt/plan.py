@@ -54,11 +54,17 @@ ITEMSIZE = {"int8": 1, "int32": 4, "float32": 4}
 RECURRENT = RECURRENT_KINDS
 
 
-def scratch_shape(op: Op, shapes: list[tuple[int, ...]]) -> tuple[int, ...] | None:
-    """The scratch buffer an op's numba kernel needs (None: none): a convolution's im2col
-    rows, a dynamic linear layer's quantized input row."""
+def scratch_shape(
+    op: Op, shapes: list[tuple[int, ...]], numba_kernels: ModuleType | None
+) -> tuple[int, ...] | None:
+    """The scratch buffer an op's numba kernel needs (None: none, and always for the reference
+    backend, ``numba_kernels`` None): a convolution's padded input and im2col rows, a dynamic
+    linear layer's quantized input row."""
+    if numba_kernels is None:
+        return None
     if op.kind in ("conv1d", "conv2d"):
-        return conv_scratch_shape(op, shapes[op.outputs[0]])
+        in_shape, out_shape = shapes[op.inputs[0]], shapes[op.outputs[0]]
+        return conv_scratch_shape(op, in_shape, out_shape, numba_kernels.HAS_VBMI)
     if op.kind == "linear_dynamic":
         return (op.tensors["weight"].shape[1],)
     return None
@@ -73,13 +79,15 @@ def gate_scratch_nbytes(op: Op, input_shape: tuple[int, ...]) -> int:
     return directions * (steps + 1) * rows * 4
 
 
-def activation_nbytes(graph: Graph, shapes: list[tuple[int, ...]]) -> int:
+def activation_nbytes(
+    graph: Graph, shapes: list[tuple[int, ...]], numba_kernels: ModuleType | None
+) -> int:
     """Bytes of all values and scratch buffers for these shapes, before any sharing (the
     recurrent gates' scratch included: it grows with the sequence, 4H int32 per step)."""
     values = sum(
         math.prod(shape) * ITEMSIZE[v.dtype] for v, shape in zip(graph.values, shapes, strict=True)
     )
-    scratch = (scratch_shape(op, shapes) for op in graph.ops)
+    scratch = (scratch_shape(op, shapes, numba_kernels) for op in graph.ops)
     gates = sum(
         gate_scratch_nbytes(op, shapes[op.inputs[0]])
         for op in graph.ops
@@ -207,8 +215,8 @@ class Executor:
         lifetimes = [(first[v], last[v]) for v in owners]
         scratch_of: dict[int, int] = {}
         for i, op in enumerate(graph.ops):
-            scratch = scratch_shape(op, shapes)
-            if numba_kernels is not None and scratch is not None:
+            scratch = scratch_shape(op, shapes, numba_kernels)
+            if scratch is not None:
                 scratch_of[i] = len(sizes)
                 sizes.append(math.prod(scratch))
                 lifetimes.append((i, i))
@@ -233,7 +241,9 @@ class Executor:
         for i, op in enumerate(graph.ops):
             if op.kind == "reshape":
                 continue
-            scratch = view(scratch_of[i], scratch_shape(op, shapes)) if i in scratch_of else None
+            scratch = None
+            if i in scratch_of:
+                scratch = view(scratch_of[i], scratch_shape(op, shapes, numba_kernels))
             states = self._new_states(op, graph, shapes) if op.kind in RECURRENT else []
             for direction, state in enumerate(states):
                 self.state_of[(i, direction)] = state
