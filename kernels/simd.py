@@ -140,6 +140,31 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
     return vector
 
 
+def _masked_load(builder: ir.IRBuilder, address: ir.Value, mask: ir.Value, vector: ir.VectorType):
+    """``vector`` from ``address`` where ``mask`` is set, zero elsewhere; masked-off bytes are
+    not read (``llvm.masked.load``: AVX-512 masked moves)."""
+    pointer = builder.bitcast(address, vector.as_pointer())
+    name = f"llvm.masked.load.v{vector.count}i{vector.element.width}.p0"
+    return _x86(builder, name, vector, pointer, ir.Constant(_I32, 1), mask,
+                ir.Constant(vector, None))  # fmt: skip
+
+
+def _masked_store(builder: ir.IRBuilder, value: ir.Value, address: ir.Value, mask: ir.Value):
+    """``value``'s lanes where ``mask`` is set stored at ``address`` (``llvm.masked.store``)."""
+    pointer = builder.bitcast(address, value.type.as_pointer())
+    name = f"llvm.masked.store.v{value.type.count}i{value.type.element.width}.p0"
+    signature = ir.FunctionType(ir.VoidType(), [value.type, pointer.type, _I32, mask.type])
+    function = cgutils.get_or_insert_function(builder.module, signature, name)
+    builder.call(function, [value, pointer, ir.Constant(_I32, 1), mask])
+
+
+def _lanes_below(builder: ir.IRBuilder, n: ir.Value, lanes: int) -> ir.Value:
+    """The mask ``lane < n`` of ``lanes <= 64`` lanes (``n`` int64, any value)."""
+    n = _clamp(builder, n, ir.Constant(n.type, 0), ir.Constant(n.type, lanes))
+    iota = ir.Constant(ir.VectorType(_I8, lanes), list(range(lanes)))
+    return builder.icmp_signed("<", iota, _splat(builder, builder.trunc(n, _I8), lanes))
+
+
 def _as_int64(context, builder, args, signature) -> list:
     """The arguments with every integer widened to int64 (arrays unchanged)."""
     return [
@@ -237,32 +262,58 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
 
 
 def _scale_lanes(builder, acc, bias, multiplier, shift):
-    """``reference.multiply_by_quantized_multiplier(acc + bias, multiplier, shift)`` of 8 int32
-    lanes with per-lane int32 parameters, as vectors (the result fits int32), by the shorter
-    but equal form of ``numba_kernels._multiply_by_quantized_multiplier``."""
-    wide = ir.VectorType(ir.IntType(64), LANES // 2)
+    """``reference.multiply_by_quantized_multiplier(acc + bias, multiplier, shift)`` of an
+    even number of int32 lanes (8 or 16) with per-lane int32 parameters, in int32 lanes but
+    for the products, exactly (tests/test_simd.py checks it over int32):
 
-    def const(value: int, vector=_SUMS) -> ir.Constant:
-        return ir.Constant(vector, [value] * (LANES // 2))
+    - ``x = acc + bias`` fits int32 (the converter's overflow proof covers the bias);
+    - ``x << left`` saturates to int32 where shifting back does not give ``x``;
+    - ``high = floor((x * multiplier + 2^30) / 2^31)`` (the reference's nudge and truncating
+      division, as ``numba_kernels._multiply_by_quantized_multiplier`` shows): products of the
+      even and the odd lanes as int64 (``vpmuldq``), ``high`` fits int32;
+    - the rounding divide by ``2^r``: ``(high >> r) + ((rem + half) >>> r)`` with ``rem =
+      high & (2^r - 1)`` and ``half = 2^(r-1)`` for ``high >= 0``, one less below (0 at
+      ``r = 0``); ``rem + half < 2^32``, so the logical shift ``>>>`` sees no overflow.
+    """
+    vector = acc.type
+    lanes = vector.count
+    wide = ir.VectorType(ir.IntType(64), lanes // 2)
 
+    def const(value: int, of=vector) -> ir.Constant:
+        return ir.Constant(of, [value] * of.count)
+
+    x = builder.add(acc, bias)
     left = builder.select(builder.icmp_signed(">", shift, const(0)), shift, const(0))
-    right = builder.zext(builder.sub(left, shift), wide)  # max(-shift, 0)
-    x = builder.add(builder.sext(acc, wide), builder.sext(bias, wide))
-    x = _clamp(
-        builder,
-        builder.shl(x, builder.zext(left, wide)),
-        const(-(2**31), wide),
-        const(2**31 - 1, wide),
+    right = builder.sub(left, shift)  # max(-shift, 0)
+    shifted = builder.shl(x, left)
+    lost = builder.icmp_unsigned("!=", builder.ashr(shifted, left), x)
+    saturated = builder.xor(builder.ashr(x, const(31)), const(2**31 - 1))
+    x = builder.select(lost, saturated, shifted)
+
+    def products(parity: int) -> ir.Value:
+        """``x * multiplier + 2^30`` of the even (0) or odd (1) lanes, as int64."""
+        factors = []
+        for v in (x, multiplier):
+            q = builder.bitcast(v, wide)
+            if parity == 0:
+                q = builder.shl(q, const(32, wide))
+            factors.append(builder.ashr(q, const(32, wide)))
+        return builder.add(builder.mul(*factors), const(2**30, wide))
+
+    # high of an even lane: the low half of its product >> 31; of an odd lane: the high half
+    # of its product << 1 (the same 32 bits, already in the odd lane's place)
+    even = builder.bitcast(builder.ashr(products(0), const(31, wide)), vector)
+    odd = builder.bitcast(builder.shl(products(1), const(1, wide)), vector)
+    order = [lane + (lane % 2) * lanes for lane in range(lanes)]
+    high = builder.shuffle_vector(even, odd, ir.Constant(ir.VectorType(_I32, lanes), order))
+    mask = builder.sub(builder.shl(const(1), right), const(1))
+    half = builder.select(
+        builder.icmp_signed(">=", high, const(0)),
+        builder.lshr(builder.add(mask, const(1)), const(1)),
+        builder.lshr(mask, const(1)),
     )
-    # x fits int32 now: sext(trunc(x)) lets LLVM use a 32x32->64 multiply
-    product = builder.mul(
-        builder.sext(builder.trunc(x, _SUMS), wide), builder.sext(multiplier, wide)
-    )
-    high = builder.ashr(builder.add(product, const(2**30, wide)), const(31, wide))
-    mask = builder.sub(builder.shl(const(1, wide), right), const(1, wide))
-    nonnegative = builder.zext(builder.icmp_signed(">=", high, const(0, wide)), wide)
-    half = builder.ashr(builder.add(mask, nonnegative), const(1, wide))
-    return builder.trunc(builder.ashr(builder.add(high, half), right), _SUMS)
+    rounding = builder.lshr(builder.add(builder.and_(high, mask), half), right)
+    return builder.add(builder.ashr(high, right), rounding)
 
 
 def _clamp(builder, x, low, high):
@@ -271,11 +322,11 @@ def _clamp(builder, x, low, high):
 
 
 def _requantize_lanes(builder, acc, bias, multiplier, shift, zero_point, qmin, qmax):
-    """``reference.requantize`` of 8 int32 lanes (:func:`_scale_lanes`, then the zero point
-    and the clamp), as int8."""
+    """``reference.requantize`` of 8 or 16 int32 lanes (:func:`_scale_lanes`, then the zero
+    point and the clamp), as int8."""
     scaled = _scale_lanes(builder, acc, bias, multiplier, shift)
     y = _clamp(builder, builder.add(scaled, zero_point), qmin, qmax)
-    return builder.trunc(y, ir.VectorType(_I8, LANES // 2))
+    return builder.trunc(y, ir.VectorType(_I8, acc.type.count))
 
 
 def _make_gemm_tile(rows: int, cols: int):
@@ -501,51 +552,21 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                         word = builder.bitcast(word, _WORDS)
                         sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
                     builder.store(sums, slot)
-            half = LANES // 2  # the requantization's lanes
-            splats = [_splat(builder, builder.trunc(v, _I32), half) for v in (zp, qmin, qmax)]
-            bytes8 = ir.VectorType(_I8, lanes)
+            splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
             for c, slot in enumerate(slots):
                 row = builder.add(o, ir.Constant(i64, c))
                 params = [
-                    _splat(builder, builder.load(builder.gep(data(k, arr), [row])), half)
+                    _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
                     for k, arr in ((6, bias), (7, multiplier), (8, shift))
                 ]
                 correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), words)])
                 sums = builder.sub(
                     builder.load(slot), _splat(builder, builder.load(correction), lanes)
                 )
-                undef = ir.Constant(sums_type, None)
-                parts = [
-                    _requantize_lanes(
-                        builder,
-                        builder.shuffle_vector(
-                            sums, undef, ir.Constant(_SUMS, list(range(h, h + half)))
-                        ),
-                        *params,
-                        *splats,
-                    )
-                    for h in range(0, lanes, half)
-                ]
-                y = parts[0]
-                if len(parts) == 2:
-                    y = builder.shuffle_vector(*parts, ir.Constant(sums_type, list(range(lanes))))
+                y = _requantize_lanes(builder, sums, *params, *splats)
                 start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
-                full = builder.icmp_signed("==", valid, ir.Constant(i64, lanes))
-                with builder.if_else(full) as (whole, part):
-                    with whole:
-                        address = builder.bitcast(
-                            builder.gep(out_ptr, [start]), bytes8.as_pointer()
-                        )
-                        builder.store(y, address, align=1)
-                    with part:
-                        for lane in range(lanes):
-                            inside = builder.icmp_signed(">", valid, ir.Constant(i64, lane))
-                            with builder.if_then(inside):
-                                value = builder.extract_element(y, ir.Constant(_I32, lane))
-                                target = builder.gep(
-                                    out_ptr, [builder.add(start, ir.Constant(i64, lane))]
-                                )
-                                builder.store(value, target)
+                mask = _lanes_below(builder, valid, lanes)
+                _masked_store(builder, y, builder.gep(out_ptr, [start]), mask)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -553,31 +574,6 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     kind, wide = "dw" if depthwise else "", "w" if columns > 8 else ""
     tile.__name__ = tile.__qualname__ = f"conv_tile_{kind}{channels}_s{stride}{wide}"
     return tile
-
-
-def _masked_load(builder: ir.IRBuilder, address: ir.Value, mask: ir.Value, vector: ir.VectorType):
-    """``vector`` from ``address`` where ``mask`` is set, zero elsewhere; masked-off bytes are
-    not read (``llvm.masked.load``: AVX-512 masked moves)."""
-    pointer = builder.bitcast(address, vector.as_pointer())
-    name = f"llvm.masked.load.v{vector.count}i{vector.element.width}.p0"
-    return _x86(builder, name, vector, pointer, ir.Constant(_I32, 1), mask,
-                ir.Constant(vector, None))  # fmt: skip
-
-
-def _masked_store(builder: ir.IRBuilder, value: ir.Value, address: ir.Value, mask: ir.Value):
-    """``value``'s lanes where ``mask`` is set stored at ``address`` (``llvm.masked.store``)."""
-    pointer = builder.bitcast(address, value.type.as_pointer())
-    name = f"llvm.masked.store.v{value.type.count}i{value.type.element.width}.p0"
-    signature = ir.FunctionType(ir.VoidType(), [value.type, pointer.type, _I32, mask.type])
-    function = cgutils.get_or_insert_function(builder.module, signature, name)
-    builder.call(function, [value, pointer, ir.Constant(_I32, 1), mask])
-
-
-def _lanes_below(builder: ir.IRBuilder, n: ir.Value, lanes: int) -> ir.Value:
-    """The mask ``lane < n`` of ``lanes <= 64`` lanes (``n`` int64, any value)."""
-    n = _clamp(builder, n, ir.Constant(n.type, 0), ir.Constant(n.type, lanes))
-    iota = ir.Constant(ir.VectorType(_I8, lanes), list(range(lanes)))
-    return builder.icmp_signed("<", iota, _splat(builder, builder.trunc(n, _I8), lanes))
 
 
 @intrinsic
@@ -625,10 +621,10 @@ def depthwise_gather_plane(typingctx, x, x_start, x_end, starts, index, words, w
                             _CHUNK // 4)  # fmt: skip
         padding = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
         params = [
-            _splat(builder, builder.load(builder.gep(data(k, arr), [c])), LANES // 2)
+            _splat(builder, builder.load(builder.gep(data(k, arr), [c])), 16)
             for k, arr in ((8, bias), (9, multiplier), (10, shift))
         ]
-        splats = [_splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp_out, qmin, qmax)]
+        splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
         slot = _zeroed_slots(builder, 1, _QUADS)[0]
         blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
         with cgutils.for_range(builder, blocks) as block_loop:
@@ -659,17 +655,7 @@ def depthwise_gather_plane(typingctx, x, x_start, x_end, starts, index, words, w
                 sums = _dpbusd(builder, builder.load(slot), gathered, _splat(builder, word, 16))
                 builder.store(sums, slot)
             sums = builder.sub(builder.load(slot), correction)
-            undef = ir.Constant(_QUADS, None)
-            parts = [
-                _requantize_lanes(
-                    builder,
-                    builder.shuffle_vector(sums, undef, ir.Constant(_SUMS, list(range(h, h + 8)))),
-                    *params,
-                    *splats,
-                )
-                for h in (0, 8)
-            ]
-            y = builder.shuffle_vector(*parts, ir.Constant(_WORDS_I32, list(range(16))))
+            y = _requantize_lanes(builder, sums, *params, *splats)
             first = builder.mul(b, const(16))
             valid = builder.sub(positions, first)
             target = builder.gep(out_ptr, [builder.add(out_start, first)])

@@ -71,6 +71,36 @@ def test_scaling_matches_reference_over_int32(k_len):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.skipif(not simd.HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
+def test_16_lane_requantization_matches_reference():
+    """The requantization in 16 lanes (even and odd lanes take different paths) against the
+    reference, through the gathered depthwise kernel: one 1x1 tap of weight 1 on a 4x4 plane,
+    so each block's 16 sums are ``bias + x``, with biases from all of int32 and each channel's
+    shift chosen so the result lands near the int8 range (the clamp would hide the rest);
+    left shifts saturate; small sums meet the rounding ties."""
+    from tinyrt.ops import gather_operands
+
+    rng = np.random.default_rng(1)
+    channels = 20_000
+    bias = rng.integers(-(2**31) + 128, 2**31 - 128, channels)
+    bias[:2000] = rng.integers(-300, 300, 2000)  # ties at the small shifts
+    multiplier = rng.integers(1 << 30, 2**31, channels)
+    magnitude = np.log2(np.abs(bias) + 129) + np.log2(multiplier) - 31
+    shift = np.clip(6 - np.ceil(magnitude), -31, 0).astype(np.int64)
+    shift[:2000] = rng.integers(-12, 1, 2000)
+    shift[2000:2500] = rng.integers(1, 31, 500)  # saturating left shifts
+    x = rng.integers(-128, 128, (1, channels, 4, 4)).astype(np.int8)
+    weight = np.ones((channels, 1, 1, 1), np.int8)
+    operands = gather_operands(weight, (4, 4), (4, 4), (1, 1, 1, 1, 0, 0, 1, 1))
+    out = np.empty_like(x)
+    params = [v.astype(np.int32) for v in (bias, multiplier, shift)]
+    numba_kernels.depthwise_gather_int8(x, *operands, *params, 0, 5, -128, 127, out)
+    acc = bias[None, :, None, None] + x.astype(np.int64)
+    want = ref.requantize(acc, *(v[None, :, None, None] for v in (multiplier, shift)), 5)
+    np.testing.assert_array_equal(out, want)
+    assert len(np.unique(want)) == 256  # the whole int8 range, not just the clamp
+
+
 OTHER_TARGET_CHECK = textwrap.dedent(
     """
     import numpy as np
