@@ -171,6 +171,12 @@ def _pad_input(x, zp_in, pad_top, pad_left, padded, channels_last):
     rows and columns no window reads."""
     channels, h, w = x.shape
     hp, wp = (padded.shape[0], padded.shape[1]) if channels_last else padded.shape[1:]
+    if not channels_last and pad_top == 0 and pad_left == 0 and hp == h and wp == w:
+        # nothing to pad (pointwise layers among others): one flat loop, a vector copy
+        target, source = padded.reshape(padded.size), x.reshape(x.size)
+        for i in range(source.size):
+            target[i] = source[i]
+        return
     for c in range(channels):
         for y in range(hp):
             source = y - pad_top
@@ -303,10 +309,7 @@ def conv2d_tiles_int8(
             while q < ow:
                 # stride-1 rows take wide blocks while more than 8 columns remain, then 8
                 columns = WIDE_COLUMNS if sw == 1 and ow - q > 8 else 8
-                # a block short of its columns stores them all when the extra ones land in its
-                # channels' later rows, which later blocks overwrite: only a plane's last row
-                # stores column by column
-                valid = columns if p * ow + q + columns <= positions else min(columns, ow - q)
+                valid = min(columns, ow - q)  # the last block of a row stores fewer (masked)
                 window = p * sh * wp + q * sw
                 out_start = n * o_total * positions + p * ow + q
                 for g in range(0, paired, 8):
