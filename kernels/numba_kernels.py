@@ -26,12 +26,15 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     conv_tile_1_s1,
     conv_tile_1_s1w,
     conv_tile_1_s2,
+    conv_tile_1_s2w,
     conv_tile_8_s1,
     conv_tile_8_s1w,
     conv_tile_8_s2,
+    conv_tile_8_s2w,
     conv_tile_dw8_s1,
     conv_tile_dw8_s1w,
     conv_tile_dw8_s2,
+    conv_tile_dw8_s2w,
     depthwise_gather_plane,
     gemm_tile_1x1,
     gemm_tile_4x1,
@@ -43,7 +46,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "2350321e248caa75"
+SIMD_SOURCE_SHA256 = "dbed7b07f75564b7"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -278,7 +281,7 @@ def conv2d_tiles_int8(
     out,
 ):
     """``reference.conv2d_int8`` with column stride 1 or 2, without im2col: blocks of 8
-    output columns (:data:`simd.WIDE_COLUMNS` on long stride-1 rows) x 8 output channels of a
+    output columns (:data:`simd.WIDE_COLUMNS` while more than 8 remain) x 8 output channels of a
     group through :func:`simd.conv_tile_8_s1`
     (``_s2``), the group's last ``O/groups % 8`` channels one at a time (``conv_tile_1``);
     a depthwise layer's channels 8 groups at a time (``conv_tile_dw8``), the last
@@ -307,8 +310,8 @@ def conv2d_tiles_int8(
         for p in range(oh):
             q = 0
             while q < ow:
-                # stride-1 rows take wide blocks while more than 8 columns remain, then 8
-                columns = WIDE_COLUMNS if sw == 1 and ow - q > 8 else 8
+                # wide blocks while more than 8 columns of the row remain, then 8
+                columns = WIDE_COLUMNS if ow - q > 8 else 8
                 valid = min(columns, ow - q)  # the last block of a row stores fewer (masked)
                 window = p * sh * wp + q * sw
                 out_start = n * o_total * positions + p * ow + q
@@ -357,24 +360,34 @@ def _conv_block(kind, sw, columns, padded, start, in_step, args, o, tail, target
     its own intrinsic, and Numba cannot pick one from a tuple at run time, so each is named)."""
     zp_out, qmin, qmax, flat = tail
     rest = (o, zp_out, qmin, qmax, flat, target, step, valid)
+    wide = columns > 8
     if kind == 8:
-        if columns > 8:
-            conv_tile_8_s1w(padded, start, in_step, *args, *rest)
-        elif sw == 1:
-            conv_tile_8_s1(padded, start, in_step, *args, *rest)
+        if sw == 1:
+            if wide:
+                conv_tile_8_s1w(padded, start, in_step, *args, *rest)
+            else:
+                conv_tile_8_s1(padded, start, in_step, *args, *rest)
+        elif wide:
+            conv_tile_8_s2w(padded, start, in_step, *args, *rest)
         else:
             conv_tile_8_s2(padded, start, in_step, *args, *rest)
     elif kind == 1:
-        if columns > 8:
-            conv_tile_1_s1w(padded, start, in_step, *args, *rest)
-        elif sw == 1:
-            conv_tile_1_s1(padded, start, in_step, *args, *rest)
+        if sw == 1:
+            if wide:
+                conv_tile_1_s1w(padded, start, in_step, *args, *rest)
+            else:
+                conv_tile_1_s1(padded, start, in_step, *args, *rest)
+        elif wide:
+            conv_tile_1_s2w(padded, start, in_step, *args, *rest)
         else:
             conv_tile_1_s2(padded, start, in_step, *args, *rest)
-    elif columns > 8:
-        conv_tile_dw8_s1w(padded, start, in_step, *args, *rest)
     elif sw == 1:
-        conv_tile_dw8_s1(padded, start, in_step, *args, *rest)
+        if wide:
+            conv_tile_dw8_s1w(padded, start, in_step, *args, *rest)
+        else:
+            conv_tile_dw8_s1(padded, start, in_step, *args, *rest)
+    elif wide:
+        conv_tile_dw8_s2w(padded, start, in_step, *args, *rest)
     else:
         conv_tile_dw8_s2(padded, start, in_step, *args, *rest)
 

@@ -73,8 +73,8 @@ CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
 HAS_VBMI = HAS_VNNI and "+avx512vbmi" in _FEATURES
 # bytes of input a gathered depthwise block reads (two 64-byte vectors)
 GATHER_WINDOW = 128
-# output columns of the wide convolution blocks (stride-1 rows, while more than 8 columns
-# remain): one int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
+# output columns of the wide convolution blocks (while more than 8 columns of a row remain):
+# one int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
 WIDE_COLUMNS = 16 if HAS_VNNI else 8
 
 
@@ -701,9 +701,12 @@ gemm_tile_1x1 = _make_gemm_tile(1, 1)
 conv_tile_8_s1 = _make_conv_tile(8, 1)
 conv_tile_8_s2 = _make_conv_tile(8, 2)
 conv_tile_8_s1w = _make_conv_tile(8, 1, columns=WIDE_COLUMNS)
+conv_tile_8_s2w = _make_conv_tile(8, 2, columns=WIDE_COLUMNS)
 conv_tile_1_s1 = _make_conv_tile(1, 1)
 conv_tile_1_s2 = _make_conv_tile(1, 2)
 conv_tile_1_s1w = _make_conv_tile(1, 1, columns=WIDE_COLUMNS)
+conv_tile_1_s2w = _make_conv_tile(1, 2, columns=WIDE_COLUMNS)
 conv_tile_dw8_s1 = _make_conv_tile(8, 1, depthwise=True)
 conv_tile_dw8_s2 = _make_conv_tile(8, 2, depthwise=True)
 conv_tile_dw8_s1w = _make_conv_tile(8, 1, depthwise=True, columns=WIDE_COLUMNS)
+conv_tile_dw8_s2w = _make_conv_tile(8, 2, depthwise=True, columns=WIDE_COLUMNS)

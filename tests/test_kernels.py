@@ -508,28 +508,6 @@ def test_add_numba_bit_exact_over_the_formats_range(size, left_shift, multiplier
 
 @SETTINGS
 @given(
-    size=st.integers(1, 40),
-    left_shift=st.integers(0, 22),
-    multipliers=st.tuples(*[st.integers(0, 2**31 - 1)] * 3),
-    shifts=st.tuples(*[st.integers(-31, 30)] * 3),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_add_numba_bit_exact_over_the_formats_range(size, left_shift, multipliers, shifts, seed):
-    """Every add parameter a file may hold (left shift up to 22, any multiplier, shifts from
-    -31 to 30): scaled inputs that overflow int32 and saturate, sums that saturate."""
-    rng = np.random.default_rng(seed)
-    a, b = random_int8(rng, size), random_int8(rng, size)
-    zps = tuple(int(v) for v in rng.integers(-128, 128, 3))
-    params = (left_shift, multipliers[0], shifts[0], multipliers[1], shifts[1])
-    params += (multipliers[2], shifts[2], -128, 127)
-    want = ref.add_int8(a, b, *zps, *params)
-    out = np.empty_like(want)
-    nk.add_int8(a, b, *zps, *params, out)
-    np.testing.assert_array_equal(out, want)
-
-
-@SETTINGS
-@given(
     size=st.integers(1, 300),
     zps=st.tuples(*[st.integers(-128, 127)] * 3),
     scales=st.tuples(*[st.floats(1e-3, 1.0)] * 3),
