@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_name  # noqa: E402
 from tinyrt.kernels import numba_kernels as nk  # noqa: E402
 from tinyrt.kernels import reference as ref  # noqa: E402
-from tinyrt.ops import _conv_kernel, tile_operands  # noqa: E402
+from tinyrt.ops import _conv_kernel, gather_operands, tile_operands  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (label, C, O, H, W, KH/KW, stride, padding, groups): layers of the suite's models
@@ -93,6 +93,14 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     }
     if stride > 2:
         del kernels["tiles"]
+    gather = None  # the gathered depthwise kernel, where its blocks fit (as tinyrt.ops decides)
+    if nk.HAS_VBMI and groups == c == o:
+        window = (k, k, stride, stride, pad, pad, 1, 1)
+        gather = gather_operands(weight, (h, w), (oh, ow), window)
+    if gather is not None:
+        kernels["gather"] = lambda: nk.depthwise_gather_int8(
+            x, *gather, bias, multiplier, shift, 3, -2, -128, 127, out
+        )
     if weight[0].size >= 16:
         ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
         columns = np.empty((oh * ow, weight[0].size), np.int8)
@@ -107,7 +115,7 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
             raise AssertionError(f"{label}: kernel {name} differs from the reference")
         times[name] = best_of(run, runs)
     macs = o * oh * ow * weight[0].size
-    chosen = _conv_kernel(weight[0].size, stride)
+    chosen = "gather" if gather is not None else _conv_kernel(weight[0].size, stride)
     return {"layer": label, "macs": macs, "us": times, "chosen": chosen}
 
 
@@ -124,7 +132,8 @@ def gemm_case(m: int, k: int, n: int, runs: int, rng) -> dict:
 
 
 VECTOR = re.compile(
-    r"^\s+(v(?:pdpbusd|pdpwssd|pmaddwd|pmulld|pmuldq|pmovsxbw|pmovsxbd|phaddd|paddd)\w*)", re.M
+    r"^\s+(v(?:pdpbusd|pdpwssd|pmaddwd|pmulld|pmuldq|pmovsxbw|pmovsxbd|phaddd|paddd|perm[it]2b)\w*)",
+    re.M,
 )
 
 
@@ -141,7 +150,7 @@ def instructions(dispatcher) -> dict[str, int]:
 
 
 def markdown(convs: list[dict], gemms: list[dict], asm: dict) -> str:
-    names = ["tiles", "gemm", "direct"]
+    names = ["gather", "tiles", "gemm", "direct"]
     lines = [
         "| layer | MMAC | " + " | ".join(names) + " | chosen |",
         "|---|---|" + "---|" * len(names) + "---|",
@@ -179,6 +188,7 @@ def main() -> None:
         for name in (
             "linear_int8",
             "conv2d_tiles_int8",
+            "depthwise_gather_int8",
             "conv2d_direct_int8",
         )
     }
