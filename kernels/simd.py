@@ -261,7 +261,7 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
     return sums[0]
 
 
-def _scale_lanes(builder, acc, bias, multiplier, shift):
+def _scale_lanes(builder, acc, bias, multiplier, shift, left_shifts=True):
     """``reference.multiply_by_quantized_multiplier(acc + bias, multiplier, shift)`` of an
     even number of int32 lanes (8 or 16) with per-lane int32 parameters, in int32 lanes but
     for the products, exactly (tests/test_simd.py checks it over int32):
@@ -274,6 +274,9 @@ def _scale_lanes(builder, acc, bias, multiplier, shift):
     - the rounding divide by ``2^r``: ``(high >> r) + ((rem + half) >>> r)`` with ``rem =
       high & (2^r - 1)`` and ``half = 2^(r-1)`` for ``high >= 0``, one less below (0 at
       ``r = 0``); ``rem + half < 2^32``, so the logical shift ``>>>`` sees no overflow.
+
+    ``left_shifts=False`` leaves out the left shift for callers that know every ``shift`` is
+    at most 0 (the usual case: a real multiplier below 1).
     """
     vector = acc.type
     lanes = vector.count
@@ -283,12 +286,14 @@ def _scale_lanes(builder, acc, bias, multiplier, shift):
         return ir.Constant(of, [value] * of.count)
 
     x = builder.add(acc, bias)
-    left = builder.select(builder.icmp_signed(">", shift, const(0)), shift, const(0))
-    right = builder.sub(left, shift)  # max(-shift, 0)
-    shifted = builder.shl(x, left)
-    lost = builder.icmp_unsigned("!=", builder.ashr(shifted, left), x)
-    saturated = builder.xor(builder.ashr(x, const(31)), const(2**31 - 1))
-    x = builder.select(lost, saturated, shifted)
+    right = builder.neg(shift)
+    if left_shifts:
+        left = builder.select(builder.icmp_signed(">", shift, const(0)), shift, const(0))
+        right = builder.sub(left, shift)  # max(-shift, 0)
+        shifted = builder.shl(x, left)
+        lost = builder.icmp_unsigned("!=", builder.ashr(shifted, left), x)
+        saturated = builder.xor(builder.ashr(x, const(31)), const(2**31 - 1))
+        x = builder.select(lost, saturated, shifted)
 
     def products(parity: int) -> ir.Value:
         """``x * multiplier + 2^30`` of the even (0) or odd (1) lanes, as int64."""
@@ -321,10 +326,12 @@ def _clamp(builder, x, low, high):
     return builder.select(builder.icmp_signed(">", x, high), high, x)
 
 
-def _requantize_lanes(builder, acc, bias, multiplier, shift, zero_point, qmin, qmax):
+def _requantize_lanes(
+    builder, acc, bias, multiplier, shift, zero_point, qmin, qmax, left_shifts=True
+):
     """``reference.requantize`` of 8 or 16 int32 lanes (:func:`_scale_lanes`, then the zero
     point and the clamp), as int8."""
-    scaled = _scale_lanes(builder, acc, bias, multiplier, shift)
+    scaled = _scale_lanes(builder, acc, bias, multiplier, shift, left_shifts)
     y = _clamp(builder, builder.add(scaled, zero_point), qmin, qmax)
     return builder.trunc(y, ir.VectorType(_I8, acc.type.count))
 
@@ -553,20 +560,35 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                         sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
                     builder.store(sums, slot)
             splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
-            for c, slot in enumerate(slots):
-                row = builder.add(o, ir.Constant(i64, c))
-                params = [
-                    _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
-                    for k, arr in ((6, bias), (7, multiplier), (8, shift))
-                ]
-                correction = builder.gep(w_ptr, [builder.add(builder.mul(row, w_stride), words)])
-                sums = builder.sub(
-                    builder.load(slot), _splat(builder, builder.load(correction), lanes)
-                )
-                y = _requantize_lanes(builder, sums, *params, *splats)
-                start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
-                mask = _lanes_below(builder, valid, lanes)
-                _masked_store(builder, y, builder.gep(out_ptr, [start]), mask)
+            mask = _lanes_below(builder, valid, lanes)
+
+            def epilogue(left_shifts: bool) -> None:
+                for c, slot in enumerate(slots):
+                    row = builder.add(o, ir.Constant(i64, c))
+                    params = [
+                        _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
+                        for k, arr in ((6, bias), (7, multiplier), (8, shift))
+                    ]
+                    at = builder.add(builder.mul(row, w_stride), words)
+                    correction = _splat(builder, builder.load(builder.gep(w_ptr, [at])), lanes)
+                    sums = builder.sub(builder.load(slot), correction)
+                    y = _requantize_lanes(builder, sums, *params, *splats, left_shifts=left_shifts)
+                    start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
+                    _masked_store(builder, y, builder.gep(out_ptr, [start]), mask)
+
+            # the block's channels usually all shift only right: no left shifts then
+            shifts = ir.VectorType(_I32, channels)
+            address = builder.bitcast(builder.gep(data(8, shift), [o]), shifts.as_pointer())
+            largest = _x86(builder, f"llvm.vector.reduce.smax.v{channels}i32", _I32,
+                           builder.load(address, align=4))  # fmt: skip
+            with builder.if_else(builder.icmp_signed("<=", largest, ir.Constant(_I32, 0))) as (
+                right_only,
+                both,
+            ):
+                with right_only:
+                    epilogue(False)
+                with both:
+                    epilogue(True)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -626,20 +648,21 @@ def depthwise_gather_plane(typingctx, x, x_start, x_end, starts, index, words, w
         ]
         splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
         slot = _zeroed_slots(builder, 1, _QUADS)[0]
-        blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
-        with cgutils.for_range(builder, blocks) as block_loop:
-            b = block_loop.index
-            start = builder.add(x_start, builder.load(builder.gep(starts_ptr, [b])))
-            remaining = builder.sub(x_end, start)
-            halves = [
-                _plus_128(builder, _masked_load(
-                    builder,
-                    builder.gep(x_ptr, [builder.add(start, const(h))]),
-                    _lanes_below(builder, builder.sub(remaining, const(h)), _CHUNK),
-                    chunk,
-                ))
-                for h in (0, _CHUNK)
-            ]  # fmt: skip
+
+        def block(b: ir.Value, start: ir.Value, edge: bool, left_shifts: bool) -> None:
+            """Block ``b`` reading from ``start``; ``edge``: near the end of ``x`` or of the
+            plane, so the loads and the store are masked."""
+            first = builder.mul(b, const(16))
+            halves = []
+            for h in (0, _CHUNK):
+                address = builder.gep(x_ptr, [builder.add(start, const(h))])
+                if edge:
+                    remaining = builder.sub(builder.sub(x_end, start), const(h))
+                    mask = _lanes_below(builder, remaining, _CHUNK)
+                    half = _masked_load(builder, address, mask, chunk)
+                else:
+                    half = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
+                halves.append(_plus_128(builder, half))
             builder.store(ir.Constant(_QUADS, None), slot)
             with cgutils.for_range(builder, words) as word_loop:
                 w = word_loop.index
@@ -655,11 +678,40 @@ def depthwise_gather_plane(typingctx, x, x_start, x_end, starts, index, words, w
                 sums = _dpbusd(builder, builder.load(slot), gathered, _splat(builder, word, 16))
                 builder.store(sums, slot)
             sums = builder.sub(builder.load(slot), correction)
-            y = _requantize_lanes(builder, sums, *params, *splats)
-            first = builder.mul(b, const(16))
-            valid = builder.sub(positions, first)
+            y = _requantize_lanes(builder, sums, *params, *splats, left_shifts=left_shifts)
             target = builder.gep(out_ptr, [builder.add(out_start, first)])
-            _masked_store(builder, y, target, _lanes_below(builder, valid, 16))
+            if edge:
+                valid = builder.sub(positions, first)
+                _masked_store(builder, y, target, _lanes_below(builder, valid, 16))
+            else:
+                builder.store(y, builder.bitcast(target, y.type.as_pointer()), align=1)
+
+        def plane(left_shifts: bool) -> None:
+            blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
+            with cgutils.for_range(builder, blocks) as block_loop:
+                b = block_loop.index
+                start = builder.add(x_start, builder.load(builder.gep(starts_ptr, [b])))
+                inside = builder.and_(
+                    builder.icmp_signed("<=", builder.add(start, const(2 * _CHUNK)), x_end),
+                    builder.icmp_signed("<=", builder.mul(builder.add(b, const(1)), const(16)),
+                                        positions),
+                )  # fmt: skip
+                with builder.if_else(inside) as (middle, edge):
+                    with middle:
+                        block(b, start, False, left_shifts)
+                    with edge:
+                        block(b, start, True, left_shifts)
+
+        # the usual channel shifts only right: no left shift in its requantization
+        shift_value = builder.load(builder.gep(data(10, shift), [c]))
+        with builder.if_else(builder.icmp_signed("<=", shift_value, ir.Constant(_I32, 0))) as (
+            right_only,
+            both,
+        ):
+            with right_only:
+                plane(False)
+            with both:
+                plane(True)
         return context.get_dummy_value()
 
     return sig, codegen

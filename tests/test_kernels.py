@@ -94,11 +94,17 @@ def random_int8(rng, shape, low=-128):
     return rng.integers(low, 128, size=shape).astype(np.int8)
 
 
-def conv_case(rng, n, c, h, w, o_per_group, groups, kh, kw, stride, padding, dilation, zp_in):
+def conv_case(
+    rng, n, c, h, w, o_per_group, groups, kh, kw, stride, padding, dilation, zp_in, large=False
+):
+    """A random int8 convolution; ``large``: some channels' real multipliers above 1 (shifts
+    to the left, outputs mostly clamped), which the kernels requantize on another path."""
     x = random_int8(rng, (n, c * groups, h, w))
     weight = random_int8(rng, (o_per_group * groups, c, kh, kw), low=-127)
     bias = rng.integers(-5000, 5000, size=o_per_group * groups).astype(np.int32)
     scales = rng.uniform(1e-4, 3e-3, size=o_per_group * groups)
+    if large:
+        scales[rng.random(len(scales)) < 0.3] = 1.5
     encoded = [ref.quantize_multiplier(s) for s in scales]
     multiplier = np.array([m for m, _ in encoded], dtype=np.int32)
     shift = np.array([s for _, s in encoded], dtype=np.int32)
@@ -224,6 +230,7 @@ def conv_params(draw):
         zp_in=draw(st.integers(-128, 127)),
         zp_out=draw(st.integers(-128, 127)),
         qmin=draw(st.sampled_from([-128, -20])),
+        large=draw(st.booleans()),
         seed=draw(st.integers(0, 2**32 - 1)),
     )
 
@@ -246,6 +253,7 @@ def test_conv2d_numba_bit_exact(p):
         p["padding"],
         p["dilation"],
         p["zp_in"],
+        p["large"],
     )
     want = ref.conv2d_int8(
         x,
