@@ -336,6 +336,27 @@ def _requantize_lanes(
     return builder.trunc(y, ir.VectorType(_I8, acc.type.count))
 
 
+def _shifts_right_only(builder: ir.IRBuilder, shifts: ir.Value) -> ir.Value:
+    """Whether every lane of the int32 vector ``shifts`` is at most 0: the requantizations
+    of those channels need no left shift (``_scale_lanes(left_shifts=False)``)."""
+    name = f"llvm.vector.reduce.smax.v{shifts.type.count}i32"
+    return builder.icmp_signed("<=", _x86(builder, name, _I32, shifts), ir.Constant(_I32, 0))
+
+
+def _either(builder: ir.IRBuilder, right_only: ir.Value, compute) -> ir.Value:
+    """``compute(left_shifts)`` for ``left_shifts`` False where ``right_only`` holds, True
+    elsewhere: both bodies in IR behind one branch, the result as a phi."""
+    with builder.if_else(right_only) as (then, otherwise):
+        with then:
+            short, short_block = compute(False), builder.block
+        with otherwise:
+            full, full_block = compute(True), builder.block
+    result = builder.phi(short.type)
+    result.add_incoming(short, short_block)
+    result.add_incoming(full, full_block)
+    return result
+
+
 def _make_gemm_tile(rows: int, cols: int):
     """``gemm_tile_{rows}x{cols}(a, a_start, a_step, b, b_start, b_step, k_len, bias,
     multiplier, shift, row, zp_out, qmin, qmax, out, out_start, row_stride, col_stride)``:
@@ -404,13 +425,15 @@ def _make_gemm_tile(rows: int, cols: int):
                 address = builder.bitcast(builder.gep(data, [row]), loaded.as_pointer())
                 values = builder.load(address, align=4)
                 params.append(builder.shuffle_vector(values, ir.Constant(loaded, None), spread))
-            if signature.args[14].dtype == types.int32:
-                y = _scale_lanes(builder, sums, *params)
-            else:
-                splats = [
-                    _splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp, qmin, qmax)
-                ]
-                y = _requantize_lanes(builder, sums, *params, *splats)
+            right_only = _shifts_right_only(builder, values)  # the rows' shifts
+            splats = [_splat(builder, builder.trunc(v, _I32), LANES // 2) for v in (zp, qmin, qmax)]
+
+            def epilogue(left_shifts: bool) -> ir.Value:
+                if signature.args[14].dtype == types.int32:
+                    return _scale_lanes(builder, sums, *params, left_shifts)
+                return _requantize_lanes(builder, sums, *params, *splats, left_shifts)
+
+            y = _either(builder, right_only, epilogue)
             out_ptr = context.make_array(signature.args[14])(context, builder, out).data
             one = ir.Constant(row_stride.type, 1)
             with builder.if_else(builder.icmp_signed("==", row_stride, one)) as (rows_next, other):
@@ -579,15 +602,11 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
             # the block's channels usually all shift only right: no left shifts then
             shifts = ir.VectorType(_I32, channels)
             address = builder.bitcast(builder.gep(data(8, shift), [o]), shifts.as_pointer())
-            largest = _x86(builder, f"llvm.vector.reduce.smax.v{channels}i32", _I32,
-                           builder.load(address, align=4))  # fmt: skip
-            with builder.if_else(builder.icmp_signed("<=", largest, ir.Constant(_I32, 0))) as (
-                right_only,
-                both,
-            ):
-                with right_only:
+            right_only = _shifts_right_only(builder, builder.load(address, align=4))
+            with builder.if_else(right_only) as (short, full):
+                with short:
                     epilogue(False)
-                with both:
+                with full:
                     epilogue(True)
             return context.get_dummy_value()
 
