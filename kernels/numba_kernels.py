@@ -565,32 +565,13 @@ def global_avg_pool_int8(x, zero_point, out):
 
 
 @_jit
-def add_int8(
-    a,
-    b,
-    zp_a,
-    zp_b,
-    zp_out,
-    left_shift,
-    a_multiplier,
-    a_shift,
-    b_multiplier,
-    b_shift,
-    out_multiplier,
-    out_shift,
-    qmin,
-    qmax,
-    out,
-):
-    """``reference.add_int8`` over 1-D views of equal length."""
+def add_by_table_int8(a, b, table, out):
+    """``reference.add_int8`` over 1-D views of equal length, looked up: ``table[256 (a +
+    128) + b + 128]`` holds the reference's sum of every pair (``tinyrt.ops.add_table``).
+    One load per element instead of three requantizations: twice as fast as those in
+    vector lanes, even with the 64 KiB table out of cache (docs/kernels.md)."""
     for i in range(out.size):
-        scaled_a = _multiply_by_quantized_multiplier(
-            (np.int64(a[i]) - zp_a) << left_shift, a_multiplier, a_shift
-        )
-        scaled_b = _multiply_by_quantized_multiplier(
-            (np.int64(b[i]) - zp_b) << left_shift, b_multiplier, b_shift
-        )
-        out[i] = _requantize(scaled_a + scaled_b, out_multiplier, out_shift, zp_out, qmin, qmax)
+        out[i] = table[(np.int64(a[i]) + 128) * 256 + np.int64(b[i]) + 128]
 
 
 @_jit

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import gather_operands, tile_operands
+from tinyrt.ops import add_table, gather_operands, tile_operands
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -492,26 +492,23 @@ def test_pools_numba_bit_exact(p, count_include_pad):
     np.testing.assert_array_equal(out, want)
 
 
-@SETTINGS
-@given(
-    size=st.integers(1, 40),
-    left_shift=st.integers(0, 22),
-    multipliers=st.tuples(*[st.integers(0, 2**31 - 1)] * 3),
-    shifts=st.tuples(*[st.integers(-31, 30)] * 3),
-    seed=st.integers(0, 2**32 - 1),
-)
-def test_add_numba_bit_exact_over_the_formats_range(size, left_shift, multipliers, shifts, seed):
-    """Every add parameter a file may hold (left shift up to 22, any multiplier, shifts from
-    -31 to 30): scaled inputs that overflow int32 and saturate, sums that saturate."""
-    rng = np.random.default_rng(seed)
-    a, b = random_int8(rng, size), random_int8(rng, size)
-    zps = tuple(int(v) for v in rng.integers(-128, 128, 3))
-    params = (left_shift, multipliers[0], shifts[0], multipliers[1], shifts[1])
-    params += (multipliers[2], shifts[2], -128, 127)
-    want = ref.add_int8(a, b, *zps, *params)
-    out = np.empty_like(want)
-    nk.add_int8(a, b, *zps, *params, out)
-    np.testing.assert_array_equal(out, want)
+def test_add_by_table_matches_reference_on_every_pair():
+    """The looked-up add against the reference on all 65,536 int8 pairs, shuffled, with
+    parameters that treat the two inputs differently (a swapped index would show) and a
+    left shift large enough to saturate."""
+    rng = np.random.default_rng(3)
+    codes = np.arange(-128, 128, dtype=np.int8)
+    a, b = np.repeat(codes, 256), np.tile(codes, 256)
+    order = rng.permutation(a.size)
+    a, b = a[order], b[order]
+    typical = (5, -7, 2, 20, 1 << 30, -1, 1 << 29, 0, 1 << 30, -18, -128, 127)
+    saturating = (3, -9, 1, 22, 1 << 30, 5, 1 << 30, -3, 1 << 30, -24, -128, 127)
+    for params in (typical, saturating):
+        want = ref.add_int8(a, b, *params)
+        out = np.empty_like(want)
+        nk.add_by_table_int8(a, b, add_table(params), out)
+        np.testing.assert_array_equal(out, want)
+        assert len(np.unique(want)) > 1
 
 
 @SETTINGS
@@ -531,7 +528,7 @@ def test_elementwise_numba_bit_exact(size, zps, scales, qmin, seed):
     om, osh = ref.quantize_multiplier(twice_max / (2**20 * scales[2]))
     want = ref.add_int8(a, b, *zps, 20, am, ash, bm, bsh, om, osh, qmin, 127)
     out = np.empty_like(want)
-    nk.add_int8(a, b, *zps, 20, am, ash, bm, bsh, om, osh, qmin, 127, out)
+    nk.add_by_table_int8(a, b, add_table((*zps, 20, am, ash, bm, bsh, om, osh, qmin, 127)), out)
     np.testing.assert_array_equal(out, want)
 
     m, s = ref.quantize_multiplier(scales[0] / scales[1])

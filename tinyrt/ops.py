@@ -190,6 +190,13 @@ def gather_operands(
     return pack_conv_words(weight, 4), starts.astype(np.int64), np.ascontiguousarray(index)
 
 
+def add_table(args: tuple) -> np.ndarray:
+    """:func:`numba_kernels.add_by_table_int8`'s table: ``reference.add_int8(a, b, *args)``
+    for every pair of int8 ``a``, ``b``, at ``256 (a + 128) + b + 128`` (64 KiB)."""
+    codes = np.arange(-128, 128, dtype=np.int8)
+    return ref.add_int8(np.repeat(codes, 256), np.tile(codes, 256), *args)
+
+
 _SCRATCH_ALIGN = 64
 
 
@@ -348,7 +355,8 @@ def bind_op(
             a["qmax"],
         )
         if nk:
-            return lambda: nk.add_int8(left, right, *args, y)
+            table = add_table(args)
+            return lambda: nk.add_by_table_int8(left, right, table, y)
         return lambda: np.copyto(y, ref.add_int8(left, right, *args))
 
     if kind == "concat":
