@@ -29,9 +29,10 @@ Each step loads every row once and multiplies it with every column, one accumula
 The last ``k_len % 16`` elements are one more 16-element load ending at the row's end,
 overlapping the previous step, with the already-counted lanes zeroed; no load leaves the row.
 
-``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes and
-the stores); ``conv_tile_C_sS`` is a convolution block that needs no im2col (int16 pairs
-only).
+``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes,
+:func:`_scale_lanes`, and the stores); ``conv_tile_*`` are convolution blocks that need no
+im2col, and :func:`depthwise_gather_plane` a depthwise channel gathered from its unpadded
+input with ``vpermi2b``.
 """
 
 from __future__ import annotations

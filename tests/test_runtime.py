@@ -100,6 +100,23 @@ def test_memory_limit_counts_the_recurrent_gate_scratch():
     assert activation_nbytes(graph, shapes, numba_kernels=None) == values + gates
 
 
+def test_conv1d_scratch_is_one_padded_row_per_channel(every_op):
+    """A 1-D convolution runs as a 2-D one of height 1: its padded copy is one row of the
+    window's reach per input channel (not one per output channel, which a geometry taking
+    the channel axis for the height once made it)."""
+    from tinyrt.graph import infer_shapes, parse_graph
+    from tinyrt.ops import conv_scratch_shape
+
+    graph = parse_graph(every_op.graph(), every_op.tensors)
+    shapes = infer_shapes(graph, {graph.inputs[0].value: (1, 3, 9, 8)})
+    op = next(op for op in graph.ops if op.kind == "conv1d")
+    in_shape, out_shape = shapes[op.inputs[0]], shapes[op.outputs[0]]
+    k, (s,), (d,) = op.tensors["weight"].shape[2], op.attrs["stride"], op.attrs["dilation"]
+    reach = (out_shape[2] - 1) * s + (k - 1) * d + 1
+    padded = -(-in_shape[1] * reach // 64) * 64
+    assert conv_scratch_shape(op, in_shape, out_shape, byte_permute=False) == (padded + 64,)
+
+
 def test_batch_items_are_independent(models):
     _, fast = models
     x = random_input(4, seed=7)

@@ -61,8 +61,8 @@ def _conv_geometry(
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
-    image = ((1,) * (4 - len(in_shape)) + tuple(in_shape))[2:]
-    oh, ow = ((1,) * (4 - len(out_shape)) + tuple(out_shape))[2:]
+    image = (1,) * (4 - len(in_shape)) + tuple(in_shape[2:])  # 1-D: height 1
+    oh, ow = (1,) * (4 - len(out_shape)) + tuple(out_shape[2:])
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
