@@ -35,7 +35,8 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     conv_tile_dw8_s1w,
     conv_tile_dw8_s2,
     conv_tile_dw8_s2w,
-    depthwise_gather_plane,
+    depthwise_gather_128,
+    depthwise_gather_256,
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
@@ -46,7 +47,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "5f153e42242248a8"
+SIMD_SOURCE_SHA256 = "470e9d2ceff64813"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -333,11 +334,13 @@ def conv2d_tiles_int8(
 
 @_jit
 def depthwise_gather_int8(
-    x, weight_words, starts, index, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out
-):
+    x, weight_words, starts, index, padding, window, bias, multiplier, shift, zp_in, zp_out,
+    qmin, qmax, out,
+):  # fmt: skip
     """``reference.conv2d_int8`` of a depthwise layer (one input and one output channel per
-    group) by :func:`simd.depthwise_gather_plane`, channel by channel, from the unpadded input:
-    ``weight_words``, ``starts`` and ``index`` are ``tinyrt.ops.gather_operands`` (the window,
+    group) by :func:`simd.depthwise_gather_128` (``_256`` for a ``window`` of 256 bytes),
+    channel by channel, from the unpadded input: ``weight_words``, ``starts``, ``index``,
+    ``padding`` and ``window`` are ``tinyrt.ops.gather_operands`` (the convolution's window,
     stride, padding and dilation are in them). ``x`` ``[N, C, H, W]``, ``out`` ``[N, C, OH,
     OW]``. Needs :data:`simd.HAS_VBMI`."""
     n_batch, channels, h, w = x.shape
@@ -347,9 +350,13 @@ def depthwise_gather_int8(
     for n in range(n_batch):
         for c in range(channels):
             plane = n * channels + c
-            depthwise_gather_plane(source, plane * h * w, source.size, starts, index, words,
-                                   weight_words, c, bias, multiplier, shift, zp_in, zp_out,
-                                   qmin, qmax, flat, plane * positions, positions)  # fmt: skip
+            args = (source, plane * h * w, source.size, starts, index, padding, words,
+                    weight_words, c, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, flat,
+                    plane * positions, positions)  # fmt: skip
+            if window > 128:
+                depthwise_gather_256(*args)
+            else:
+                depthwise_gather_128(*args)
 
 
 @_inline

@@ -31,8 +31,8 @@ overlapping the previous step, with the already-counted lanes zeroed; no load le
 
 ``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes,
 :func:`_scale_lanes`, and the stores); ``conv_tile_*`` are convolution blocks that need no
-im2col, and :func:`depthwise_gather_plane` a depthwise channel gathered from its unpadded
-input with ``vpermi2b``.
+im2col, and ``depthwise_gather_*`` a depthwise channel gathered from its unpadded input with
+``vpermi2b`` (:func:`_make_depthwise_gather`).
 """
 
 from __future__ import annotations
@@ -72,8 +72,6 @@ HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
 CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
 # vpermi2b (byte permutes over two 64-byte vectors) with VNNI: the gathered depthwise blocks
 HAS_VBMI = HAS_VNNI and "+avx512vbmi" in _FEATURES
-# bytes of input a gathered depthwise block reads (two 64-byte vectors)
-GATHER_WINDOW = 128
 # output columns of the wide convolution blocks (while more than 8 columns of a row remain):
 # one int32 lane each, a 512-bit vector under VNNI; the other blocks take 8
 WIDE_COLUMNS = 16 if HAS_VNNI else 8
@@ -618,123 +616,145 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     return tile
 
 
-@intrinsic
-def depthwise_gather_plane(typingctx, x, x_start, x_end, starts, index, words, weights, c,
-                           bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
-                           positions):  # fmt: skip
-    """Output channel ``c`` of a depthwise convolution (one input and one output channel per
-    group), all ``positions = OH * OW`` outputs, from the unpadded input plane at
-    ``x[x_start:]``, in blocks of 16 consecutive outputs (rows wrap inside a block):
+def _make_depthwise_gather(window: int):
+    """``depthwise_gather_{window}``: output channel ``c`` of a depthwise convolution (one
+    input and one output channel per group), all ``positions = OH * OW`` outputs, from the
+    unpadded input plane at ``x[x_start:]``, in blocks of 16 consecutive outputs (rows wrap
+    inside a block):
 
-    - block ``b`` loads the 128 bytes at ``x_start + starts[b]`` (masked: never a byte at or
-      past ``x_end``, the flat ``x``'s size), flipped to ``x + 128``;
-    - each word ``w`` of 4 taps gathers, with one ``vpermi2b``, each lane's 4 inputs from
-      those bytes: byte ``4 l + e`` is input ``index[b, w, 4 l + e]`` of the 128; an index
-      with its top bit set is a tap in the padding and takes ``zp_in``;
+    - block ``b`` loads the ``window`` bytes (128 or 256) at ``x_start + starts[b]``, masked
+      near the end so that no byte at or past ``x_end`` (the flat ``x``'s size) is read, and
+      flips them to ``x + 128``;
+    - each word ``w`` of 4 taps gathers each lane's 4 inputs from those bytes with one
+      ``vpermi2b`` per 128 of them (the index's top bit picks the upper 128): byte ``4 l + e``
+      is input ``index[b, w, 4 l + e]`` of the window, or ``zp_in`` where bit ``4 l + e`` of
+      ``padding[b, w]`` is set (a tap in the padding);
     - ``vpdpbusd`` multiplies them by the channel's weight word (``weights[c, w]``, int8 taps),
       and the row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM);
-    - the 16 sums are requantized in vector lanes and stored (masked) at ``out[out_start +
-      16 b:]``.
+    - the 16 sums are requantized in vector lanes (without the left shift when the channel's
+      shift is at most 0) and stored at ``out[out_start + 16 b:]`` (masked in the last block).
 
-    ``starts``, ``index`` and ``weights`` come from ``tinyrt.ops.gather_operands``; no padded
-    copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
-    if not HAS_VBMI:
-        raise numba.core.errors.TypingError("depthwise_gather_plane needs AVX-512 VBMI and VNNI")
-    sig = types.void(x, x_start, x_end, starts, index, words, weights, c, bias, multiplier,
-                     shift, zp_in, zp_out, qmin, qmax, out, out_start, positions)  # fmt: skip
+    ``starts``, ``index``, ``padding`` and ``weights`` come from ``tinyrt.ops.gather_operands``;
+    no padded copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
+    halves = window // (2 * _CHUNK)  # 128-byte halves, one vpermi2b each
 
-    def codegen(context, builder, signature, args):
-        (x, x_start, x_end, starts, index, words, weights, c, bias, multiplier, shift, zp_in,
-         zp_out, qmin, qmax, out, out_start, positions) = _as_int64(context, builder, args,
-                                                                    signature)  # fmt: skip
-        i64 = x_start.type
+    @intrinsic
+    def gather(typingctx, x, x_start, x_end, starts, index, padding, words, weights, c, bias,
+               multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
+               positions):  # fmt: skip
+        if not HAS_VBMI:
+            raise numba.core.errors.TypingError("the gathered depthwise kernel needs AVX-512 VBMI")
+        sig = types.void(x, x_start, x_end, starts, index, padding, words, weights, c, bias,
+                         multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
+                         positions)  # fmt: skip
 
-        def data(position: int, value: ir.Value) -> ir.Value:
-            return context.make_array(signature.args[position])(context, builder, value).data
+        def codegen(context, builder, signature, args):
+            (x, x_start, x_end, starts, index, padding, words, weights, c, bias, multiplier,
+             shift, zp_in, zp_out, qmin, qmax, out, out_start, positions) = _as_int64(
+                context, builder, args, signature)  # fmt: skip
+            i64 = x_start.type
 
-        def const(value: int) -> ir.Constant:
-            return ir.Constant(i64, value)
+            def data(position: int, value: ir.Value) -> ir.Value:
+                return context.make_array(signature.args[position])(context, builder, value).data
 
-        x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
-        w_ptr, out_ptr = data(6, weights), data(15, out)
-        chunk = ir.VectorType(_I8, _CHUNK)
-        row = builder.mul(c, builder.add(words, const(1)))
-        correction = _splat(builder, builder.load(builder.gep(w_ptr, [builder.add(row, words)])),
-                            _CHUNK // 4)  # fmt: skip
-        padding = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
-        params = [
-            _splat(builder, builder.load(builder.gep(data(k, arr), [c])), 16)
-            for k, arr in ((8, bias), (9, multiplier), (10, shift))
-        ]
-        splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
-        slot = _zeroed_slots(builder, 1, _QUADS)[0]
+            def const(value: int) -> ir.Constant:
+                return ir.Constant(i64, value)
 
-        def block(b: ir.Value, start: ir.Value, edge: bool, left_shifts: bool) -> None:
-            """Block ``b`` reading from ``start``; ``edge``: near the end of ``x`` or of the
-            plane, so the loads and the store are masked."""
-            first = builder.mul(b, const(16))
-            halves = []
-            for h in (0, _CHUNK):
-                address = builder.gep(x_ptr, [builder.add(start, const(h))])
+            x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
+            padding_ptr, w_ptr, out_ptr = data(5, padding), data(7, weights), data(16, out)
+            chunk = ir.VectorType(_I8, _CHUNK)
+            row = builder.mul(c, builder.add(words, const(1)))
+            at = builder.gep(w_ptr, [builder.add(row, words)])
+            correction = _splat(builder, builder.load(at), _CHUNK // 4)
+            zp_flipped = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
+            params = [
+                _splat(builder, builder.load(builder.gep(data(k, arr), [c])), 16)
+                for k, arr in ((9, bias), (10, multiplier), (11, shift))
+            ]
+            splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
+            slot = _zeroed_slots(builder, 1, _QUADS)[0]
+            lane_mask = ir.VectorType(ir.IntType(1), _CHUNK)
+
+            def block(b: ir.Value, start: ir.Value, edge: bool, left_shifts: bool) -> None:
+                """Block ``b`` reading from ``start``; ``edge``: near the end of ``x`` or of
+                the plane, so the loads and the store are masked."""
+                first = builder.mul(b, const(16))
+                loaded = []
+                for h in range(halves * 2):
+                    address = builder.gep(x_ptr, [builder.add(start, const(h * _CHUNK))])
+                    if edge:
+                        remaining = builder.sub(builder.sub(x_end, start), const(h * _CHUNK))
+                        mask = _lanes_below(builder, remaining, _CHUNK)
+                        vector = _masked_load(builder, address, mask, chunk)
+                    else:
+                        vector = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
+                    loaded.append(_plus_128(builder, vector))
+                builder.store(ir.Constant(_QUADS, None), slot)
+                with cgutils.for_range(builder, words) as word_loop:
+                    w = word_loop.index
+                    k = builder.add(builder.mul(b, words), w)
+                    address = builder.gep(index_ptr, [builder.mul(k, const(_CHUNK))])
+                    picks = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
+                    parts = [
+                        _x86(
+                            builder,
+                            "llvm.x86.avx512.vpermi2var.qi.512",
+                            chunk,
+                            loaded[2 * h],
+                            picks,
+                            loaded[2 * h + 1],
+                        )  # fmt: skip
+                        for h in range(halves)
+                    ]
+                    gathered = parts[0]
+                    if halves == 2:
+                        upper = builder.icmp_signed("<", picks, ir.Constant(chunk, None))
+                        gathered = builder.select(upper, parts[1], parts[0])
+                    in_padding = builder.bitcast(
+                        builder.load(builder.gep(padding_ptr, [k])), lane_mask
+                    )
+                    gathered = builder.select(in_padding, zp_flipped, gathered)
+                    word = builder.load(builder.gep(w_ptr, [builder.add(row, w)]))
+                    sums = _dpbusd(builder, builder.load(slot), gathered, _splat(builder, word, 16))
+                    builder.store(sums, slot)
+                sums = builder.sub(builder.load(slot), correction)
+                y = _requantize_lanes(builder, sums, *params, *splats, left_shifts=left_shifts)
+                target = builder.gep(out_ptr, [builder.add(out_start, first)])
                 if edge:
-                    remaining = builder.sub(builder.sub(x_end, start), const(h))
-                    mask = _lanes_below(builder, remaining, _CHUNK)
-                    half = _masked_load(builder, address, mask, chunk)
+                    valid = builder.sub(positions, first)
+                    _masked_store(builder, y, target, _lanes_below(builder, valid, 16))
                 else:
-                    half = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
-                halves.append(_plus_128(builder, half))
-            builder.store(ir.Constant(_QUADS, None), slot)
-            with cgutils.for_range(builder, words) as word_loop:
-                w = word_loop.index
-                at = builder.mul(builder.add(builder.mul(b, words), w), const(_CHUNK))
-                picks = builder.load(
-                    builder.bitcast(builder.gep(index_ptr, [at]), chunk.as_pointer()), align=1
-                )
-                gathered = _x86(builder, "llvm.x86.avx512.vpermi2var.qi.512", chunk,
-                                halves[0], picks, halves[1])  # fmt: skip
-                in_padding = builder.icmp_signed("<", picks, ir.Constant(chunk, None))
-                gathered = builder.select(in_padding, padding, gathered)
-                word = builder.load(builder.gep(w_ptr, [builder.add(row, w)]))
-                sums = _dpbusd(builder, builder.load(slot), gathered, _splat(builder, word, 16))
-                builder.store(sums, slot)
-            sums = builder.sub(builder.load(slot), correction)
-            y = _requantize_lanes(builder, sums, *params, *splats, left_shifts=left_shifts)
-            target = builder.gep(out_ptr, [builder.add(out_start, first)])
-            if edge:
-                valid = builder.sub(positions, first)
-                _masked_store(builder, y, target, _lanes_below(builder, valid, 16))
-            else:
-                builder.store(y, builder.bitcast(target, y.type.as_pointer()), align=1)
+                    builder.store(y, builder.bitcast(target, y.type.as_pointer()), align=1)
 
-        def plane(left_shifts: bool) -> None:
-            blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
-            with cgutils.for_range(builder, blocks) as block_loop:
-                b = block_loop.index
-                start = builder.add(x_start, builder.load(builder.gep(starts_ptr, [b])))
-                inside = builder.and_(
-                    builder.icmp_signed("<=", builder.add(start, const(2 * _CHUNK)), x_end),
-                    builder.icmp_signed("<=", builder.mul(builder.add(b, const(1)), const(16)),
-                                        positions),
-                )  # fmt: skip
-                with builder.if_else(inside) as (middle, edge):
-                    with middle:
-                        block(b, start, False, left_shifts)
-                    with edge:
-                        block(b, start, True, left_shifts)
+            def plane(left_shifts: bool) -> None:
+                blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
+                with cgutils.for_range(builder, blocks) as block_loop:
+                    b = block_loop.index
+                    start = builder.add(x_start, builder.load(builder.gep(starts_ptr, [b])))
+                    reach = builder.icmp_signed("<=", builder.add(start, const(window)), x_end)
+                    full = builder.icmp_signed(
+                        "<=", builder.mul(builder.add(b, const(1)), const(16)), positions
+                    )
+                    with builder.if_else(builder.and_(reach, full)) as (middle, edge):
+                        with middle:
+                            block(b, start, False, left_shifts)
+                        with edge:
+                            block(b, start, True, left_shifts)
 
-        # the usual channel shifts only right: no left shift in its requantization
-        shift_value = builder.load(builder.gep(data(10, shift), [c]))
-        with builder.if_else(builder.icmp_signed("<=", shift_value, ir.Constant(_I32, 0))) as (
-            right_only,
-            both,
-        ):
-            with right_only:
-                plane(False)
-            with both:
-                plane(True)
-        return context.get_dummy_value()
+            # the usual channel shifts only right: no left shift in its requantization
+            shift_value = builder.load(builder.gep(data(11, shift), [c]))
+            right_only = builder.icmp_signed("<=", shift_value, ir.Constant(_I32, 0))
+            with builder.if_else(right_only) as (short, full):
+                with short:
+                    plane(False)
+                with full:
+                    plane(True)
+            return context.get_dummy_value()
 
-    return sig, codegen
+        return sig, codegen
+
+    gather.__name__ = gather.__qualname__ = f"depthwise_gather_{window}"
+    return gather
 
 
 @intrinsic
@@ -782,3 +802,5 @@ conv_tile_dw8_s1 = _make_conv_tile(8, 1, depthwise=True)
 conv_tile_dw8_s2 = _make_conv_tile(8, 2, depthwise=True)
 conv_tile_dw8_s1w = _make_conv_tile(8, 1, depthwise=True, columns=WIDE_COLUMNS)
 conv_tile_dw8_s2w = _make_conv_tile(8, 2, depthwise=True, columns=WIDE_COLUMNS)
+depthwise_gather_128 = _make_depthwise_gather(128)
+depthwise_gather_256 = _make_depthwise_gather(256)

@@ -330,7 +330,7 @@ needs_vbmi = pytest.mark.skipif(not nk.HAS_VBMI, reason="this CPU has no AVX-512
 
 @st.composite
 def depthwise_params(draw):
-    """Depthwise layers whose 16-output blocks mostly fit the 128-byte window: kernels 1 to
+    """Depthwise layers whose 16-output blocks mostly fit the 256-byte window: kernels 1 to
     5 (words of 4 taps with unused taps), strides 1 to 3, padding wider than the kernel's
     reach (blocks with many taps in the padding), planes from 1x1 (all 16 lanes but one past
     the plane) to rows of 40 and more than 16 rows (blocks that wrap rows)."""
@@ -398,22 +398,24 @@ def test_depthwise_gather_bit_exact(p):
     x, weight, args, want = _depthwise(p)
     operands = gather_operands(weight, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
     if operands is None:
-        assert _widest_block(p, *want.shape[2:]) >= 128
+        assert _widest_block(p, *want.shape[2:]) >= 256
         return
+    assert (operands[-1] == 128) == (_widest_block(p, *want.shape[2:]) < 128)
     out = np.full_like(want, 99)
     nk.depthwise_gather_int8(x, *operands, *args, out)
     np.testing.assert_array_equal(out, want)
 
 
 def test_depthwise_gather_fits_the_suite_layers():
-    """The depthwise layers of DS-CNN and MobileNet's narrow end fit the window; a wide
-    stride-2 layer does not (its blocks reach 3 rows of 98 bytes)."""
+    """The depthwise layers of DS-CNN and MobileNet fit the 128- or 256-byte window; a
+    stride-2 layer on rows of 160 does not (its blocks reach 2 rows of 320 bytes)."""
     depthwise = np.ones((4, 1, 3, 3), np.int8)
-    fits = [((25, 5), (25, 5), 1), ((12, 12), (6, 6), 2), ((48, 48), (48, 48), 1)]
-    for image, output, stride in fits:
+    fits = [((25, 5), (25, 5), 1, 128), ((12, 12), (6, 6), 2, 128), ((48, 48), (48, 48), 1, 128)]
+    fits.append(((96, 96), (48, 48), 2, 256))
+    for image, output, stride, reach in fits:
         window = (3, 3, stride, stride, 1, 1, 1, 1)
-        assert gather_operands(depthwise, image, output, window) is not None
-    assert gather_operands(depthwise, (96, 96), (48, 48), (3, 3, 2, 2, 1, 1, 1, 1)) is None
+        assert gather_operands(depthwise, image, output, window)[-1] == reach
+    assert gather_operands(depthwise, (160, 160), (80, 80), (3, 3, 2, 2, 1, 1, 1, 1)) is None
 
 
 GUARD_PAGE_CHECK = """
@@ -425,21 +427,25 @@ page = mmap.PAGESIZE
 memory = mmap.mmap(-1, 2 * page)
 base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
 assert libc.mprotect(ctypes.c_void_p(base + page), page, 0) == 0  # PROT_NONE
-c, h, w = 3, 5, 7
-x = np.frombuffer(memory, np.int8, c * h * w, page - c * h * w).reshape(1, c, h, w)
-weight = np.ones((c, 1, 3, 3), np.int8)
-operands = gather_operands(weight, (h, w), (h, w), (3, 3, 1, 1, 1, 1, 1, 1))
-ones = np.ones(c, np.int32)
-out = np.empty((1, c, h, w), np.int8)
-nk.depthwise_gather_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, -128, 127, out)
+for c, h, w, stride in [(3, 5, 7, 1), (2, 6, 60, 2)]:  # windows of 128 and 256 bytes
+    x = np.frombuffer(memory, np.int8, c * h * w, page - c * h * w).reshape(1, c, h, w)
+    weight = np.ones((c, 1, 3, 3), np.int8)
+    oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
+    window = (3, 3, stride, stride, 1, 1, 1, 1)
+    operands = gather_operands(weight, (h, w), (oh, ow), window)
+    assert operands[-1] == 128 * stride
+    ones = np.ones(c, np.int32)
+    out = np.empty((1, c, oh, ow), np.int8)
+    nk.depthwise_gather_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, -128, 127, out)
 print("read nothing past the input")
 """
 
 
 @needs_vbmi
 def test_depthwise_gather_reads_nothing_past_its_input():
-    """The last plane's blocks load 128 bytes from near its end: the masked loads must not
-    touch the page after the input (made unreadable here; a read would kill the process)."""
+    """The last plane's blocks load 128 or 256 bytes from near its end: the masked loads must
+    not touch the page after the input (made unreadable here; a read would kill the
+    process)."""
     result = subprocess.run([sys.executable, "-c", GUARD_PAGE_CHECK], capture_output=True,
                             text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -146,8 +146,7 @@ def tile_operands(
 
 
 GATHER_BLOCK = 16  # outputs per block of numba_kernels.depthwise_gather_int8
-_GATHER_WINDOW = 128  # bytes each block reads (simd.GATHER_WINDOW)
-_IN_PADDING = -128  # an index with the top bit set: the tap reads the zero point
+GATHER_WINDOW = 256  # the most input bytes a block may span (simd.depthwise_gather_256)
 
 
 def gather_operands(
@@ -155,18 +154,20 @@ def gather_operands(
     image: tuple[int, int],
     output: tuple[int, int],
     window: tuple[int, ...],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """:func:`numba_kernels.depthwise_gather_int8`'s weight words, block starts and gather
-    indices for depthwise weights ``[C, 1, KH, KW]`` over an unpadded ``[H, W]`` plane with
-    output ``[OH, OW]`` and ``window = (kh, kw, sh, sw, pad_top, pad_left, dh, dw)``; None if
-    some block of 16 outputs reads inputs more than 128 bytes apart (the kernel reads two
-    64-byte vectors per block).
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """:func:`numba_kernels.depthwise_gather_int8`'s weight words, block starts, gather
+    indices, padding masks and window (128 or 256 bytes) for depthwise weights ``[C, 1, KH,
+    KW]`` over an unpadded ``[H, W]`` plane with output ``[OH, OW]`` and ``window = (kh, kw,
+    sh, sw, pad_top, pad_left, dh, dw)``; None if some block of 16 outputs reads inputs 256
+    bytes apart or more (the kernel reads four 64-byte vectors per block, two when 128 bytes
+    suffice).
 
     Block ``b`` covers outputs ``16 b ..`` of the plane in row-major order (lanes past the
     last output repeat it, never stored). ``starts[b]`` is the first input any of its in-image
-    taps reads; ``index[b, w, 4 l + e]`` is where lane ``l``'s tap ``4 w + e`` (taps row-major,
-    words of 4 as :func:`pack_conv_words`) lies from there, or ``-128`` for a tap in the
-    padding (and the word's unused taps, whose weights are 0)."""
+    taps reads; ``index[b, w, 4 l + e]`` (uint8) is where lane ``l``'s tap ``4 w + e`` (taps
+    row-major, words of 4 as :func:`pack_conv_words`) lies from there; bit ``4 l + e`` of
+    ``padding[b, w]`` (uint64) is set for a tap in the padding (and the word's unused taps,
+    whose weights are 0), which reads the zero point."""
     kh, kw, sh, sw, pad_top, pad_left, dh, dw = window
     (h, w), (oh, ow) = image, output
     positions = oh * ow
@@ -179,15 +180,27 @@ def gather_operands(
     source = (rows * w + columns).reshape(blocks, -1)
     lowest = np.where(inside, source, np.iinfo(np.int64).max).min(axis=1)
     starts = np.where(inside.any(axis=1), lowest, 0)
-    offsets = source - starts[:, None]
-    if (np.where(inside, offsets, 0) >= _GATHER_WINDOW).any():
+    offsets = np.where(inside, source - starts[:, None], 0)
+    if (offsets >= GATHER_WINDOW).any():
         return None
     taps = kh * kw
     words = -(-taps // 4)
-    picks = np.full((blocks, GATHER_BLOCK, words * 4), _IN_PADDING, np.int8)
-    picks[:, :, :taps] = np.where(inside, offsets, _IN_PADDING).reshape(blocks, GATHER_BLOCK, taps)
-    index = picks.reshape(blocks, GATHER_BLOCK, words, 4).transpose(0, 2, 1, 3).reshape(-1)
-    return pack_conv_words(weight, 4), starts.astype(np.int64), np.ascontiguousarray(index)
+    shape = (blocks, GATHER_BLOCK, words * 4)
+    picks, outside = np.zeros(shape, np.uint8), np.ones(shape, bool)
+    picks[:, :, :taps] = offsets.reshape(blocks, GATHER_BLOCK, taps)
+    outside[:, :, :taps] = ~inside.reshape(blocks, GATHER_BLOCK, taps)
+
+    def by_word(a: np.ndarray) -> np.ndarray:  # [B, 16, words * 4] -> [B, words, 64]
+        return (
+            a.reshape(blocks, GATHER_BLOCK, words, 4)
+            .transpose(0, 2, 1, 3)
+            .reshape(blocks, words, 64)
+        )
+
+    index = np.ascontiguousarray(by_word(picks)).reshape(-1)
+    padding = np.packbits(by_word(outside), axis=-1, bitorder="little").view("<u8").reshape(-1)
+    reach = 128 if offsets.max() < 128 else GATHER_WINDOW
+    return pack_conv_words(weight, 4), starts.astype(np.int64), index, padding, reach
 
 
 def add_table(args: tuple) -> np.ndarray:
