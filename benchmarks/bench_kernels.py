@@ -93,12 +93,12 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     }
     if stride > 2:
         del kernels["tiles"]
-    gather = None  # the gathered depthwise kernel, where its blocks fit (as tinyrt.ops decides)
-    if nk.HAS_VBMI and groups == c == o:
+    gather = None  # one input channel per group, where the blocks fit (as tinyrt.ops decides)
+    if nk.HAS_VBMI and c == groups:
         window = (k, k, stride, stride, pad, pad, 1, 1)
         gather = gather_operands(weight, (h, w), (oh, ow), window)
     if gather is not None:
-        kernels["gather"] = lambda: nk.depthwise_gather_int8(
+        kernels["gather"] = lambda: nk.gather_conv_int8(
             x, *gather, bias, multiplier, shift, 3, -2, -128, 127, out
         )
     if weight[0].size >= 16:
@@ -188,7 +188,7 @@ def main() -> None:
         for name in (
             "linear_int8",
             "conv2d_tiles_int8",
-            "depthwise_gather_int8",
+            "gather_conv_int8",
             "conv2d_direct_int8",
         )
     }

@@ -35,8 +35,10 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     conv_tile_dw8_s1w,
     conv_tile_dw8_s2,
     conv_tile_dw8_s2w,
-    depthwise_gather_128,
-    depthwise_gather_256,
+    gather_conv_1_128,
+    gather_conv_1_256,
+    gather_conv_8_128,
+    gather_conv_8_256,
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
@@ -47,7 +49,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "470e9d2ceff64813"
+SIMD_SOURCE_SHA256 = "8fb6a7991ddc5c95"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -333,30 +335,46 @@ def conv2d_tiles_int8(
 
 
 @_jit
-def depthwise_gather_int8(
+def gather_conv_int8(
     x, weight_words, starts, index, padding, window, bias, multiplier, shift, zp_in, zp_out,
     qmin, qmax, out,
 ):  # fmt: skip
-    """``reference.conv2d_int8`` of a depthwise layer (one input and one output channel per
-    group) by :func:`simd.depthwise_gather_128` (``_256`` for a ``window`` of 256 bytes),
-    channel by channel, from the unpadded input: ``weight_words``, ``starts``, ``index``,
-    ``padding`` and ``window`` are ``tinyrt.ops.gather_operands`` (the convolution's window,
-    stride, padding and dilation are in them). ``x`` ``[N, C, H, W]``, ``out`` ``[N, C, OH,
-    OW]``. Needs :data:`simd.HAS_VBMI`."""
-    n_batch, channels, h, w = x.shape
-    positions = out.shape[2] * out.shape[3]
+    """``reference.conv2d_int8`` of a convolution with one input channel per group (depthwise
+    layers, first layers on one-channel images) by :func:`simd.gather_conv_8_128` and its
+    kin, from the unpadded input: each group's output channels 8 at a time, the last
+    ``O/groups % 8`` one at a time, from blocks of 16 outputs gathered from ``window`` (128 or
+    256) bytes. ``weight_words``, ``starts``, ``index``, ``padding`` and ``window`` are
+    ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding and dilation are
+    in them). ``x`` ``[N, groups, H, W]``, ``out`` ``[N, O, OH, OW]``. Needs
+    :data:`simd.HAS_VBMI`."""
+    n_batch, groups, h, w = x.shape
+    o_total, positions = out.shape[1], out.shape[2] * out.shape[3]
+    per_group = o_total // groups
+    eights = per_group - per_group % 8
     words = weight_words.shape[1] - 1
     source, flat = x.reshape(x.size), out.reshape(out.size)
     for n in range(n_batch):
-        for c in range(channels):
-            plane = n * channels + c
-            args = (source, plane * h * w, source.size, starts, index, padding, words,
-                    weight_words, c, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, flat,
-                    plane * positions, positions)  # fmt: skip
-            if window > 128:
-                depthwise_gather_256(*args)
-            else:
-                depthwise_gather_128(*args)
+        for g in range(groups):
+            x_start = (n * groups + g) * h * w
+            for o in range(g * per_group, (g + 1) * per_group):
+                if o - g * per_group >= eights:
+                    outputs = 1
+                elif (o - g * per_group) % 8 == 0:
+                    outputs = 8
+                else:
+                    continue  # inside a block of 8
+                args = (source, x_start, source.size, starts, index, padding, words,
+                        weight_words, o, bias, multiplier, shift, zp_in, zp_out, qmin, qmax,
+                        flat, (n * o_total + o) * positions, positions)  # fmt: skip
+                if outputs == 8:
+                    if window > 128:
+                        gather_conv_8_256(*args)
+                    else:
+                        gather_conv_8_128(*args)
+                elif window > 128:
+                    gather_conv_1_256(*args)
+                else:
+                    gather_conv_1_128(*args)
 
 
 @_inline

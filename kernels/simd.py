@@ -31,8 +31,8 @@ overlapping the previous step, with the already-counted lanes zeroed; no load le
 
 ``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes,
 :func:`_scale_lanes`, and the stores); ``conv_tile_*`` are convolution blocks that need no
-im2col, and ``depthwise_gather_*`` a depthwise channel gathered from its unpadded input with
-``vpermi2b`` (:func:`_make_depthwise_gather`).
+im2col, and ``gather_conv_*`` the channels of a one-input-channel group (depthwise layers,
+first layers) gathered from the unpadded input with ``vpermi2b`` (:func:`_make_gather_conv`).
 """
 
 from __future__ import annotations
@@ -616,11 +616,12 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     return tile
 
 
-def _make_depthwise_gather(window: int):
-    """``depthwise_gather_{window}``: output channel ``c`` of a depthwise convolution (one
-    input and one output channel per group), all ``positions = OH * OW`` outputs, from the
-    unpadded input plane at ``x[x_start:]``, in blocks of 16 consecutive outputs (rows wrap
-    inside a block):
+def _make_gather_conv(outputs: int, window: int):
+    """``gather_conv_{outputs}_{window}``: output channels ``o .. o + outputs - 1`` of a
+    convolution whose groups have one input channel each (a depthwise layer: ``outputs`` 1; a
+    first layer on a one-channel image: 8 at a time), all ``positions = OH * OW`` outputs,
+    from the group's unpadded input plane at ``x[x_start:]``, in blocks of 16 consecutive
+    outputs (rows wrap inside a block):
 
     - block ``b`` loads the ``window`` bytes (128 or 256) at ``x_start + starts[b]``, masked
       near the end so that no byte at or past ``x_end`` (the flat ``x``'s size) is read, and
@@ -629,27 +630,28 @@ def _make_depthwise_gather(window: int):
       ``vpermi2b`` per 128 of them (the index's top bit picks the upper 128): byte ``4 l + e``
       is input ``index[b, w, 4 l + e]`` of the window, or ``zp_in`` where bit ``4 l + e`` of
       ``padding[b, w]`` is set (a tap in the padding);
-    - ``vpdpbusd`` multiplies them by the channel's weight word (``weights[c, w]``, int8 taps),
-      and the row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM);
-    - the 16 sums are requantized in vector lanes (without the left shift when the channel's
-      shift is at most 0) and stored at ``out[out_start + 16 b:]`` (masked in the last block).
+    - ``vpdpbusd`` multiplies them by each channel's weight word (``weights[o + k, w]``, int8
+      taps), and a row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM);
+    - each channel's 16 sums are requantized in vector lanes (without the left shift when
+      the channels' shifts are all at most 0) and stored at ``out[out_start + k * positions
+      + 16 b:]`` (masked in the last block).
 
     ``starts``, ``index``, ``padding`` and ``weights`` come from ``tinyrt.ops.gather_operands``;
     no padded copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
     halves = window // (2 * _CHUNK)  # 128-byte halves, one vpermi2b each
 
     @intrinsic
-    def gather(typingctx, x, x_start, x_end, starts, index, padding, words, weights, c, bias,
+    def gather(typingctx, x, x_start, x_end, starts, index, padding, words, weights, o, bias,
                multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
                positions):  # fmt: skip
         if not HAS_VBMI:
-            raise numba.core.errors.TypingError("the gathered depthwise kernel needs AVX-512 VBMI")
-        sig = types.void(x, x_start, x_end, starts, index, padding, words, weights, c, bias,
+            raise numba.core.errors.TypingError("the gathered convolution needs AVX-512 VBMI")
+        sig = types.void(x, x_start, x_end, starts, index, padding, words, weights, o, bias,
                          multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
                          positions)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (x, x_start, x_end, starts, index, padding, words, weights, c, bias, multiplier,
+            (x, x_start, x_end, starts, index, padding, words, weights, o, bias, multiplier,
              shift, zp_in, zp_out, qmin, qmax, out, out_start, positions) = _as_int64(
                 context, builder, args, signature)  # fmt: skip
             i64 = x_start.type
@@ -663,21 +665,27 @@ def _make_depthwise_gather(window: int):
             x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
             padding_ptr, w_ptr, out_ptr = data(5, padding), data(7, weights), data(16, out)
             chunk = ir.VectorType(_I8, _CHUNK)
-            row = builder.mul(c, builder.add(words, const(1)))
-            at = builder.gep(w_ptr, [builder.add(row, words)])
-            correction = _splat(builder, builder.load(at), _CHUNK // 4)
+            w_stride = builder.add(words, const(1))
+            rows = [builder.mul(builder.add(o, const(k)), w_stride) for k in range(outputs)]
+            corrections = [
+                _splat(builder, builder.load(builder.gep(w_ptr, [builder.add(r, words)])), 16)
+                for r in rows
+            ]
             zp_flipped = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
             params = [
-                _splat(builder, builder.load(builder.gep(data(k, arr), [c])), 16)
-                for k, arr in ((9, bias), (10, multiplier), (11, shift))
+                [
+                    _splat(builder, builder.load(builder.gep(data(a, arr), [channel])), 16)
+                    for a, arr in ((9, bias), (10, multiplier), (11, shift))
+                ]
+                for channel in (builder.add(o, const(k)) for k in range(outputs))
             ]
             splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
-            slot = _zeroed_slots(builder, 1, _QUADS)[0]
+            slots = _zeroed_slots(builder, outputs, _QUADS)
             lane_mask = ir.VectorType(ir.IntType(1), _CHUNK)
 
             def block(b: ir.Value, start: ir.Value, edge: bool, left_shifts: bool) -> None:
                 """Block ``b`` reading from ``start``; ``edge``: near the end of ``x`` or of
-                the plane, so the loads and the store are masked."""
+                the plane, so the loads and the stores are masked."""
                 first = builder.mul(b, const(16))
                 loaded = []
                 for h in range(halves * 2):
@@ -689,7 +697,8 @@ def _make_depthwise_gather(window: int):
                     else:
                         vector = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
                     loaded.append(_plus_128(builder, vector))
-                builder.store(ir.Constant(_QUADS, None), slot)
+                for slot in slots:
+                    builder.store(ir.Constant(_QUADS, None), slot)
                 with cgutils.for_range(builder, words) as word_loop:
                     w = word_loop.index
                     k = builder.add(builder.mul(b, words), w)
@@ -714,17 +723,23 @@ def _make_depthwise_gather(window: int):
                         builder.load(builder.gep(padding_ptr, [k])), lane_mask
                     )
                     gathered = builder.select(in_padding, zp_flipped, gathered)
-                    word = builder.load(builder.gep(w_ptr, [builder.add(row, w)]))
-                    sums = _dpbusd(builder, builder.load(slot), gathered, _splat(builder, word, 16))
-                    builder.store(sums, slot)
-                sums = builder.sub(builder.load(slot), correction)
-                y = _requantize_lanes(builder, sums, *params, *splats, left_shifts=left_shifts)
-                target = builder.gep(out_ptr, [builder.add(out_start, first)])
-                if edge:
-                    valid = builder.sub(positions, first)
-                    _masked_store(builder, y, target, _lanes_below(builder, valid, 16))
-                else:
-                    builder.store(y, builder.bitcast(target, y.type.as_pointer()), align=1)
+                    for r, slot in zip(rows, slots, strict=True):
+                        word = builder.load(builder.gep(w_ptr, [builder.add(r, w)]))
+                        sums = _dpbusd(
+                            builder, builder.load(slot), gathered, _splat(builder, word, 16)
+                        )
+                        builder.store(sums, slot)
+                valid = _lanes_below(builder, builder.sub(positions, first), 16)
+                for channel in range(outputs):
+                    sums = builder.sub(builder.load(slots[channel]), corrections[channel])
+                    y = _requantize_lanes(builder, sums, *params[channel], *splats,
+                                          left_shifts=left_shifts)  # fmt: skip
+                    at = builder.add(first, builder.mul(const(channel), positions))
+                    target = builder.gep(out_ptr, [builder.add(out_start, at)])
+                    if edge:
+                        _masked_store(builder, y, target, valid)
+                    else:
+                        builder.store(y, builder.bitcast(target, y.type.as_pointer()), align=1)
 
             def plane(left_shifts: bool) -> None:
                 blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
@@ -741,9 +756,10 @@ def _make_depthwise_gather(window: int):
                         with edge:
                             block(b, start, True, left_shifts)
 
-            # the usual channel shifts only right: no left shift in its requantization
-            shift_value = builder.load(builder.gep(data(11, shift), [c]))
-            right_only = builder.icmp_signed("<=", shift_value, ir.Constant(_I32, 0))
+            # the channels usually shift only right: no left shift in their requantization
+            shifts = ir.VectorType(_I32, outputs)
+            address = builder.bitcast(builder.gep(data(11, shift), [o]), shifts.as_pointer())
+            right_only = _shifts_right_only(builder, builder.load(address, align=4))
             with builder.if_else(right_only) as (short, full):
                 with short:
                     plane(False)
@@ -753,7 +769,7 @@ def _make_depthwise_gather(window: int):
 
         return sig, codegen
 
-    gather.__name__ = gather.__qualname__ = f"depthwise_gather_{window}"
+    gather.__name__ = gather.__qualname__ = f"gather_conv_{outputs}_{window}"
     return gather
 
 
@@ -802,5 +818,7 @@ conv_tile_dw8_s1 = _make_conv_tile(8, 1, depthwise=True)
 conv_tile_dw8_s2 = _make_conv_tile(8, 2, depthwise=True)
 conv_tile_dw8_s1w = _make_conv_tile(8, 1, depthwise=True, columns=WIDE_COLUMNS)
 conv_tile_dw8_s2w = _make_conv_tile(8, 2, depthwise=True, columns=WIDE_COLUMNS)
-depthwise_gather_128 = _make_depthwise_gather(128)
-depthwise_gather_256 = _make_depthwise_gather(256)
+gather_conv_1_128 = _make_gather_conv(1, 128)
+gather_conv_1_256 = _make_gather_conv(1, 256)
+gather_conv_8_128 = _make_gather_conv(8, 128)
+gather_conv_8_256 = _make_gather_conv(8, 256)

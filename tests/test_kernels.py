@@ -341,6 +341,7 @@ def depthwise_params(draw):
     return dict(
         n=draw(st.integers(1, 2)),
         channels=draw(st.integers(1, 20)),
+        per_group=draw(st.sampled_from([1, 1, 3, 8, 17])),  # outputs per input channel
         h=h,
         w=w,
         kh=kh,
@@ -355,11 +356,11 @@ def depthwise_params(draw):
 
 
 def _depthwise(p):
-    """A depthwise case of ``depthwise_params``: inputs, weights, the reference output."""
+    """A case of ``depthwise_params``: inputs, weights, the reference output."""
     rng = np.random.default_rng(p["seed"])
     x, weight, bias, multiplier, shift = conv_case(
-        rng, p["n"], 1, p["h"], p["w"], 1, p["channels"], p["kh"], p["kw"], p["stride"],
-        p["padding"], p["dilation"], p["zp_in"],
+        rng, p["n"], 1, p["h"], p["w"], p["per_group"], p["channels"], p["kh"], p["kw"],
+        p["stride"], p["padding"], p["dilation"], p["zp_in"],
     )  # fmt: skip
     want = ref.conv2d_int8(x, weight, bias, multiplier, shift, p["zp_in"], p["zp_out"],
                            p["stride"], p["padding"], p["dilation"], p["channels"])  # fmt: skip
@@ -392,9 +393,11 @@ def _widest_block(p, oh: int, ow: int) -> int:
 @needs_vbmi
 @SETTINGS
 @given(depthwise_params())
-def test_depthwise_gather_bit_exact(p):
-    """The gathered depthwise kernel against the reference wherever its blocks fit; where
-    they do not (tinyrt then takes the blocks of 8 columns), the blocks' reach proves it."""
+def test_gather_conv_bit_exact(p):
+    """The gathered kernel (one input channel per group: depthwise layers, and 3, 8 or 17
+    outputs per input channel, blocks of 8 and the rest) against the reference wherever its
+    blocks fit; where they do not (tinyrt then takes the column blocks), their reach proves
+    it."""
     x, weight, args, want = _depthwise(p)
     operands = gather_operands(weight, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
     if operands is None:
@@ -402,7 +405,7 @@ def test_depthwise_gather_bit_exact(p):
         return
     assert (operands[-1] == 128) == (_widest_block(p, *want.shape[2:]) < 128)
     out = np.full_like(want, 99)
-    nk.depthwise_gather_int8(x, *operands, *args, out)
+    nk.gather_conv_int8(x, *operands, *args, out)
     np.testing.assert_array_equal(out, want)
 
 
@@ -436,7 +439,7 @@ for c, h, w, stride in [(3, 5, 7, 1), (2, 6, 60, 2)]:  # windows of 128 and 256 
     assert operands[-1] == 128 * stride
     ones = np.ones(c, np.int32)
     out = np.empty((1, c, oh, ow), np.int8)
-    nk.depthwise_gather_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, -128, 127, out)
+    nk.gather_conv_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, -128, 127, out)
 print("read nothing past the input")
 """
 

@@ -54,8 +54,9 @@ def _conv_geometry(
     op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
 ) -> dict:
     """What a numba convolution needs besides its operands: the 2-D window, the kernel that
-    runs it (:func:`_conv_kernel`; ``gather`` for a depthwise layer whose blocks fit
-    :func:`gather_operands`, when the CPU permutes bytes: ``byte_permute``), the padded input
+    runs it (:func:`_conv_kernel`; ``gather`` for one input channel per group, depthwise
+    layers and first layers, when the blocks fit :func:`gather_operands` and the CPU permutes
+    bytes: ``byte_permute``), the padded input
     it reads (exactly the rows and columns the output windows reach; none for ``gather``), the
     gather operands and the size of its second scratch buffer."""
     a2 = _as_2d(op)
@@ -67,9 +68,9 @@ def _conv_geometry(
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
     gather = None
-    if byte_permute and weight.shape[1] == 1 and weight.shape[0] == a2["groups"]:
-        depthwise = weight.reshape(weight.shape[0], 1, kh, kw)
-        gather = gather_operands(depthwise, image, (oh, ow), window)
+    if byte_permute and weight.shape[1] == 1:  # one input channel per group
+        planar = weight.reshape(weight.shape[0], 1, kh, kw)
+        gather = gather_operands(planar, image, (oh, ow), window)
     if gather is not None:
         return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,), "work": 0}
     if _is_pointwise(op):
@@ -145,8 +146,8 @@ def tile_operands(
     return pack_conv_words(weight, per_word), conv_offsets(c, kh, kw, steps, per_word)
 
 
-GATHER_BLOCK = 16  # outputs per block of numba_kernels.depthwise_gather_int8
-GATHER_WINDOW = 256  # the most input bytes a block may span (simd.depthwise_gather_256)
+GATHER_BLOCK = 16  # outputs per block of numba_kernels.gather_conv_int8
+GATHER_WINDOW = 256  # the most input bytes a block may span (simd.gather_conv_*_256)
 
 
 def gather_operands(
@@ -155,12 +156,12 @@ def gather_operands(
     output: tuple[int, int],
     window: tuple[int, ...],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
-    """:func:`numba_kernels.depthwise_gather_int8`'s weight words, block starts, gather
-    indices, padding masks and window (128 or 256 bytes) for depthwise weights ``[C, 1, KH,
-    KW]`` over an unpadded ``[H, W]`` plane with output ``[OH, OW]`` and ``window = (kh, kw,
-    sh, sw, pad_top, pad_left, dh, dw)``; None if some block of 16 outputs reads inputs 256
-    bytes apart or more (the kernel reads four 64-byte vectors per block, two when 128 bytes
-    suffice).
+    """:func:`numba_kernels.gather_conv_int8`'s weight words, block starts, gather indices,
+    padding masks and window (128 or 256 bytes) for weights ``[O, 1, KH, KW]`` (one input
+    channel per group) over an unpadded ``[H, W]`` plane with output ``[OH, OW]`` and
+    ``window = (kh, kw, sh, sw, pad_top, pad_left, dh, dw)``; None if some block of 16
+    outputs reads inputs 256 bytes apart or more (the kernel reads four 64-byte vectors per
+    block, two when 128 bytes suffice).
 
     Block ``b`` covers outputs ``16 b ..`` of the plane in row-major order (lanes past the
     last output repeat it, never stored). ``starts[b]`` is the first input any of its in-image
@@ -275,7 +276,7 @@ def bind_op(
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
             if geometry["kernel"] == "gather":
                 gather = geometry["gather"]
-                return lambda: nk.depthwise_gather_int8(x, *gather, *args, qmin, qmax, y)
+                return lambda: nk.gather_conv_int8(x, *gather, *args, qmin, qmax, y)
             args += geometry["window"]
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
