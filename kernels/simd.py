@@ -342,6 +342,21 @@ def _shifts_right_only(builder: ir.IRBuilder, shifts: ir.Value) -> ir.Value:
     return builder.icmp_signed("<=", _x86(builder, name, _I32, shifts), ir.Constant(_I32, 0))
 
 
+def _by_shifts(builder: ir.IRBuilder, shifts: ir.Value, first: ir.Value, count: int, emit) -> None:
+    """``emit(left_shifts)`` behind one branch on the ``count`` int32 shifts from ``shifts +
+    first``: ``False`` where they all shift right (the usual case), ``True`` elsewhere."""
+    vector = ir.VectorType(_I32, count)
+    address = builder.bitcast(builder.gep(shifts, [first]), vector.as_pointer())
+    with builder.if_else(_shifts_right_only(builder, builder.load(address, align=4))) as (
+        short,
+        full,
+    ):
+        with short:
+            emit(False)
+        with full:
+            emit(True)
+
+
 def _either(builder: ir.IRBuilder, right_only: ir.Value, compute) -> ir.Value:
     """``compute(left_shifts)`` for ``left_shifts`` False where ``right_only`` holds, True
     elsewhere: both bodies in IR behind one branch, the result as a phi."""
@@ -598,15 +613,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                     start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
                     _masked_store(builder, y, builder.gep(out_ptr, [start]), mask)
 
-            # the block's channels usually all shift only right: no left shifts then
-            shifts = ir.VectorType(_I32, channels)
-            address = builder.bitcast(builder.gep(data(8, shift), [o]), shifts.as_pointer())
-            right_only = _shifts_right_only(builder, builder.load(address, align=4))
-            with builder.if_else(right_only) as (short, full):
-                with short:
-                    epilogue(False)
-                with full:
-                    epilogue(True)
+            _by_shifts(builder, data(8, shift), o, channels, epilogue)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -756,15 +763,7 @@ def _make_gather_conv(outputs: int, window: int):
                         with edge:
                             block(b, start, True, left_shifts)
 
-            # the channels usually shift only right: no left shift in their requantization
-            shifts = ir.VectorType(_I32, outputs)
-            address = builder.bitcast(builder.gep(data(11, shift), [o]), shifts.as_pointer())
-            right_only = _shifts_right_only(builder, builder.load(address, align=4))
-            with builder.if_else(right_only) as (short, full):
-                with short:
-                    plane(False)
-                with full:
-                    plane(True)
+            _by_shifts(builder, data(11, shift), o, outputs, plane)
             return context.get_dummy_value()
 
         return sig, codegen
