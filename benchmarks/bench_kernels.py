@@ -29,7 +29,12 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.machine import cpu_name  # noqa: E402
 from tinyrt.kernels import numba_kernels as nk  # noqa: E402
 from tinyrt.kernels import reference as ref  # noqa: E402
-from tinyrt.ops import _conv_kernel, gather_operands, tile_operands  # noqa: E402
+from tinyrt.ops import (  # noqa: E402
+    _conv_kernel,
+    gather_operands,
+    gathered_operands,
+    tile_operands,
+)
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (label, C, O, H, W, KH/KW, stride, padding, groups): layers of the suite's models
@@ -40,6 +45,8 @@ CONVS = [
     ("MobileNetV1 pointwise 8->16", 8, 16, 48, 48, 1, 1, 0, 1),
     ("ResNet-8 3x3 16->16", 16, 16, 32, 32, 3, 1, 1, 1),
     ("ResNet-8 3x3 32->64 s2", 32, 64, 16, 16, 3, 2, 1, 1),
+    ("ResNet-8 3x3 32->32 (16x16)", 32, 32, 16, 16, 3, 1, 1, 1),
+    ("ResNet-8 3x3 64->64 (8x8)", 64, 64, 8, 8, 3, 1, 1, 1),
     ("DS-CNN pointwise 64->64 (25x5)", 64, 64, 25, 5, 1, 1, 0, 1),
     ("depthwise 8 @ 48x48", 8, 8, 48, 48, 3, 1, 1, 8),
     ("depthwise 16 @ 48x48 s2", 16, 16, 48, 48, 3, 2, 1, 16),
@@ -93,13 +100,14 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     }
     if stride > 2:
         del kernels["tiles"]
-    gather = None  # one input channel per group, where the blocks fit (as tinyrt.ops decides)
-    if nk.HAS_VBMI and c == groups:
+    gather = chosen_gather = None  # wherever its blocks fit; where tinyrt.ops runs it
+    if nk.HAS_VBMI:
         window = (k, k, stride, stride, pad, pad, 1, 1)
-        gather = gather_operands(weight, (h, w), (oh, ow), window)
+        gather = gather_operands(weight, x.shape[2:], (oh, ow), window)
+        chosen_gather = gathered_operands(weight, x.shape[2:], (oh, ow), window)
     if gather is not None:
         kernels["gather"] = lambda: nk.gather_conv_int8(
-            x, *gather, bias, multiplier, shift, 3, -2, -128, 127, out
+            x, *gather, bias, multiplier, shift, 3, -2, groups, -128, 127, out
         )
     if weight[0].size >= 16:
         ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
@@ -115,7 +123,7 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
             raise AssertionError(f"{label}: kernel {name} differs from the reference")
         times[name] = best_of(run, runs)
     macs = o * oh * ow * weight[0].size
-    chosen = "gather" if gather is not None else _conv_kernel(weight[0].size, stride)
+    chosen = "gather" if chosen_gather is not None else _conv_kernel(weight[0].size, stride)
     return {"layer": label, "macs": macs, "us": times, "chosen": chosen}
 
 

@@ -49,7 +49,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "d0208283f2515a94"
+SIMD_SOURCE_SHA256 = "361e8248a14e1f86"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -337,7 +337,7 @@ def conv2d_tiles_int8(
 @_jit
 def gather_conv_int8(
     x, weight_words, starts, index, padding, window, bias, multiplier, shift, zp_in, zp_out,
-    qmin, qmax, out,
+    groups, qmin, qmax, out,
 ):  # fmt: skip
     """``reference.conv2d_int8`` of a convolution with one input channel per group (depthwise
     layers, first layers on one-channel images) by :func:`simd.gather_conv_8_128` and its
@@ -347,15 +347,16 @@ def gather_conv_int8(
     ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding and dilation are
     in them). ``x`` ``[N, groups, H, W]``, ``out`` ``[N, O, OH, OW]``. Needs
     :data:`simd.HAS_VBMI`."""
-    n_batch, groups, h, w = x.shape
+    n_batch, c_total, h, w = x.shape
     o_total, positions = out.shape[1], out.shape[2] * out.shape[3]
+    channels = c_total // groups  # input channels per group
     per_group = o_total // groups
     eights = per_group - per_group % 8
-    words = weight_words.shape[1] - 1
+    words = (weight_words.shape[1] - 1) // channels  # per input channel
     source, flat = x.reshape(x.size), out.reshape(out.size)
     for n in range(n_batch):
         for g in range(groups):
-            x_start = (n * groups + g) * h * w
+            x_start = (n * c_total + g * channels) * h * w
             for o in range(g * per_group, (g + 1) * per_group):
                 if o - g * per_group >= eights:
                     outputs = 1
@@ -363,9 +364,9 @@ def gather_conv_int8(
                     outputs = 8
                 else:
                     continue  # inside a block of 8
-                args = (source, x_start, source.size, starts, index, padding, words,
-                        weight_words, o, bias, multiplier, shift, zp_in, zp_out, qmin, qmax,
-                        flat, (n * o_total + o) * positions, positions)  # fmt: skip
+                args = (source, x_start, source.size, starts, index, padding, words, channels,
+                        h * w, weight_words, o, bias, multiplier, shift, zp_in, zp_out, qmin,
+                        qmax, flat, (n * o_total + o) * positions, positions)  # fmt: skip
                 if outputs == 8:
                     if window > 128:
                         gather_conv_8_256(*args)

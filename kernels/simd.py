@@ -648,19 +648,19 @@ def _make_gather_conv(outputs: int, window: int):
     halves = window // (2 * _CHUNK)  # 128-byte halves, one vpermi2b each
 
     @intrinsic
-    def gather(typingctx, x, x_start, x_end, starts, index, padding, words, weights, o, bias,
-               multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
+    def gather(typingctx, x, x_start, x_end, starts, index, padding, words, channels, plane,
+               weights, o, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
                positions):  # fmt: skip
         if not HAS_VBMI:
             raise numba.core.errors.TypingError("the gathered convolution needs AVX-512 VBMI")
-        sig = types.void(x, x_start, x_end, starts, index, padding, words, weights, o, bias,
-                         multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
-                         positions)  # fmt: skip
+        sig = types.void(x, x_start, x_end, starts, index, padding, words, channels, plane,
+                         weights, o, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out,
+                         out_start, positions)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (x, x_start, x_end, starts, index, padding, words, weights, o, bias, multiplier,
-             shift, zp_in, zp_out, qmin, qmax, out, out_start, positions) = _as_int64(
-                context, builder, args, signature)  # fmt: skip
+            (x, x_start, x_end, starts, index, padding, words, channels, plane, weights, o, bias,
+             multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start, positions) = (
+                _as_int64(context, builder, args, signature))  # fmt: skip
             i64 = x_start.type
 
             def data(position: int, value: ir.Value) -> ir.Value:
@@ -670,19 +670,20 @@ def _make_gather_conv(outputs: int, window: int):
                 return ir.Constant(i64, value)
 
             x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
-            padding_ptr, w_ptr, out_ptr = data(5, padding), data(7, weights), data(16, out)
+            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(18, out)
             chunk = ir.VectorType(_I8, _CHUNK)
-            w_stride = builder.add(words, const(1))
+            row_words = builder.mul(channels, words)
+            w_stride = builder.add(row_words, const(1))
             rows = [builder.mul(builder.add(o, const(k)), w_stride) for k in range(outputs)]
             corrections = [
-                _splat(builder, builder.load(builder.gep(w_ptr, [builder.add(r, words)])), 16)
+                _splat(builder, builder.load(builder.gep(w_ptr, [builder.add(r, row_words)])), 16)
                 for r in rows
             ]
             zp_flipped = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
             params = [
                 [
                     _splat(builder, builder.load(builder.gep(data(a, arr), [channel])), 16)
-                    for a, arr in ((9, bias), (10, multiplier), (11, shift))
+                    for a, arr in ((11, bias), (12, multiplier), (13, shift))
                 ]
                 for channel in (builder.add(o, const(k)) for k in range(outputs))
             ]
@@ -690,80 +691,90 @@ def _make_gather_conv(outputs: int, window: int):
             slots = _zeroed_slots(builder, outputs, _QUADS)
             lane_mask = ir.VectorType(ir.IntType(1), _CHUNK)
 
-            def block(b: ir.Value, start: ir.Value, edge: bool, left_shifts: bool) -> None:
-                """Block ``b`` reading from ``start``; ``edge``: near the end of ``x`` or of
-                the plane, so the loads and the stores are masked."""
+            def window_bytes(start: ir.Value) -> list:
+                """The ``window`` bytes from ``start`` as 64-byte vectors, flipped; masked
+                loads (no byte at or past ``x_end``) only near the end of ``x``."""
+                inside = builder.icmp_signed("<=", builder.add(start, const(window)), x_end)
+                loaded = {}
+                with builder.if_else(inside) as (plain, masked):
+                    for case, edge in ((plain, False), (masked, True)):
+                        with case:
+                            vectors = []
+                            for h in range(halves * 2):
+                                at = builder.add(start, const(h * _CHUNK))
+                                address = builder.gep(x_ptr, [at])
+                                if edge:
+                                    mask = _lanes_below(builder, builder.sub(x_end, at), _CHUNK)
+                                    vectors.append(_masked_load(builder, address, mask, chunk))
+                                else:
+                                    pointer = builder.bitcast(address, chunk.as_pointer())
+                                    vectors.append(builder.load(pointer, align=1))
+                            loaded[edge] = (vectors, builder.block)
+                merged = []
+                for h in range(halves * 2):  # the phis first: they open the block
+                    phi = builder.phi(chunk)
+                    for vectors, source in loaded.values():
+                        phi.add_incoming(vectors[h], source)
+                    merged.append(phi)
+                return [_plus_128(builder, v) for v in merged]
+
+            def block(b: ir.Value, left_shifts: bool) -> None:
+                """Block ``b``: every input channel's words into the slots, then the epilogue
+                (stores masked to the plane's ``positions``)."""
                 first = builder.mul(b, const(16))
-                loaded = []
-                for h in range(halves * 2):
-                    address = builder.gep(x_ptr, [builder.add(start, const(h * _CHUNK))])
-                    if edge:
-                        remaining = builder.sub(builder.sub(x_end, start), const(h * _CHUNK))
-                        mask = _lanes_below(builder, remaining, _CHUNK)
-                        vector = _masked_load(builder, address, mask, chunk)
-                    else:
-                        vector = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
-                    loaded.append(_plus_128(builder, vector))
                 for slot in slots:
                     builder.store(ir.Constant(_QUADS, None), slot)
-                with cgutils.for_range(builder, words) as word_loop:
-                    w = word_loop.index
-                    k = builder.add(builder.mul(b, words), w)
-                    address = builder.gep(index_ptr, [builder.mul(k, const(_CHUNK))])
-                    picks = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
-                    parts = [
-                        _x86(
-                            builder,
-                            "llvm.x86.avx512.vpermi2var.qi.512",
-                            chunk,
-                            loaded[2 * h],
-                            picks,
-                            loaded[2 * h + 1],
-                        )  # fmt: skip
-                        for h in range(halves)
-                    ]
-                    gathered = parts[0]
-                    if halves == 2:
-                        upper = builder.icmp_signed("<", picks, ir.Constant(chunk, None))
-                        gathered = builder.select(upper, parts[1], parts[0])
-                    in_padding = builder.bitcast(
-                        builder.load(builder.gep(padding_ptr, [k])), lane_mask
-                    )
-                    gathered = builder.select(in_padding, zp_flipped, gathered)
-                    for r, slot in zip(rows, slots, strict=True):
-                        word = builder.load(builder.gep(w_ptr, [builder.add(r, w)]))
-                        sums = _dpbusd(
-                            builder, builder.load(slot), gathered, _splat(builder, word, 16)
+                block_start = builder.load(builder.gep(starts_ptr, [b]))
+                with cgutils.for_range(builder, channels) as channel_loop:
+                    c = channel_loop.index
+                    at = builder.add(x_start, builder.add(builder.mul(c, plane), block_start))
+                    loaded = window_bytes(at)
+                    with cgutils.for_range(builder, words) as word_loop:
+                        w = word_loop.index
+                        k = builder.add(builder.mul(b, words), w)
+                        address = builder.gep(index_ptr, [builder.mul(k, const(_CHUNK))])
+                        picks = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
+                        parts = [
+                            _x86(
+                                builder,
+                                "llvm.x86.avx512.vpermi2var.qi.512",
+                                chunk,
+                                loaded[2 * h],
+                                picks,
+                                loaded[2 * h + 1],
+                            )  # fmt: skip
+                            for h in range(halves)
+                        ]
+                        gathered = parts[0]
+                        if halves == 2:
+                            upper = builder.icmp_signed("<", picks, ir.Constant(chunk, None))
+                            gathered = builder.select(upper, parts[1], parts[0])
+                        in_padding = builder.bitcast(
+                            builder.load(builder.gep(padding_ptr, [k])), lane_mask
                         )
-                        builder.store(sums, slot)
+                        gathered = builder.select(in_padding, zp_flipped, gathered)
+                        offset = builder.add(builder.mul(c, words), w)
+                        for r, slot in zip(rows, slots, strict=True):
+                            word = builder.load(builder.gep(w_ptr, [builder.add(r, offset)]))
+                            word = _splat(builder, word, 16)
+                            builder.store(
+                                _dpbusd(builder, builder.load(slot), gathered, word), slot
+                            )
                 valid = _lanes_below(builder, builder.sub(positions, first), 16)
                 for channel in range(outputs):
                     sums = builder.sub(builder.load(slots[channel]), corrections[channel])
                     y = _requantize_lanes(builder, sums, *params[channel], *splats,
                                           left_shifts=left_shifts)  # fmt: skip
                     at = builder.add(first, builder.mul(const(channel), positions))
-                    target = builder.gep(out_ptr, [builder.add(out_start, at)])
-                    if edge:
-                        _masked_store(builder, y, target, valid)
-                    else:
-                        builder.store(y, builder.bitcast(target, y.type.as_pointer()), align=1)
+                    _masked_store(builder, y, builder.gep(out_ptr, [builder.add(out_start, at)]),
+                                  valid)  # fmt: skip
 
-            def plane(left_shifts: bool) -> None:
+            def plane_blocks(left_shifts: bool) -> None:
                 blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
                 with cgutils.for_range(builder, blocks) as block_loop:
-                    b = block_loop.index
-                    start = builder.add(x_start, builder.load(builder.gep(starts_ptr, [b])))
-                    reach = builder.icmp_signed("<=", builder.add(start, const(window)), x_end)
-                    full = builder.icmp_signed(
-                        "<=", builder.mul(builder.add(b, const(1)), const(16)), positions
-                    )
-                    with builder.if_else(builder.and_(reach, full)) as (middle, edge):
-                        with middle:
-                            block(b, start, False, left_shifts)
-                        with edge:
-                            block(b, start, True, left_shifts)
+                    block(block_loop.index, left_shifts)
 
-            _by_shifts(builder, data(11, shift), o, outputs, plane)
+            _by_shifts(builder, data(13, shift), o, outputs, plane_blocks)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -329,8 +329,8 @@ needs_vbmi = pytest.mark.skipif(not nk.HAS_VBMI, reason="this CPU has no AVX-512
 
 
 @st.composite
-def depthwise_params(draw):
-    """Depthwise layers whose 16-output blocks mostly fit the 256-byte window: kernels 1 to
+def gather_params(draw):
+    """Grouped layers whose 16-output blocks mostly fit the 256-byte window: kernels 1 to
     5 (words of 4 taps with unused taps), strides 1 to 3, padding wider than the kernel's
     reach (blocks with many taps in the padding), planes from 1x1 (all 16 lanes but one past
     the plane) to rows of 40 and more than 16 rows (blocks that wrap rows)."""
@@ -341,7 +341,8 @@ def depthwise_params(draw):
     return dict(
         n=draw(st.integers(1, 2)),
         channels=draw(st.integers(1, 20)),
-        per_group=draw(st.sampled_from([1, 1, 3, 8, 17])),  # outputs per input channel
+        inputs=draw(st.sampled_from([1, 1, 2, 5])),  # input channels per group
+        per_group=draw(st.sampled_from([1, 1, 3, 8, 17])),  # output channels per group
         h=h,
         w=w,
         kh=kh,
@@ -355,16 +356,17 @@ def depthwise_params(draw):
     )
 
 
-def _depthwise(p):
-    """A case of ``depthwise_params``: inputs, weights, the reference output."""
+def _gather_case(p):
+    """A case of ``gather_params``: inputs, weights, the reference output."""
     rng = np.random.default_rng(p["seed"])
     x, weight, bias, multiplier, shift = conv_case(
-        rng, p["n"], 1, p["h"], p["w"], p["per_group"], p["channels"], p["kh"], p["kw"],
+        rng, p["n"], p["inputs"], p["h"], p["w"], p["per_group"], p["channels"], p["kh"], p["kw"],
         p["stride"], p["padding"], p["dilation"], p["zp_in"],
     )  # fmt: skip
     want = ref.conv2d_int8(x, weight, bias, multiplier, shift, p["zp_in"], p["zp_out"],
                            p["stride"], p["padding"], p["dilation"], p["channels"])  # fmt: skip
-    return x, weight, (bias, multiplier, shift, p["zp_in"], p["zp_out"], -128, 127), want
+    args = (bias, multiplier, shift, p["zp_in"], p["zp_out"], p["channels"], -128, 127)
+    return x, weight, args, want
 
 
 def _gather_window(p) -> tuple[int, ...]:
@@ -392,13 +394,13 @@ def _widest_block(p, oh: int, ow: int) -> int:
 
 @needs_vbmi
 @SETTINGS
-@given(depthwise_params())
+@given(gather_params())
 def test_gather_conv_bit_exact(p):
-    """The gathered kernel (one input channel per group: depthwise layers, and 3, 8 or 17
-    outputs per input channel, blocks of 8 and the rest) against the reference wherever its
-    blocks fit; where they do not (tinyrt then takes the column blocks), their reach proves
-    it."""
-    x, weight, args, want = _depthwise(p)
+    """The gathered kernel (1, 2 or 5 input channels and 1, 3, 8 or 17 output channels per
+    group: depthwise layers, first layers, blocks of 8 outputs and the rest) against the
+    reference wherever its blocks fit; where they do not (tinyrt then takes the column
+    blocks), their reach proves it."""
+    x, weight, args, want = _gather_case(p)
     operands = gather_operands(weight, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
     if operands is None:
         assert _widest_block(p, *want.shape[2:]) >= 256
@@ -439,7 +441,7 @@ for c, h, w, stride in [(3, 5, 7, 1), (2, 6, 60, 2)]:  # windows of 128 and 256 
     assert operands[-1] == 128 * stride
     ones = np.ones(c, np.int32)
     out = np.empty((1, c, oh, ow), np.int8)
-    nk.gather_conv_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, -128, 127, out)
+    nk.gather_conv_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, c, -128, 127, out)
 print("read nothing past the input")
 """
 

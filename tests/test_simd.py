@@ -94,7 +94,7 @@ def test_16_lane_requantization_matches_reference():
     operands = gather_operands(weight, (4, 4), (4, 4), (1, 1, 1, 1, 0, 0, 1, 1))
     out = np.empty_like(x)
     params = [v.astype(np.int32) for v in (bias, multiplier, shift)]
-    numba_kernels.gather_conv_int8(x, *operands, *params, 0, 5, -128, 127, out)
+    numba_kernels.gather_conv_int8(x, *operands, *params, 0, 5, channels, -128, 127, out)
     acc = bias[None, :, None, None] + x.astype(np.int64)
     want = ref.requantize(acc, *(v[None, :, None, None] for v in (multiplier, shift)), 5)
     np.testing.assert_array_equal(out, want)

@@ -67,10 +67,8 @@ def _conv_geometry(
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
-    gather = None
-    if byte_permute and weight.shape[1] == 1:  # one input channel per group
-        planar = weight.reshape(weight.shape[0], 1, kh, kw)
-        gather = gather_operands(planar, image, (oh, ow), window)
+    planar = weight.reshape(weight.shape[0], weight.shape[1], kh, kw)
+    gather = gathered_operands(planar, image, (oh, ow), window) if byte_permute else None
     if gather is not None:
         return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,), "work": 0}
     if _is_pointwise(op):
@@ -201,7 +199,37 @@ def gather_operands(
     index = np.ascontiguousarray(by_word(picks)).reshape(-1)
     padding = np.packbits(by_word(outside), axis=-1, bitorder="little").view("<u8").reshape(-1)
     reach = 128 if offsets.max() < 128 else GATHER_WINDOW
-    return pack_conv_words(weight, 4), starts.astype(np.int64), index, padding, reach
+    return _pack_gather_words(weight), starts.astype(np.int64), index, padding, reach
+
+
+def gathered_operands(
+    weight: np.ndarray, image: tuple[int, int], output: tuple[int, int], window: tuple[int, ...]
+) -> tuple | None:
+    """:func:`gather_operands` where the gathered kernel runs a convolution (weights ``[O,
+    C/groups, KH, KW]``), None where the column blocks do (docs/kernels.md has the
+    measurements). The gathered kernel takes one input channel per group (depthwise and first
+    layers); with more, it fills all 16 lanes where the blocks do not (stride 2, rows of 8
+    columns or fewer) or where few channels leave the blocks' words half empty (up to 4), and
+    only for windows of 9 taps and more (3x3 wastes a quarter of each word of 4; 1x1 would
+    waste three quarters). Its blocks must fit."""
+    channels, taps = weight.shape[1], weight[0, 0].size
+    narrow = window[3] > 1 or output[1] <= 8 or channels <= 4
+    if channels > 1 and not (taps >= 9 and narrow):
+        return None
+    return gather_operands(weight, image, output, window)
+
+
+def _pack_gather_words(weight: np.ndarray) -> np.ndarray:
+    """``[O, C, KH, KW]`` int8 as the gathered kernel reads it: int32 ``[O, C * words + 1]``,
+    each input channel's taps (row-major) in words of 4 int8, 0 past the last tap, then
+    ``128 * Σ w`` (the kernel multiplies ``x + 128``)."""
+    o, c = weight.shape[:2]
+    taps = weight[0, 0].size
+    words = -(-taps // 4)
+    packed = np.zeros((o, c, words * 4), np.int8)
+    packed[:, :, :taps] = weight.reshape(o, c, taps)
+    correction = 128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1, keepdims=True)
+    return np.concatenate([packed.reshape(o, -1).view("<i4"), correction], axis=1, dtype=np.int32)
 
 
 def add_table(args: tuple) -> np.ndarray:
@@ -276,7 +304,7 @@ def bind_op(
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
             if geometry["kernel"] == "gather":
                 gather = geometry["gather"]
-                return lambda: nk.gather_conv_int8(x, *gather, *args, qmin, qmax, y)
+                return lambda: nk.gather_conv_int8(x, *gather, *args, groups, qmin, qmax, y)
             args += geometry["window"]
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
