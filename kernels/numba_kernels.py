@@ -49,7 +49,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "361e8248a14e1f86"
+SIMD_SOURCE_SHA256 = "6048feba5c5f75dc"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -339,13 +339,12 @@ def gather_conv_int8(
     x, weight_words, starts, index, padding, window, bias, multiplier, shift, zp_in, zp_out,
     groups, qmin, qmax, out,
 ):  # fmt: skip
-    """``reference.conv2d_int8`` of a convolution with one input channel per group (depthwise
-    layers, first layers on one-channel images) by :func:`simd.gather_conv_8_128` and its
-    kin, from the unpadded input: each group's output channels 8 at a time, the last
-    ``O/groups % 8`` one at a time, from blocks of 16 outputs gathered from ``window`` (128 or
-    256) bytes. ``weight_words``, ``starts``, ``index``, ``padding`` and ``window`` are
-    ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding and dilation are
-    in them). ``x`` ``[N, groups, H, W]``, ``out`` ``[N, O, OH, OW]``. Needs
+    """``reference.conv2d_int8`` by :func:`simd.gather_conv_8_128` and its kin, from the
+    unpadded input: each group's output channels 8 at a time, the last ``O/groups % 8`` one at
+    a time, in blocks of 16 outputs gathered from ``window`` (128 or 256) bytes of each of the
+    group's input channels. ``weight_words``, ``starts``, ``index``, ``padding`` and
+    ``window`` are ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding
+    and dilation are in them). ``x`` ``[N, C, H, W]``, ``out`` ``[N, O, OH, OW]``. Needs
     :data:`simd.HAS_VBMI`."""
     n_batch, c_total, h, w = x.shape
     o_total, positions = out.shape[1], out.shape[2] * out.shape[3]
@@ -357,25 +356,22 @@ def gather_conv_int8(
     for n in range(n_batch):
         for g in range(groups):
             x_start = (n * c_total + g * channels) * h * w
-            for o in range(g * per_group, (g + 1) * per_group):
-                if o - g * per_group >= eights:
-                    outputs = 1
-                elif (o - g * per_group) % 8 == 0:
-                    outputs = 8
-                else:
+            first = g * per_group
+            for o in range(first, first + per_group):
+                if o - first < eights and (o - first) % 8:
                     continue  # inside a block of 8
                 args = (source, x_start, source.size, starts, index, padding, words, channels,
                         h * w, weight_words, o, bias, multiplier, shift, zp_in, zp_out, qmin,
                         qmax, flat, (n * o_total + o) * positions, positions)  # fmt: skip
-                if outputs == 8:
+                if o - first >= eights:
                     if window > 128:
-                        gather_conv_8_256(*args)
+                        gather_conv_1_256(*args)
                     else:
-                        gather_conv_8_128(*args)
+                        gather_conv_1_128(*args)
                 elif window > 128:
-                    gather_conv_1_256(*args)
+                    gather_conv_8_256(*args)
                 else:
-                    gather_conv_1_128(*args)
+                    gather_conv_8_128(*args)
 
 
 @_inline

@@ -31,8 +31,8 @@ overlapping the previous step, with the already-counted lanes zeroed; no load le
 
 ``gemm_tile_RxC`` adds the GEMM's epilogue to these sums (requantization in vector lanes,
 :func:`_scale_lanes`, and the stores); ``conv_tile_*`` are convolution blocks that need no
-im2col, and ``gather_conv_*`` the channels of a one-input-channel group (depthwise layers,
-first layers) gathered from the unpadded input with ``vpermi2b`` (:func:`_make_gather_conv`).
+im2col, and ``gather_conv_*`` blocks of outputs gathered from the unpadded input with
+``vpermi2b`` (:func:`_make_gather_conv`).
 """
 
 from __future__ import annotations
@@ -624,24 +624,25 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
 
 
 def _make_gather_conv(outputs: int, window: int):
-    """``gather_conv_{outputs}_{window}``: output channels ``o .. o + outputs - 1`` of a
-    convolution whose groups have one input channel each (a depthwise layer: ``outputs`` 1; a
-    first layer on a one-channel image: 8 at a time), all ``positions = OH * OW`` outputs,
-    from the group's unpadded input plane at ``x[x_start:]``, in blocks of 16 consecutive
-    outputs (rows wrap inside a block):
+    """``gather_conv_{outputs}_{window}``: output channels ``o .. o + outputs - 1`` (1, or 8
+    sharing the gathered inputs) of a convolution, all ``positions = OH * OW`` outputs, from
+    the group's ``channels`` unpadded input planes of ``plane`` bytes at ``x[x_start:]``, in
+    blocks of 16 consecutive outputs (rows wrap inside a block). For each input channel ``c``:
 
-    - block ``b`` loads the ``window`` bytes (128 or 256) at ``x_start + starts[b]``, masked
-      near the end so that no byte at or past ``x_end`` (the flat ``x``'s size) is read, and
-      flips them to ``x + 128``;
+    - block ``b`` loads the ``window`` bytes (128 or 256) at ``x_start + c * plane +
+      starts[b]``, masked near the end so that no byte at or past ``x_end`` (the flat ``x``'s
+      size) is read, and flips them to ``x + 128``;
     - each word ``w`` of 4 taps gathers each lane's 4 inputs from those bytes with one
       ``vpermi2b`` per 128 of them (the index's top bit picks the upper 128): byte ``4 l + e``
       is input ``index[b, w, 4 l + e]`` of the window, or ``zp_in`` where bit ``4 l + e`` of
       ``padding[b, w]`` is set (a tap in the padding);
-    - ``vpdpbusd`` multiplies them by each channel's weight word (``weights[o + k, w]``, int8
-      taps), and a row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM);
-    - each channel's 16 sums are requantized in vector lanes (without the left shift when
-      the channels' shifts are all at most 0) and stored at ``out[out_start + k * positions
-      + 16 b:]`` (masked in the last block).
+    - ``vpdpbusd`` multiplies them by each output channel's weight word for ``(c, w)``
+      (``weights[o + k, c * words + w]``, int8 taps).
+
+    A row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM); each output
+    channel's 16 sums are requantized in vector lanes (without the left shift when the
+    channels' shifts are all at most 0) and stored at ``out[out_start + k * positions + 16
+    b:]`` (masked to the plane's positions).
 
     ``starts``, ``index``, ``padding`` and ``weights`` come from ``tinyrt.ops.gather_operands``;
     no padded copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""

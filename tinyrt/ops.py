@@ -54,11 +54,10 @@ def _conv_geometry(
     op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
 ) -> dict:
     """What a numba convolution needs besides its operands: the 2-D window, the kernel that
-    runs it (:func:`_conv_kernel`; ``gather`` for one input channel per group, depthwise
-    layers and first layers, when the blocks fit :func:`gather_operands` and the CPU permutes
-    bytes: ``byte_permute``), the padded input
-    it reads (exactly the rows and columns the output windows reach; none for ``gather``), the
-    gather operands and the size of its second scratch buffer."""
+    runs it (``gather`` where :func:`gathered_operands` says so and the CPU permutes bytes,
+    ``byte_permute``; else :func:`_conv_kernel`), the padded input it reads (exactly the rows
+    and columns the output windows reach; none for ``gather``), the gather operands and the
+    size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
@@ -155,16 +154,16 @@ def gather_operands(
     window: tuple[int, ...],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
     """:func:`numba_kernels.gather_conv_int8`'s weight words, block starts, gather indices,
-    padding masks and window (128 or 256 bytes) for weights ``[O, 1, KH, KW]`` (one input
-    channel per group) over an unpadded ``[H, W]`` plane with output ``[OH, OW]`` and
+    padding masks and window (128 or 256 bytes) for weights ``[O, C/groups, KH, KW]`` over
+    unpadded ``[H, W]`` planes with output ``[OH, OW]`` and
     ``window = (kh, kw, sh, sw, pad_top, pad_left, dh, dw)``; None if some block of 16
     outputs reads inputs 256 bytes apart or more (the kernel reads four 64-byte vectors per
     block, two when 128 bytes suffice).
 
     Block ``b`` covers outputs ``16 b ..`` of the plane in row-major order (lanes past the
     last output repeat it, never stored). ``starts[b]`` is the first input any of its in-image
-    taps reads; ``index[b, w, 4 l + e]`` (uint8) is where lane ``l``'s tap ``4 w + e`` (taps
-    row-major, words of 4 as :func:`pack_conv_words`) lies from there; bit ``4 l + e`` of
+    taps reads (in every input channel's plane); ``index[b, w, 4 l + e]`` (uint8) is where
+    lane ``l``'s tap ``4 w + e`` (taps row-major, words of 4) lies from there; bit ``4 l + e`` of
     ``padding[b, w]`` (uint64) is set for a tap in the padding (and the word's unused taps,
     whose weights are 0), which reads the zero point."""
     kh, kw, sh, sw, pad_top, pad_left, dh, dw = window
@@ -246,8 +245,8 @@ def conv_scratch_shape(
     op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
 ) -> tuple[int] | None:
     """Bytes of the numba convolution's scratch: the padded input, then (64-byte aligned) the
-    kernel's second buffer (:func:`_conv_geometry`); None for the gathered depthwise kernel,
-    which needs none."""
+    kernel's second buffer (:func:`_conv_geometry`); None for the gathered kernel, which
+    needs none."""
     geometry = _conv_geometry(op, in_shape, out_shape, byte_permute)
     if geometry["kernel"] == "gather":
         return None
