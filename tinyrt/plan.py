@@ -213,11 +213,11 @@ class Executor:
         owners = sorted(set(storage))
         sizes = [math.prod(shapes[v]) * ITEMSIZE[graph.values[v].dtype] for v in owners]
         lifetimes = [(first[v], last[v]) for v in owners]
-        scratch_of: dict[int, int] = {}
+        scratch_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # op -> (buffer, shape)
         for i, op in enumerate(graph.ops):
             scratch = scratch_shape(op, shapes, numba_kernels)
             if scratch is not None:
-                scratch_of[i] = len(sizes)
+                scratch_of[i] = (len(sizes), scratch)
                 sizes.append(math.prod(scratch))
                 lifetimes.append((i, i))
         if not share_memory:
@@ -241,9 +241,7 @@ class Executor:
         for i, op in enumerate(graph.ops):
             if op.kind == "reshape":
                 continue
-            scratch = None
-            if i in scratch_of:
-                scratch = view(scratch_of[i], scratch_shape(op, shapes, numba_kernels))
+            scratch = view(*scratch_of[i]) if i in scratch_of else None
             states = self._new_states(op, graph, shapes) if op.kind in RECURRENT else []
             for direction, state in enumerate(states):
                 self.state_of[(i, direction)] = state
