@@ -7,5 +7,6 @@ See :mod:`tinyrt.converter.api`.
 """
 
 from tinyrt.converter.api import convert, convert_from_files
+from tinyrt.converter.lowbit import WeightSpec
 
-__all__ = ["convert", "convert_from_files"]
+__all__ = ["WeightSpec", "convert", "convert_from_files"]

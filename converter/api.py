@@ -26,8 +26,10 @@ from tinyrt.converter.dynamic import pack_dynamic
 from tinyrt.converter.ir import Graph
 from tinyrt.converter.layout import batch_axis
 from tinyrt.converter.loading import apply_weights, load_model, load_weights
+from tinyrt.converter.lowbit import WeightSpec
 from tinyrt.converter.pack import pack
 from tinyrt.converter.passes import simplify
+from tinyrt.converter.quantize import INT8
 from tinyrt.converter.stats import layer_errors
 from tinyrt.converter.trace import (
     embedding_inputs,
@@ -59,12 +61,14 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 @dataclass
 class _Packed:
     """A quantized model before writing: graph dict, tensor table, the provenance's
-    ``calibration`` entry, and the inputs on which per-layer errors are measured."""
+    ``calibration`` entry, the inputs on which per-layer errors are measured, and each weight
+    tensor's bits and reconstruction error (static mode)."""
 
     graph: dict
     tensors: list[Tensor]
     calibration: dict | None
     stats_inputs: dict[str, torch.Tensor]
+    weight_errors: dict[str, dict] | None = None
 
 
 def _sample_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
@@ -77,7 +81,9 @@ def _axes(graph: Graph) -> dict[str, int]:
     return {name: graph.input_axis(name) for name in graph.inputs}
 
 
-def _static(graph: Graph, calibration: Any, progress: bool, max_samples: int | None) -> _Packed:
+def _static(
+    graph: Graph, calibration: Any, progress: bool, max_samples: int | None, spec: WeightSpec
+) -> _Packed:
     """Calibrate on ``calibration`` and pack the integer graph; errors on the first samples."""
     batches, total = calibration_batches(
         calibration,
@@ -88,9 +94,9 @@ def _static(graph: Graph, calibration: Any, progress: bool, max_samples: int | N
         optional=graph.states,
     )
     result = calibrate(graph, batches, total=total, progress=progress, keep=STATS_SAMPLES)
-    graph_dict, tensors = pack(graph, result.ranges, result.cell_peaks)
+    graph_dict, tensors, weight_errors = pack(graph, result.ranges, result.cell_peaks, spec)
     entry = {"method": "minmax", "samples": result.samples}
-    return _Packed(graph_dict, tensors, entry, result.kept_inputs)
+    return _Packed(graph_dict, tensors, entry, result.kept_inputs, weight_errors)
 
 
 def _joined(batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -133,9 +139,15 @@ def _convert(
     weights: dict | None,
     progress: bool,
     max_samples: int | None,
+    spec: WeightSpec,
 ) -> pathlib.Path:
     if mode not in MODES:
         raise ConversionError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "dynamic" and spec != INT8:
+        raise ConversionError(
+            "dynamic mode keeps int8 weights (PyTorch's quantize_dynamic); weights below 8 "
+            "bits need static mode"
+        )
     if max_samples is not None and max_samples < 1:
         raise ConversionError(f"max_calibration_samples must be >= 1, got {max_samples}")
     examples = _as_tuple(example_inputs)
@@ -143,7 +155,7 @@ def _convert(
     if not graph.nodes:
         raise ConversionError(f"{type(model).__name__} computes nothing from its inputs")
     if mode == "static":
-        packed = _static(graph, calibration, progress, max_samples)
+        packed = _static(graph, calibration, progress, max_samples, spec)
     else:
         packed = _dynamic(graph, examples, calibration, max_samples)
     provenance = {
@@ -154,6 +166,8 @@ def _convert(
         "mode": mode,
         "calibration": packed.calibration,
     }
+    if packed.weight_errors is not None:
+        provenance["weight_quantization"] = packed.weight_errors
     blob = serialize(packed.graph, packed.tensors, provenance)
     provenance["layers"] = layer_errors(blob, graph, packed.stats_inputs)
     try:
@@ -173,6 +187,7 @@ def convert(
     source: str | None = None,
     progress: bool = True,
     max_calibration_samples: int | None = None,
+    weight_spec: WeightSpec = INT8,
 ) -> pathlib.Path:
     """Convert ``model`` into a ``.tinyrt`` file at ``out``; return its path.
 
@@ -189,7 +204,9 @@ def convert(
     it (activation ranges); dynamic mode needs none, and uses it, if given, only as the inputs
     of the per-layer error statistics (its first 64 samples; otherwise the first example
     sample). ``source`` is recorded in the file's provenance (default: the model's class).
-    ``progress`` shows a progress bar over calibration batches.
+    ``progress`` shows a progress bar over calibration batches. ``weight_spec``
+    (:class:`tinyrt.converter.WeightSpec`, static mode) quantizes the layer weights to 4, 3 or
+    2 bits with per-group scales (docs/lowbit.md), all layers or some; int8 by default.
 
     Raises UnsupportedOpError for layers tinyrt cannot convert (in that mode) and
     ConversionError for every other problem; on any error no file is written (an existing
@@ -206,6 +223,7 @@ def convert(
         weights=None,
         progress=progress,
         max_samples=max_calibration_samples,
+        spec=weight_spec,
     )
 
 
@@ -269,6 +287,7 @@ def convert_from_files(
     input_shape: tuple[int, ...] | None = None,
     progress: bool = True,
     mode: str = "static",
+    weight_spec: WeightSpec = INT8,
 ) -> pathlib.Path:
     """Convert a model described by files (what ``tinyrt convert`` runs); return the path.
 
@@ -282,7 +301,7 @@ def convert_from_files(
     sample, unless ``input_shape`` (the full shape of one example input, batch axis first, or
     second for a sequence-first model; single-input models) is given: then zeros of the
     calibration array's kind (without calibration data, token ids if an nn.Embedding reads the
-    input).
+    input). ``weight_spec`` as :func:`convert`.
     """
     if mode == "static" and calibration is None:
         raise ConversionError(
@@ -309,4 +328,5 @@ def convert_from_files(
         weights=weights_info,
         progress=progress,
         max_samples=None,
+        spec=weight_spec,
     )

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinyrt.converter.ir import RECURRENT, SHARES_INPUT_PARAMS, Graph, Node, State, directions
+from tinyrt.converter.lowbit import WeightSpec
 from tinyrt.converter.quantize import (
+    INT8,
     QuantizedLayer,
     activation_params,
     add_attrs,
@@ -24,9 +26,12 @@ from tinyrt.converter.quantize import (
     quantize_layer,
     quantize_lstm,
 )
+from tinyrt.errors import ConversionError
 from tinyrt.format import Tensor
 from tinyrt.kernels.reference import activation_table
+from tinyrt.packing import GroupWeight
 
+_WEIGHTED = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
 TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
 # Ops that keep axis 1 as the time axis (concat only when joining along a later axis).
 _PER_STEP = frozenset({"embedding", "linear", "clamp", "add", "concat", *RECURRENT})
@@ -61,6 +66,30 @@ class TensorTable:
         }
         return self.add(Tensor(name, "int8", weight.shape, weight, record)), index
 
+    def group_rows(self, name: str, weight: GroupWeight, scale: np.ndarray, bits: int) -> int:
+        """Add the low-bit weight ``name`` (docs/lowbit.md) with its per_group quantization
+        record: row scales ``name_scale`` (float32), group scales ``name_group_scale`` (uint8)
+        and, unless symmetric, offsets ``name_zero_point`` (int16); return its index."""
+        record = {
+            "scheme": "per_group",
+            "axis": 0,
+            "group_size": weight.group_size,
+            "bits": bits,
+            "symmetric": weight.offset is None,
+            "scale": self.add(Tensor(f"{name}_scale", "float32", scale.shape, scale)),
+            "group_scale": self.add(
+                Tensor(f"{name}_group_scale", "uint8", weight.group_scale.shape, weight.group_scale)
+            ),
+            "zero_point": None,
+        }
+        if weight.offset is not None:
+            offset = weight.offset
+            record["zero_point"] = self.add(
+                Tensor(f"{name}_zero_point", "int16", offset.shape, offset)
+            )
+        dtype = f"int{weight.bits}"
+        return self.add(Tensor(name, dtype, weight.shape, weight.packed, record))
+
 
 @dataclass(kw_only=True)
 class _Packer(TensorTable):
@@ -69,7 +98,9 @@ class _Packer(TensorTable):
 
     params: dict[str, tuple[float, int]]
     cell_peaks: Mapping[str, Sequence[float]]
+    spec: WeightSpec
     tables: dict[str, int] = field(default_factory=dict)
+    weight_errors: dict[str, dict] = field(default_factory=dict)
 
     def table(self, function: str) -> int:
         """The int16 ``sigmoid``/``tanh`` table, stored once per file (docs/recurrent.md)."""
@@ -91,13 +122,28 @@ class _Packer(TensorTable):
             s_in,
             zp_in,
             s_out,
+            self.spec.for_layer(node.name),
         )
         return self.rows(node.name, q), self.clamp(node)
 
     def rows(self, name: str, q: QuantizedLayer, suffix: str = "") -> dict[str, int]:
         """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
-        None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index."""
-        weight, _ = self.weight_rows(f"{name}.weight{suffix}", q.weight, q.scale)
+        None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index. Records the
+        weight's bits and reconstruction error for the file's provenance."""
+        weight_name = f"{name}.weight{suffix}"
+        spec = self.spec.for_layer(name)
+        if isinstance(q.weight, GroupWeight):
+            weight = self.group_rows(weight_name, q.weight, q.scale, spec.bits)
+            self.weight_errors[weight_name] = {
+                "bits": spec.bits,
+                "group_size": spec.group_size,
+                "method": spec.method,
+                "symmetric": spec.symmetric,
+                "error": q.error,
+            }
+        else:
+            weight, _ = self.weight_rows(weight_name, q.weight, q.scale)
+            self.weight_errors[weight_name] = {"bits": 8, "error": q.error}
         tensors = {f"weight{suffix}": weight}
         for key, array in (("bias", q.bias), ("multiplier", q.multiplier), ("shift", q.shift)):
             if array is not None:
@@ -135,7 +181,8 @@ def _concat(p: _Packer, node: Node) -> tuple[dict, dict]:
 
 
 def _embedding(p: _Packer, node: Node) -> tuple[dict, dict]:
-    q = quantize_embedding(node.name, node.params["weight"].numpy(), p.params[node.output][0])
+    weight, s_out = node.params["weight"].numpy(), p.params[node.output][0]
+    q = quantize_embedding(node.name, weight, s_out, p.spec.for_layer(node.name))
     return p.rows(node.name, q), {}
 
 
@@ -143,11 +190,12 @@ def _recurrent(p: _Packer, node: Node) -> tuple[dict, dict]:
     """An lstm/gru op: per direction the gate matrices, then the shared activation tables."""
     params = {key: value.numpy() for key, value in node.params.items()}
     x, h = p.params[node.inputs[0]], p.params[node.output]
+    spec = p.spec.for_layer(node.name)
     if node.kind == "lstm":
         peaks = p.cell_peaks[node.output]
-        q = quantize_lstm(node.name, params, directions(node), x, h, peaks)
+        q = quantize_lstm(node.name, params, directions(node), x, h, peaks, spec)
     else:
-        q = quantize_gru(node.name, params, directions(node), x, h)
+        q = quantize_gru(node.name, params, directions(node), x, h, spec)
     tensors = {}
     for suffix, gates in q.gates.items():
         tensors |= p.rows(node.name, gates, suffix)
@@ -290,13 +338,23 @@ def pack(
     graph: Graph,
     ranges: dict[str, tuple[float, float]],
     cell_peaks: Mapping[str, Sequence[float]] | None = None,
-) -> tuple[dict, list[Tensor]]:
+    spec: WeightSpec = INT8,
+) -> tuple[dict, list[Tensor], dict[str, dict]]:
     """The graph dict (docs/graph.md) and tensor table of the quantized ``graph``, from the
-    calibrated ``ranges`` and (for LSTMs) ``cell_peaks``, as :class:`.calibrate.Calibration`."""
-    packer = _Packer(params=value_params(graph, ranges), cell_peaks=cell_peaks or {})
+    calibrated ``ranges`` and (for LSTMs) ``cell_peaks``, as :class:`.calibrate.Calibration`,
+    with weights as ``spec`` says; and per weight tensor its bits and relative squared
+    reconstruction error (for the provenance)."""
+    unknown = set(spec.layers) - {node.name for node in graph.nodes if node.kind in _WEIGHTED}
+    if unknown:
+        raise ConversionError(
+            f"bits were given for {', '.join(sorted(unknown))}, which are not layers with "
+            f"weights of this model (those are: "
+            f"{', '.join(n.name for n in graph.nodes if n.kind in _WEIGHTED)})"
+        )
+    packer = _Packer(params=value_params(graph, ranges), cell_peaks=cell_peaks or {}, spec=spec)
     dtypes = dict.fromkeys(graph.token_inputs, "int32")
 
     def emit(node: Node) -> tuple[str, dict[str, int], dict]:
         return (node.kind, *_OPS[node.kind](packer, node))
 
-    return graph_dict(graph, packer.params, dtypes, emit), packer.tensors
+    return graph_dict(graph, packer.params, dtypes, emit), packer.tensors, packer.weight_errors

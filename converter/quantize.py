@@ -29,13 +29,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyrt.converter.ir import Bounds
+from tinyrt.converter.lowbit import WeightSpec
 from tinyrt.errors import ConversionError
-from tinyrt.kernels.reference import INT8_MAX, INT8_MIN, INT32_MAX, quantize_multiplier
+from tinyrt.kernels.reference import (
+    INT8_MAX,
+    INT8_MIN,
+    INT32_MAX,
+    group_weight,
+    quantize_multiplier,
+)
+from tinyrt.packing import GroupWeight
 
 BIAS_LIMIT = 2**30
 ADD_LEFT_SHIFT = 20
 GATE_SCALE = 2.0**-12  # Q3.12: recurrent gate pre-activations
 Q15_SCALE = 2.0**-15  # Q0.15: sigmoid/tanh outputs
+INT8 = WeightSpec()  # int8 per channel: the default
 MAX_CELL_EXPONENT = 15  # an LSTM cell state is int16 at 2^-cell_frac, cell_frac = 15 - m
 DYNAMIC_SPAN = 256  # dynamic mode: bound on |q - zp| of a row quantized at run time (<= 255)
 
@@ -89,57 +98,98 @@ def _encode_rows(name: str, reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class QuantizedLayer:
     """Requantized weight rows (a conv/linear layer, an embedding table, a recurrent layer's
-    gate matrix): ``weight`` int8 (the float weight's shape), ``scale`` float32 ``s_w`` [O],
-    ``bias`` int32 [O] with the zero-point correction folded in (None for an embedding), and
-    the requantization ``multiplier``/``shift`` int32 [O]."""
+    gate matrix): ``weight`` int8 of the float weight's shape, or below 8 bits the packed
+    group form (:class:`GroupWeight`, docs/lowbit.md), ``scale`` float32 [O] (``s_w``, or the
+    row scale of the group form), ``bias`` int32 [O] with the zero-point correction folded in
+    (None for an embedding), the requantization ``multiplier``/``shift`` int32 [O], and
+    ``error``, the weight's relative squared reconstruction error ``||W - W'||^2 / ||W||^2``."""
 
-    weight: np.ndarray
+    weight: np.ndarray | GroupWeight
     scale: np.ndarray
     bias: np.ndarray | None
     multiplier: np.ndarray
     shift: np.ndarray
+    error: float
+
+
+def _relative_error(w: np.ndarray, scale: np.ndarray, integers: np.ndarray) -> float:
+    norm = float((w**2).sum())
+    return float(((w - scale[:, None] * integers) ** 2).sum()) / norm if norm else 0.0
+
+
+def _weight_rows(
+    w: np.ndarray, shape: tuple[int, ...], spec: WeightSpec, minimum: np.ndarray | float = 0.0
+) -> tuple[np.ndarray | GroupWeight, np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize float rows ``w [O, K]`` (of a weight of ``shape``) as ``spec.bits`` says:
+    ``(stored weight, scale float64 [O], integer weights int64 [O, K], sum_k |w| bound [O])``,
+    where ``scale[c] * integers[c]`` approximates ``w[c]``; int8 rows get a scale of at least
+    ``minimum[c]`` (the bias limit of :func:`quantize_layer`)."""
+    if spec.bits == 8:
+        scale = _row_scales(w, minimum)
+        wq = _quantize_rows(w, scale)
+        integers = wq.astype(np.int64)
+        return wq.reshape(shape), scale.astype(np.float64), integers, np.abs(integers).sum(axis=1)
+    grouped = spec.quantize(w)
+    stored = grouped.group_weight(shape)
+    integers = group_weight(stored).reshape(len(w), -1).astype(np.int64)
+    return stored, grouped.scale, integers, stored.row_bounds()
 
 
 def quantize_layer(
-    name: str, weight: np.ndarray, bias: np.ndarray, s_in: float, zp_in: int, s_out: float
+    name: str,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    s_in: float,
+    zp_in: int,
+    s_out: float,
+    spec: WeightSpec = INT8,
 ) -> QuantizedLayer:
     """Quantize a conv/linear layer (``weight`` [O, ...], ``bias`` [O], float) between an input
-    with parameters ``(s_in, zp_in)`` and an output with scale ``s_out``.
+    with parameters ``(s_in, zp_in)`` and an output with scale ``s_out``, its weights as
+    ``spec`` says (int8 by default).
 
     If ``b[c] / (s_in * s_w[c])`` would exceed ``2^30`` in magnitude (a large bias on a channel
-    with tiny weights), ``s_w[c]`` is raised to ``|b[c]| / (s_in * 2^30)`` (rounded up to
-    float32) and the channel's weights are quantized with it: a coarser channel instead of a
-    bias that does not fit.
+    with tiny weights), an int8 ``s_w[c]`` is raised to ``|b[c]| / (s_in * 2^30)`` (rounded up
+    to float32) and the channel's weights are quantized with it: a coarser channel instead of
+    a bias that does not fit. Below 8 bits such a layer is refused.
 
     Overflow proof: the int32 accumulator of channel ``c`` starts at ``bias'[c]`` and adds
-    products of ``Wq`` with int8 inputs (``|x| <= 128``, padding reads ``zp_in``), so every
-    partial sum is bounded by ``|bias'[c]| + 128 * sum_k |Wq[c, k]|``; a layer where that exceeds
-    ``2^31 - 1`` is refused.
+    products of the integer weights with int8 inputs (``|x| <= 128``, padding reads
+    ``zp_in``), so every partial sum is bounded by ``|bias'[c]| + 128 * sum_k |W[c, k]|``
+    (below 8 bits, by the runtime's bound of ``sum_k |W[c, k]|`` from the group parameters);
+    a layer where that exceeds ``2^31 - 1`` is refused.
     """
     out_channels = weight.shape[0]
     w = weight.reshape(out_channels, -1).astype(np.float64)
     b = bias.astype(np.float64)
-    scale = _row_scales(w, np.abs(b) / (s_in * BIAS_LIMIT))
-    wq = _quantize_rows(w, scale)
-    bias_q = round_half_away(b / (s_in * scale.astype(np.float64))).astype(np.int64)
-    row_sums = wq.astype(np.int64).sum(axis=1)
-    folded = bias_q - zp_in * row_sums
-    bound = np.abs(folded) + 128 * np.abs(wq.astype(np.int64)).sum(axis=1)
+    stored, scale, integers, sums = _weight_rows(
+        w, weight.shape, spec, np.abs(b) / (s_in * BIAS_LIMIT)
+    )
+    bias_q = round_half_away(b / (s_in * scale)).astype(np.int64)
+    if (np.abs(bias_q) > BIAS_LIMIT).any():
+        c = int(np.argmax(np.abs(bias_q) > BIAS_LIMIT))
+        raise ConversionError(
+            f"{name}: the bias of output channel {c} does not fit its {spec.bits}-bit weights' "
+            f"scale (|bias / scale| > 2^30); keep this layer at 8 bits"
+        )
+    folded = bias_q - zp_in * integers.sum(axis=1)
+    bound = np.abs(folded) + 128 * sums
     if (bound > INT32_MAX).any():
         c = int(np.argmax(bound > INT32_MAX))
         raise ConversionError(
             f"{name}: the int32 accumulator of output channel {c} could overflow: "
             f"|bias| + 128 * sum|w| = {int(bound[c])} > 2^31 - 1 = {INT32_MAX} "
             f"(input dimension {w.shape[1]} per channel). Use a smaller input dimension for "
-            "this layer; splitting a layer's accumulation is not implemented"
+            "this layer (or smaller groups); splitting a layer's accumulation is not implemented"
         )
-    multiplier, shift = _encode_rows(name, s_in * scale.astype(np.float64) / s_out)
+    multiplier, shift = _encode_rows(name, s_in * scale / s_out)
     return QuantizedLayer(
-        wq.reshape(weight.shape),
+        stored,
         scale.astype(np.float32),
         folded.astype(np.int32),
         multiplier,
         shift,
+        _relative_error(w, scale, integers),
     )
 
 
@@ -206,17 +256,22 @@ def quantize_dynamic_rows(name: str, weight: np.ndarray) -> tuple[np.ndarray, np
     return wq, scale
 
 
-def quantize_embedding(name: str, weight: np.ndarray, s_out: float) -> QuantizedLayer:
-    """Quantize an embedding table ``weight`` [V, E] for an output of scale ``s_out``.
+def quantize_embedding(
+    name: str, weight: np.ndarray, s_out: float, spec: WeightSpec = INT8
+) -> QuantizedLayer:
+    """Quantize an embedding table ``weight`` [V, E] for an output of scale ``s_out``, its
+    rows as ``spec`` says (int8 by default).
 
     A lookup is a linear layer without bias on a one-hot input of scale 1 (the token value's
-    scale): rows are quantized like weights (:func:`quantize_weight_rows`), and
-    ``M[v] = s_w[v] / s_out``. Each output ``zp_out + mbqm(Wq[tok, e], M[tok])`` requantizes a
-    single int8 weight: nothing accumulates, so there is no overflow bound to prove.
+    scale): rows are quantized like weights, and ``M[v] = s_w[v] / s_out``. Each output
+    ``zp_out + mbqm(W[tok, e], M[tok])`` requantizes a single integer weight: nothing
+    accumulates, so there is no overflow bound to prove.
     """
-    wq, scale = quantize_weight_rows(weight)
-    multiplier, shift = _encode_rows(name, scale.astype(np.float64) / s_out)
-    return QuantizedLayer(wq, scale, None, multiplier, shift)
+    w = weight.astype(np.float64)
+    stored, scale, integers, _ = _weight_rows(w, weight.shape, spec)
+    multiplier, shift = _encode_rows(name, scale / s_out)
+    error = _relative_error(w, scale, integers)
+    return QuantizedLayer(stored, scale.astype(np.float32), None, multiplier, shift, error)
 
 
 def cell_frac(peak: float) -> int:
@@ -247,6 +302,7 @@ def _gate_matrices(
     directions: Sequence[str],
     x: tuple[float, int],
     h: tuple[float, int],
+    spec: WeightSpec,
 ) -> dict[str, QuantizedLayer]:
     """The gate matrices of every direction (``directions``: ``""`` and maybe ``"_reverse"``).
 
@@ -265,6 +321,7 @@ def _gate_matrices(
                 s_in,
                 zp_in,
                 GATE_SCALE,
+                spec,
             )
     return gates
 
@@ -276,9 +333,11 @@ def quantize_lstm(
     x: tuple[float, int],
     h: tuple[float, int],
     cell_peaks: Sequence[float],
+    spec: WeightSpec = INT8,
 ) -> QuantizedRecurrent:
     """Quantize one LSTM layer (params by IR name, float) between input ``x`` and output ``h``
-    (``(scale, zero_point)`` each); ``cell_peaks`` are the calibrated ``max|c|`` per direction.
+    (``(scale, zero_point)`` each); ``cell_peaks`` are the calibrated ``max|c|`` per direction;
+    ``spec`` says how the gate matrices' weights are quantized.
 
     Gate matrices as :func:`_gate_matrices`; ``cell_frac`` per direction from
     :func:`cell_frac`; ``out_*`` encodes ``2^-30 / s_h``, since ``o * tanh(c)`` is the product
@@ -290,7 +349,7 @@ def quantize_lstm(
         "out_multiplier": out_multiplier,
         "out_shift": out_shift,
     }
-    return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h), attrs)
+    return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h, spec), attrs)
 
 
 def quantize_gru(
@@ -299,6 +358,7 @@ def quantize_gru(
     directions: Sequence[str],
     x: tuple[float, int],
     h: tuple[float, int],
+    spec: WeightSpec = INT8,
 ) -> QuantizedRecurrent:
     """Quantize one GRU layer, arguments as :func:`quantize_lstm` (without cell peaks).
 
@@ -307,4 +367,4 @@ def quantize_gru(
     """
     out_multiplier, out_shift = encode_multiplier(Q15_SCALE / h[0], name)
     attrs = {"out_multiplier": out_multiplier, "out_shift": out_shift}
-    return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h), attrs)
+    return QuantizedRecurrent(_gate_matrices(name, params, directions, x, h, spec), attrs)

@@ -16,7 +16,8 @@ from torch import nn
 
 from examples.models import DigitsCNN, Mnist1dCNN
 from examples.recurrent_models import Mnist1dGRU
-from tinyrt.converter import convert
+from tinyrt.converter import WeightSpec, convert
+from tinyrt.converter.quantize import INT8
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,8 +54,9 @@ class Example:
         with np.load(self.data_path) as arrays:
             return {key: arrays[key] for key in ("calib_x", "test_x", "test_y")}
 
-    def convert(self, out: Path, progress: bool = True) -> Path:
-        """Convert the trained model to ``out``, calibrating on ``calib_x``."""
+    def convert(self, out: Path, progress: bool = True, weight_spec: WeightSpec = INT8) -> Path:
+        """Convert the trained model to ``out``, calibrating on ``calib_x``; weights int8 or
+        as ``weight_spec`` says."""
         calib_x = self.data()["calib_x"]
         return convert(
             self.float_model(),
@@ -63,6 +65,7 @@ class Example:
             calibration=calib_x,
             source=self.spec,
             progress=progress,
+            weight_spec=weight_spec,
         )
 
     def float_predictions(self, x: np.ndarray) -> np.ndarray:

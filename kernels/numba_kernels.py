@@ -654,6 +654,92 @@ def embedding_int8(tokens, weight, multiplier, shift, zp_out, out):
 
 
 @_inline
+def _low_bit(packed, index, bits):
+    """Value ``index`` of a packed int4/int2 tensor (``tinyrt.packing`` layout), as int32."""
+    per_byte = 8 // bits
+    field = (np.int32(packed[index // per_byte]) >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
+    sign = np.int32(1) << (bits - 1)
+    return (field ^ sign) - sign
+
+
+@_jit
+def linear_group(
+    x,
+    packed,
+    bits,
+    group_size,
+    group_scale,
+    offset,
+    bias,
+    multiplier,
+    shift,
+    zp_out,
+    qmin,
+    qmax,
+    sums,
+    out,
+):
+    """``reference.linear_int8`` on ``reference.group_weight`` of a low-bit weight, unpacked in
+    registers: ``x`` ``[N, K]``, ``group_scale``/``offset`` ``[O, G]`` (offset zeros when
+    symmetric), ``sums`` int32 ``[G]`` scratch, ``out`` ``[N, O]``. Per row and group
+    ``acc += m * sum_k x q - o * sum_k x``: the input sums are shared by every row. Rows and
+    groups that start on a byte boundary read bytes of ``8 / bits`` values at once."""
+    n_batch, k_len = x.shape
+    rows, groups = group_scale.shape
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    sign = np.int32(1) << (bits - 1)
+    aligned = k_len % per_byte == 0 and group_size % per_byte == 0
+    for n in range(n_batch):
+        xn = x[n]
+        for g in range(groups):
+            total = np.int32(0)
+            for k in range(g * group_size, min(k_len, (g + 1) * group_size)):
+                total += np.int32(xn[k])
+            sums[g] = total
+        for o in range(rows):
+            acc = np.int32(bias[o])
+            for g in range(groups):
+                first = g * group_size
+                last = min(k_len, first + group_size)
+                dot = np.int32(0)
+                if aligned:
+                    base = (o * k_len + first) // per_byte
+                    for j in range((last - first) // per_byte):
+                        byte = np.int32(packed[base + j])
+                        for i in range(per_byte):
+                            q = (((byte >> (i * bits)) & mask) ^ sign) - sign
+                            dot = np.int32(dot + np.int32(xn[first + j * per_byte + i]) * q)
+                else:
+                    for k in range(first, last):
+                        q = _low_bit(packed, o * k_len + k, bits)
+                        dot = np.int32(dot + np.int32(xn[k]) * q)
+                acc = np.int32(
+                    acc + np.int32(group_scale[o, g]) * dot - np.int32(offset[o, g]) * sums[g]
+                )
+            out[n, o] = _requantize(acc, multiplier[o], shift[o], zp_out, qmin, qmax)
+
+
+@_jit
+def embedding_group(
+    tokens, packed, bits, group_size, group_scale, offset, multiplier, shift, zp_out, out
+):
+    """``reference.embedding_int8`` on ``reference.group_weight`` of a low-bit table: each
+    output requantizes ``m * q - o`` of one packed value of the token's row."""
+    n_batch, steps = tokens.shape
+    dim = out.shape[2]
+    for n in range(n_batch):
+        for t in range(steps):
+            token = tokens[n, t]
+            m, s = multiplier[token], shift[token]
+            for e in range(dim):
+                g = e // group_size
+                w = np.int32(group_scale[token, g]) * _low_bit(packed, token * dim + e, bits)
+                w -= np.int32(offset[token, g])
+                out[n, t, e] = _requantize(w, m, s, zp_out, -128, 127)
+
+
+@_inline
 def _rounding_divide_by_pot(x, exponent):
     """Scalar ``reference.rounding_divide_by_pot`` (int64): nearest, ties away from zero."""
     x = np.int64(x)

@@ -35,6 +35,9 @@ where ``[qmin, qmax]`` is [-128, 127] narrowed by a fused ReLU/ReLU6. Steps 2 an
 so the result can differ from ``clamp(zero_point + round(acc * M))`` computed in float64, by at
 most one LSB (tested); e.g. ``acc = 1, M = 0.25`` gives 1 where float64 gives 0.
 
+Weights below 8 bits (docs/lowbit.md) reach every layer kernel as the integer weights
+``m * q - o`` of their group form (:func:`group_weight`): the arithmetic above is unchanged.
+
 Rounded divisions elsewhere (average pooling) use :func:`rounding_divide`: round to nearest,
 ties away from zero.
 """
@@ -44,6 +47,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from tinyrt.packing import GroupWeight, unpack_bits
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -204,6 +209,21 @@ def conv2d_int8(
     _check_int32(acc, "conv2d")
     per_channel = (slice(None), None, None)
     return requantize(acc, multiplier[per_channel], shift[per_channel], zp_out, qmin, qmax)
+
+
+def group_weight(weight: GroupWeight) -> np.ndarray:
+    """The integer weights of a low-bit weight, int32 of its logical shape ``[O, ...]``:
+    ``W[c, k] = group_scale[c, g] * q[c, k] - offset[c, g]`` for ``k`` in group ``g``
+    (``g = k // group_size`` along the flattened row; offset 0 when symmetric). The layer's
+    real weights are ``scale[c] * W[c, k]``, so its kernels take ``W`` where an int8 layer
+    takes its int8 weights."""
+    rows = weight.shape[0]
+    q = unpack_bits(weight.packed, weight.bits, math.prod(weight.shape)).reshape(rows, -1)
+    groups = np.arange(q.shape[1]) // weight.group_size
+    w = weight.group_scale.astype(np.int32)[:, groups] * q
+    if weight.offset is not None:
+        w -= weight.offset.astype(np.int32)[:, groups]
+    return w.reshape(weight.shape)
 
 
 def linear_int8(

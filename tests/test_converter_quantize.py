@@ -150,7 +150,7 @@ def test_pack_builds_the_documented_graph():
     torch.manual_seed(0)
     graph = simplify(trace(Net(), (torch.randn(1, 2, 8),)))
     ranges = {"signal": (-1.0, 2.0), "conv": (-3.0, 3.0), "fc": (-1.0, 1.0), "cat": (0.0, 3.0)}
-    graph_dict, tensors = pack(graph, ranges)
+    graph_dict, tensors, _ = pack(graph, ranges)
     values = graph_dict["values"]
     assert [v["name"] for v in values] == ["signal", "conv", "pool", "act", "flatten", "fc", "cat"]
     assert values[0]["shape"] == [1, 2, 8] and values[4]["shape"] == [1, 16]

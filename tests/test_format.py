@@ -255,7 +255,7 @@ def test_header_and_sections_follow_the_spec() -> None:
     blob = _valid()
     header = _header(blob)
     assert header["magic"] == MAGIC == b"\x89TINYRT\n"
-    assert (header["major"], header["minor"]) == FORMAT_VERSION == (1, 0)
+    assert (header["major"], header["minor"]) == FORMAT_VERSION == (1, 1)
     assert header["header_size"] == header["metadata_offset"] == 64
     assert header["flags"] == 0
     assert header["header_crc"] == zlib.crc32(blob[:60])
@@ -516,8 +516,8 @@ CORPUS = {
     "wrong-magic": (lambda b: b"PK\x03\x04zip!" + b[8:], "magic"),
     "text-mode-transfer": (lambda b: b.replace(b"\n", b"\r\n", 1), "transfer"),
     "high-bit-stripped": (lambda b: bytes([b[0] & 0x7F]) + b[1:], "transfer"),
-    "unknown-major": (_header_field(major=2), "version 2.0 is not supported"),
-    "major-zero": (_header_field(major=0), "version 0.0 is not supported"),
+    "unknown-major": (_header_field(major=2), "version 2.1 is not supported"),
+    "major-zero": (_header_field(major=0), "version 0.1 is not supported"),
     "bad-header-crc": (
         _header_field(data_nbytes=1, header_crc=lambda h: h["header_crc"]),
         "header crc32",

@@ -66,13 +66,24 @@ def _inputs_from_file(model: Model, path: str) -> dict[str, np.ndarray]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     try:
-        from tinyrt.converter import convert_from_files
+        from tinyrt.converter import WeightSpec, convert_from_files
     except ImportError as error:
         raise TinyrtError(
             f"'tinyrt convert' needs PyTorch on this machine ({error}); install the converter "
             "with: pip install 'tinyrt[convert]'"
         ) from error
     shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else None
+    try:
+        layers = dict(_layer_bits(item) for item in args.layer_bits or [])
+        spec = WeightSpec(
+            bits=args.weight_bits,
+            group_size=args.group_size or None,
+            method=args.weight_method,
+            symmetric=args.symmetric,
+            layers=layers,
+        )
+    except ValueError as error:
+        raise TinyrtError(f"weight options: {error}") from error
     out = convert_from_files(
         args.model_spec,
         args.output,
@@ -81,9 +92,18 @@ def cmd_convert(args: argparse.Namespace) -> int:
         input_shape=shape,
         progress=not args.quiet,
         mode=args.mode,
+        weight_spec=spec,
     )
     print(f"wrote {out} ({os.path.getsize(out)} bytes)")
     return EXIT_OK
+
+
+def _layer_bits(item: str) -> tuple[str, int]:
+    """``NAME=BITS`` of ``--layer-bits``."""
+    name, _, bits = item.rpartition("=")
+    if not name or not bits.isdigit():
+        raise ValueError(f"--layer-bits takes NAME=BITS, e.g. fc=8, got {item!r}")
+    return name, int(bits)
 
 
 # --- run ---------------------------------------------------------------------------------
@@ -136,7 +156,11 @@ def _layer_rows(model: Model) -> list[dict]:
             quant = tensors[index].quant or {}
             row["bits"] = quant.get("bits", 8)
             row["granularity"] = quant.get("scheme")
-            refs += [quant[k] for k in ("scale", "zero_point") if quant.get(k) is not None]
+            if quant.get("group_size") is not None:
+                row["granularity"] = f"group {quant['group_size']}"
+            refs += [
+                quant[k] for k in ("scale", "zero_point", "group_scale") if quant.get(k) is not None
+            ]
         row["params"] = sum(math.prod(tensors[i].shape) for i in learned)
         row["bytes"] = int(sum(tensors[i].data.nbytes for i in set(refs)))
         rows.append(row)
@@ -333,6 +357,32 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--input-shape",
         help="example input shape, e.g. 1,1,40 (default: from calibration; needed without it)",
+    )
+    convert.add_argument(
+        "--weight-bits",
+        type=int,
+        choices=(8, 4, 3, 2),
+        default=8,
+        help="bits per weight value (default 8: int8 per channel); 4, 3, 2: per-group scales, "
+        "docs/lowbit.md",
+    )
+    convert.add_argument(
+        "--group-size", type=int, default=64, help="values per group below 8 bits (0: a row)"
+    )
+    convert.add_argument(
+        "--weight-method",
+        choices=("rtn", "mse", "hqq"),
+        default="hqq",
+        help="quantizer below 8 bits (default hqq)",
+    )
+    convert.add_argument(
+        "--symmetric", action="store_true", help="no zero points below 8 bits (not with hqq)"
+    )
+    convert.add_argument(
+        "--layer-bits",
+        nargs="+",
+        metavar="NAME=BITS",
+        help="bits of single layers (op names as 'tinyrt inspect' shows them), e.g. fc=8",
     )
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=cmd_convert)

@@ -30,7 +30,7 @@ from tinyrt.errors import FormatError
 from tinyrt.packing import packed_nbytes
 
 MAGIC = b"\x89TINYRT\n"
-FORMAT_VERSION = (1, 0)
+FORMAT_VERSION = (1, 1)
 ALIGNMENT = 64
 DTYPES = ("int8", "uint8", "int16", "int32", "float32", "int4", "int2")
 
@@ -236,7 +236,14 @@ def _check_quant(index: int, entries: list[_Entry]) -> None:
         raise FormatError(
             f"{where}: quant.symmetric must be true or false, found {_show(symmetric)}"
         )
-    _check_reference(index, "scale", entries, ("float32",), count)
+    group_scale = quant.get("group_scale")
+    scale_count = count
+    if group_scale is not None:  # 1.1: integer group scales on float row scales
+        if scheme != "per_group":
+            raise FormatError(f"{where}: quant.group_scale is only for per_group, not {scheme}")
+        _check_reference(index, "group_scale", entries, ("uint8",), count)
+        scale_count = shape[0]
+    _check_reference(index, "scale", entries, ("float32",), scale_count)
     if not symmetric:
         _check_reference(index, "zero_point", entries, _ZERO_POINT_DTYPES, count)
     elif zero_point is not None:

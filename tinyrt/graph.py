@@ -17,6 +17,7 @@ import numpy as np
 
 from tinyrt.errors import FormatError, UnsupportedOpError
 from tinyrt.format import Tensor
+from tinyrt.packing import GroupWeight
 
 MAX_VALUES = 100_000
 MAX_ELEMENTS_PER_VALUE = 2**28  # per batch item; a larger activation is not a small-device model
@@ -496,16 +497,20 @@ def _check_multipliers(op: Op, multiplier: str, shift: str, rows: int) -> None:
 def _check_requantized_rows(op: Op, weight: str, bias: str, multiplier: str, shift: str) -> None:
     """Bias and requantization parameters have one entry per weight row, in range, and the
     row's int32 accumulator cannot overflow."""
-    rows = op.tensors[weight].reshape(op.tensors[weight].shape[0], -1)
-    if op.tensors[bias].shape != (rows.shape[0],):
+    w = op.tensors[weight]
+    if op.tensors[bias].shape != (w.shape[0],):
         raise FormatError(
-            f"op '{op.name}' ({op.kind}): {bias} must have shape ({rows.shape[0]},), "
+            f"op '{op.name}' ({op.kind}): {bias} must have shape ({w.shape[0]},), "
             f"has {op.tensors[bias].shape}"
         )
-    _check_multipliers(op, multiplier, shift, rows.shape[0])
+    _check_multipliers(op, multiplier, shift, w.shape[0])
     # The converter's proof, checked again: every partial sum of an int32 accumulator is
-    # bounded by |bias| + 128 * sum|w| (inputs and padding are int8), so both backends agree.
-    weight_sums = np.abs(rows.astype(np.int16)).sum(axis=1, dtype=np.int64)
+    # bounded by |bias| + 128 * sum|w| (inputs and padding are int8), so both backends agree;
+    # for a low-bit weight sum|w| is bounded from its group parameters.
+    if isinstance(w, GroupWeight):
+        weight_sums = w.row_bounds()
+    else:
+        weight_sums = np.abs(w.reshape(w.shape[0], -1).astype(np.int16)).sum(axis=1, dtype=np.int64)
     bound = np.abs(op.tensors[bias].astype(np.int64)) + 128 * weight_sums
     if bound.size and bound.max() > 2**31 - 1:
         channel = int(bound.argmax())
@@ -715,6 +720,35 @@ def _read_state_port(entry: dict, at: str, name: str, ops: list[Op]) -> Port:
     return Port(name, None, state=tuple(parts), stacked=stacked)
 
 
+LOW_BIT_KINDS = frozenset({"linear", "conv1d", "conv2d", "embedding", "lstm", "gru"})
+LOW_BITS = {"int4": 4, "int2": 2}
+
+
+def _group_weight(tensor: Tensor, tensors: Sequence[Tensor], where: str) -> GroupWeight:
+    """An int4/int2 layer weight in the group form (docs/lowbit.md): its quantization record
+    must be per_group with integer group scales (the file layer checked the counts)."""
+    quant = tensor.quant
+    if not quant or quant.get("group_scale") is None:
+        raise FormatError(
+            f"{where}: tensor '{tensor.name}' is {tensor.dtype}: a layer weight below 8 bits "
+            "needs a per_group quantization record with group_scale (format 1.1)"
+        )
+    rows = tensor.shape[0]
+    group_scale = tensors[quant["group_scale"]].data.reshape(rows, -1)
+    offset = None
+    if not quant["symmetric"]:
+        zero_point = tensors[quant["zero_point"]]
+        if zero_point.dtype not in ("int8", "int16"):
+            raise FormatError(
+                f"{where}: the zero points (offsets) of '{tensor.name}' must be int8 or int16, "
+                f"are {zero_point.dtype}"
+            )
+        offset = zero_point.data.reshape(rows, -1).astype(np.int16)
+    return GroupWeight(
+        tensor.data, tensor.shape, LOW_BITS[tensor.dtype], quant["group_size"], group_scale, offset
+    )
+
+
 def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor]) -> Op:
     kind = _str(_field(raw, "op", where), f"{where}.op")
     name = _str(raw.get("name", where), f"{where}.name")
@@ -745,6 +779,9 @@ def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor
     for role, dtype in roles.items():
         index = _index(tensor_refs[role], f"{where}.tensors.{role}", len(tensors), "tensor")
         tensor = tensors[index]
+        if role.startswith("weight") and kind in LOW_BIT_KINDS and tensor.dtype in LOW_BITS:
+            bound[role] = _group_weight(tensor, tensors, f"{where}.tensors.{role}")
+            continue
         if tensor.dtype != dtype:
             raise FormatError(
                 f"{where}.tensors.{role}: tensor {index} ('{tensor.name}') must be {dtype}, "

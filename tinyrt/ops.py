@@ -11,6 +11,7 @@ path).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from types import ModuleType
 
@@ -19,6 +20,7 @@ import numpy as np
 from tinyrt.graph import Op, Value
 from tinyrt.kernels import LANES
 from tinyrt.kernels import reference as ref
+from tinyrt.packing import GroupWeight
 
 Step = Callable[[], None]
 
@@ -254,6 +256,21 @@ def conv_scratch_shape(
     return (padded + geometry["work"],)
 
 
+def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
+    """A layer weight as the integers the reference kernels take: a low-bit weight expanded
+    (``reference.group_weight``, on every call: nothing full-size is kept), others as they
+    are."""
+    return ref.group_weight(weight) if isinstance(weight, GroupWeight) else weight
+
+
+def _group_args(weight: GroupWeight) -> tuple:
+    """A low-bit weight's arguments of the numba group kernels (offsets 0 when symmetric)."""
+    offset = weight.offset
+    if offset is None:
+        offset = np.zeros(weight.group_scale.shape, np.int16)
+    return weight.packed, weight.bits, weight.group_size, weight.group_scale, offset
+
+
 def bind_op(
     op: Op,
     values: list[Value],
@@ -281,18 +298,24 @@ def bind_op(
         x = ins[0].reshape(-1, weight.shape[1])
         y = out.reshape(-1, weight.shape[0])
         qmin, qmax = a["qmin"], a["qmax"]
+        if nk and isinstance(weight, GroupWeight):
+            group = _group_args(weight)
+            sums = np.zeros(weight.group_scale.shape[1], np.int32)
+            requant = (bias, mult, shift, zp_out, qmin, qmax)
+            return lambda: nk.linear_group(x, *group, *requant, sums, y)
         if nk:
             return lambda: nk.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
         return lambda: np.copyto(
-            y, ref.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax)
+            y, ref.linear_int8(x, _integer(weight), bias, mult, shift, zp_out, qmin, qmax)
         )
 
     if kind in ("conv1d", "conv2d"):
         t = op.tensors
         a2 = _as_2d(op)
-        weight = t["weight"].reshape(
-            t["weight"].shape[0], t["weight"].shape[1], -1, t["weight"].shape[-1]
-        )
+        if isinstance(t["weight"], GroupWeight):
+            nk = None  # no numba conv reads low-bit weights yet (docs/lowbit.md)
+        o, c, *window = t["weight"].shape
+        shape = (o, c, math.prod(window[:-1]), window[-1])  # conv1d: [O, C, 1, K]
         x, y = _image(ins[0]), _image(out)
         stride, padding, dilation = a2["stride"], a2["padding"], a2["dilation"]
         groups, qmin, qmax = a2["groups"], a2["qmin"], a2["qmax"]
@@ -308,7 +331,7 @@ def bind_op(
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
             work = scratch[-(-padded_size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN :]
-            o = weight.shape[0]
+            weight = t["weight"].reshape(shape)
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
                 words, offsets = tile_operands(weight, padded.shape, a2["dilation"], nk)
@@ -327,7 +350,7 @@ def bind_op(
             y,
             ref.conv2d_int8(
                 x,
-                weight,
+                _integer(t["weight"]).reshape(shape),
                 t["bias"],
                 t["multiplier"],
                 t["shift"],
@@ -435,13 +458,13 @@ def bind_op(
         t = op.tensors
         tokens = ins[0].reshape(ins[0].shape[0], -1)
         y = out.reshape(tokens.shape + (t["weight"].shape[1],))
+        requant = (t["multiplier"], t["shift"], zp_out)
+        if nk and isinstance(t["weight"], GroupWeight):
+            group = _group_args(t["weight"])
+            return lambda: nk.embedding_group(tokens, *group, *requant, y)
         if nk:
-            return lambda: nk.embedding_int8(
-                tokens, t["weight"], t["multiplier"], t["shift"], zp_out, y
-            )
-        return lambda: np.copyto(
-            y, ref.embedding_int8(tokens, t["weight"], t["multiplier"], t["shift"], zp_out)
-        )
+            return lambda: nk.embedding_int8(tokens, t["weight"], *requant, y)
+        return lambda: np.copyto(y, ref.embedding_int8(tokens, _integer(t["weight"]), *requant))
 
     if kind == "linear_dynamic":
         t = op.tensors
@@ -510,7 +533,7 @@ def _bind_recurrent(
     ]
     name = _RECURRENT_KERNELS[op.kind]
 
-    if nk:
+    if nk and not any(isinstance(w, GroupWeight) for w in op.tensors.values()):
         kernel = getattr(nk, name)
 
         def recurrent() -> None:
@@ -523,6 +546,7 @@ def _bind_recurrent(
 
     def recurrent_reference() -> None:
         for args, reverse, state, offset in calls:
+            args = tuple(_integer(a) for a in args)
             y, *final = reference(x, *state.carried, *args, reverse=reverse)
             for array, value in zip(state.carried, final, strict=True):
                 array[...] = value

@@ -12,6 +12,9 @@ Example: int4 ``[1, -1]`` packs to the single byte ``0xF1``.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 PACKED_BITS = (2, 4)
@@ -75,3 +78,37 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     fields = ((packed[:, None] >> shifts) & np.uint8(2**bits - 1)).reshape(-1)[:count]
     sign = np.int8(2 ** (bits - 1))
     return (fields.astype(np.int8) ^ sign) - sign
+
+
+@dataclass(frozen=True)
+class GroupWeight:
+    """A weight of ``bits`` (4 or 2) per value in the group form of docs/lowbit.md, as a
+    kernel receives it: ``packed`` (the file's bytes, :func:`pack_bits` layout) holds ``q`` of
+    logical ``shape`` ``[O, ...]``; each row of ``K = numel / O`` values is cut into groups of
+    ``group_size``, and group ``g`` of row ``c`` means the integer weights
+    ``group_scale[c, g] * q - offset[c, g]`` (``offset`` None: 0). ``group_scale`` is uint8 and
+    ``offset`` int16, both ``[O, G]``. :func:`tinyrt.kernels.reference.group_weight` expands it.
+    """
+
+    packed: np.ndarray
+    shape: tuple[int, ...]
+    bits: int
+    group_size: int
+    group_scale: np.ndarray
+    offset: np.ndarray | None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def row_bounds(self) -> np.ndarray:
+        """int64 ``[O]``: an upper bound of ``sum_k |m q - o|`` per row, from the group
+        parameters alone (``|q| <= 2^(bits-1)``), so checking it unpacks nothing."""
+        rows, groups = self.group_scale.shape
+        k = math.prod(self.shape) // rows
+        lengths = np.full(groups, self.group_size, dtype=np.int64)
+        lengths[-1] = k - self.group_size * (groups - 1)
+        per_value = self.group_scale.astype(np.int64) * 2 ** (self.bits - 1)
+        if self.offset is not None:
+            per_value += np.abs(self.offset.astype(np.int64))
+        return per_value @ lengths

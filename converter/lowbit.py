@@ -1,0 +1,256 @@
+"""Weights below 8 bits: group quantization with integer group scales, and three quantizers.
+
+The form (docs/lowbit.md). A weight matrix ``W [O, K]`` (a conv's ``[O, C/groups * KH * KW]``)
+is cut along ``K`` into groups of ``group_size`` consecutive elements (the last may be
+shorter; ``group_size = K`` is one group per row). Group ``g`` of row ``c`` is stored as
+``bits``-bit signed integers ``q`` in ``[-2^(bits-1), 2^(bits-1) - 1]`` with
+
+    W[c, k] ~ scale[c] * (m[c, g] * q[c, k] - o[c, g])
+
+where ``scale[c]`` is a float per row, ``m[c, g]`` an integer in ``[1, 255]`` (the group's
+step as a multiple of the row's scale) and ``o[c, g]`` an integer offset (0 when symmetric):
+the group's zero point is ``o / m``, a fraction of a step. The kernels thus compute with the
+integer weights ``m * q - o`` and one requantization multiplier per row: arithmetic stays
+integer-only, as with int8, while each group keeps its own step (to within 1/255 of the row's
+largest) and an almost continuous zero point, which is what HQQ optimizes.
+
+A symmetric group uses ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]`` (like int8's ±127); an
+asymmetric one the whole range. The three quantizers choose float group steps and zero
+points differently; the steps are snapped to ``scale[c] * m`` (:func:`_snap`) before the
+zero points are chosen, and every error is measured on the integer form:
+
+* ``rtn``: round to nearest, scale and zero point from the group's min and max.
+* ``mse``: a search over clipping ratios, per group the one with the least squared error.
+* ``hqq``: half-quadratic quantization (Badri & Shaji 2023): the zero point (scale fixed)
+  minimizes ``||W - dequantize(quantize(W))||_p^p`` with ``p = 0.7`` by half-quadratic
+  splitting, alternating an lp shrinkage step for the auxiliary error and a closed-form zero
+  point update, with ``beta`` growing by ``kappa`` per step. No data is needed. Each group
+  keeps the iterate (starting with RTN's) whose integer form has the least squared error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from tinyrt.packing import GroupWeight, pack_bits
+
+METHODS = ("rtn", "mse", "hqq")
+LOW_BITS = (2, 3, 4)
+GROUP_SCALE_MAX = 255
+MSE_RATIOS = np.linspace(1.0, 0.5, 26)  # clipping ratios of the group's range, MSE search
+HQQ = {"p": 0.7, "beta": 10.0, "kappa": 1.01, "iters": 20}
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How the converter quantizes layer weights: ``bits`` 8 (int8 per channel, the default),
+    4, 3 or 2 (the group form) for every conv, linear, embedding, LSTM and GRU layer, except
+    the layers named in ``layers`` (op name -> bits). Below 8 bits: groups of ``group_size``
+    (None: one per row), ``method`` (:data:`METHODS`) and ``symmetric`` zero points."""
+
+    bits: int = 8
+    group_size: int | None = 64
+    method: str = "hqq"
+    symmetric: bool = False
+    layers: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for where, bits in (("bits", self.bits), *self.layers.items()):
+            if bits not in (8, *LOW_BITS):
+                raise ValueError(f"{where}: bits must be 8, 4, 3 or 2, got {bits!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be positive or None, got {self.group_size!r}")
+        if self.method == "hqq" and self.symmetric:
+            raise ValueError("hqq optimizes the zero point: it cannot be symmetric")
+
+    def for_layer(self, layer: str) -> WeightSpec:
+        """The spec of the op named ``layer``: its own bits, nothing per layer."""
+        return replace(self, bits=self.layers.get(layer, self.bits), layers={})
+
+    def quantize(self, weight: np.ndarray) -> GroupQuantized:
+        """:func:`quantize_groups` with this spec (``bits`` below 8)."""
+        return quantize_groups(weight, self.bits, self.group_size, self.method, self.symmetric)
+
+
+@dataclass
+class GroupQuantized:
+    """A weight matrix ``[O, K]`` in the group form (module docstring): ``q`` int8 ``[O, K]``,
+    ``scale`` float64 ``[O]``, ``group_scale`` ``m`` uint8 ``[O, G]``, ``offset`` ``o`` int16
+    ``[O, G]`` or None (symmetric), and ``error``, the relative squared error
+    ``||W - W'||^2 / ||W||^2`` of the reconstruction ``W'`` (:meth:`dequantize`)."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    group_scale: np.ndarray
+    offset: np.ndarray | None
+    bits: int
+    group_size: int
+    error: float = 0.0
+
+    def group_weight(self, shape: tuple[int, ...]) -> GroupWeight:
+        """The runtime's view of this weight (logical ``shape``), packed as the file holds it:
+        int4 slots for 3 and 4 bits, int2 for 2."""
+        storage = 2 if self.bits == 2 else 4
+        packed = pack_bits(self.q, storage)
+        return GroupWeight(packed, shape, storage, self.group_size, self.group_scale, self.offset)
+
+    def dequantize(self) -> np.ndarray:
+        """``W'[c, k] = scale[c] * (m[c, g] * q[c, k] - o[c, g])``, float64 ``[O, K]``."""
+        k = self.q.shape[1]
+        m = _expand(self.group_scale, k, self.group_size)
+        o = 0.0 if self.offset is None else _expand(self.offset, k, self.group_size)
+        return self.scale[:, None] * (m * self.q - o)
+
+
+def _expand(per_group: np.ndarray, k: int, group_size: int) -> np.ndarray:
+    """``[O, G]`` -> ``[O, K]``: each group's value repeated over its elements."""
+    return np.repeat(per_group.astype(np.float64), group_size, axis=1)[:, :k]
+
+
+def _grouped(w: np.ndarray, group_size: int) -> np.ndarray:
+    """``[O, K]`` -> ``[O, G, group_size]``, the last group padded with NaN."""
+    rows, k = w.shape
+    groups = -(-k // group_size)
+    padded = np.full((rows, groups * group_size), np.nan)
+    padded[:, :k] = w
+    return padded.reshape(rows, groups, group_size)
+
+
+def _round(x: np.ndarray) -> np.ndarray:
+    """Round half away from zero (the converter's rounding everywhere)."""
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+class _Grid:
+    """The integer range of ``bits``-bit values and the steps the quantizers share, on
+    grouped weights ``g [O, G, S]`` (NaN padding) with float steps and zero points ``[O, G]``."""
+
+    def __init__(self, bits: int, symmetric: bool, row_scale: np.ndarray):
+        self.low, self.high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        if symmetric:
+            self.low = -self.high
+        self.symmetric = symmetric
+        self.row_scale = row_scale[:, None]
+
+    def step_zero(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Float step and zero point mapping ``[lo, hi]`` (widened to contain 0) onto the
+        range; 0 for symmetric groups."""
+        if self.symmetric:
+            peak = np.maximum(np.abs(lo), np.abs(hi))
+            return np.where(peak > 0, peak / self.high, 1.0), np.zeros_like(peak)
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        step = np.where(hi > lo, (hi - lo) / (self.high - self.low), 1.0)
+        return step, self.low - lo / step
+
+    def snap(self, step: np.ndarray) -> np.ndarray:
+        """Float steps -> integer multiples ``m`` in ``[1, 255]`` of the row scale."""
+        return np.clip(_round(step / self.row_scale), 1, GROUP_SCALE_MAX)
+
+    def offset(self, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """The integer offset ``o = round(m * zero)`` (zero clipped to the range)."""
+        return (
+            np.zeros_like(m) if self.symmetric else _round(m * np.clip(zero, self.low, self.high))
+        )
+
+    def quantize(self, g: np.ndarray, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        step = (self.row_scale * m)[..., None]
+        return np.clip(_round(g / step + zero[..., None]), self.low, self.high)
+
+    def error(self, g: np.ndarray, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """Squared error per group of the integer form with ``m`` and ``zero``."""
+        o = self.offset(m, zero)
+        q = self.quantize(g, m, o / m)
+        dq = self.row_scale[..., None] * (m[..., None] * q - o[..., None])
+        return np.nansum((g - dq) ** 2, axis=-1)
+
+
+def _mse(grid: _Grid, g: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple:
+    """Per group, the clipping ratio of ``[lo, hi]`` whose integer form has the least squared
+    error: ``(m, zero)``."""
+    best_m = best_zero = best = None
+    for ratio in MSE_RATIOS:
+        step, zero = grid.step_zero(lo * ratio, hi * ratio)
+        m = grid.snap(step)
+        zero = zero * step / (grid.row_scale * m)  # the same real zero, in snapped steps
+        err = grid.error(g, m, zero)
+        if best is None:
+            best_m, best_zero, best = m, zero, err
+        better = err < best
+        best = np.where(better, err, best)
+        best_m = np.where(better, m, best_m)
+        best_zero = np.where(better, zero, best_zero)
+    return best_m, best_zero
+
+
+def _shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
+    """The generalized soft threshold of HQQ's lp sub-problem:
+    ``sign(x) * max(|x| - |x|^(p-1) / beta, 0)``."""
+    magnitude = np.abs(x)
+    with np.errstate(divide="ignore"):
+        shrunk = magnitude - np.where(magnitude > 0, magnitude ** (p - 1), 0.0) / beta
+    return np.sign(x) * np.maximum(shrunk, 0.0)
+
+
+def _hqq(grid: _Grid, g: np.ndarray, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """HQQ's zero point for the fixed steps ``row_scale * m`` (module docstring); per group
+    the iterate with the least squared error."""
+    best_zero, best = zero, grid.error(g, m, zero)
+    step = (grid.row_scale * m)[..., None]
+    beta = HQQ["beta"]
+    for _ in range(HQQ["iters"]):
+        q = grid.quantize(g, m, zero)
+        w_e = _shrink_lp(g - step * (q - zero[..., None]), beta, HQQ["p"])
+        zero = np.nanmean(q - (g - w_e) / step, axis=-1)
+        beta *= HQQ["kappa"]
+        err = grid.error(g, m, zero)
+        better = err < best
+        best = np.where(better, err, best)
+        best_zero = np.where(better, zero, best_zero)
+    return best_zero
+
+
+def quantize_groups(
+    weight: np.ndarray, bits: int, group_size: int | None, method: str, symmetric: bool
+) -> GroupQuantized:
+    """Quantize ``weight [O, ...]`` (flattened to ``[O, K]``) to the group form with ``bits``
+    (2, 3 or 4) and ``group_size`` (None: one group per row) by ``method`` (:data:`METHODS`).
+    HQQ optimizes a zero point, so it needs ``symmetric=False``."""
+    if bits not in LOW_BITS:
+        raise ValueError(f"bits must be one of {LOW_BITS}, got {bits!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "hqq" and symmetric:
+        raise ValueError("hqq optimizes the zero point: use symmetric=False")
+    w = weight.reshape(len(weight), -1).astype(np.float64)
+    size = w.shape[1] if group_size is None else group_size
+    if size < 1:
+        raise ValueError(f"group_size must be positive, got {group_size!r}")
+    g = _grouped(w, size)
+    lo, hi = np.nanmin(g, axis=-1), np.nanmax(g, axis=-1)
+    step, zero = _Grid(bits, symmetric, np.ones(len(w))).step_zero(lo, hi)
+    # row scales exactly as the file stores them (float32), so the integers match the file
+    row_scale = (step.max(axis=1) / GROUP_SCALE_MAX).astype(np.float32).astype(np.float64)
+    grid = _Grid(bits, symmetric, row_scale)
+    m = grid.snap(step)
+    zero = zero * step / (grid.row_scale * m)
+    if method == "mse":
+        m, zero = _mse(grid, g, lo, hi)
+    elif method == "hqq":
+        zero = _hqq(grid, g, m, zero)
+    o = grid.offset(m, zero)
+    q = grid.quantize(g, m, o / m).reshape(len(w), -1)[:, : w.shape[1]]
+    result = GroupQuantized(
+        q.astype(np.int8),
+        grid.row_scale[:, 0],
+        m.astype(np.uint8),
+        None if symmetric else o.astype(np.int16),
+        bits,
+        size,
+    )
+    norm = float((w**2).sum())
+    result.error = float(((w - result.dequantize()) ** 2).sum()) / norm if norm else 0.0
+    return result

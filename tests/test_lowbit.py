@@ -1,0 +1,205 @@
+"""Weights below 8 bits: the group form, the quantizers, the kernels and whole models."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file
+
+import tinyrt
+from examples.catalog import EXAMPLES
+from tinyrt.converter import WeightSpec
+from tinyrt.converter.lowbit import LOW_BITS, METHODS, quantize_groups
+from tinyrt.errors import ConversionError, FormatError
+from tinyrt.format import Tensor, read_model_file, write_model_file
+from tinyrt.kernels import numba_kernels as nk
+from tinyrt.kernels import reference as ref
+from tinyrt.ops import _group_args
+from tinyrt.packing import unpack_bits
+
+SETTINGS = settings(max_examples=40, deadline=None)
+
+
+def _expected_integers(g) -> np.ndarray:
+    """``m * q - o`` written out group by group, independently of ``reference.group_weight``."""
+    out = np.zeros(g.q.shape, np.int64)
+    for c in range(g.q.shape[0]):
+        for k in range(g.q.shape[1]):
+            j = k // g.group_size
+            offset = 0 if g.offset is None else int(g.offset[c, j])
+            out[c, k] = int(g.group_scale[c, j]) * int(g.q[c, k]) - offset
+    return out
+
+
+@pytest.mark.parametrize("bits", LOW_BITS)
+@pytest.mark.parametrize("group_size", [32, 64, 128, None])
+@pytest.mark.parametrize("k", [1, 7, 33, 130])
+def test_group_form_round_trips_through_the_packed_weight(bits, group_size, k):
+    rng = np.random.default_rng(k)
+    w = rng.normal(size=(5, k))
+    g = quantize_groups(w, bits, group_size, "rtn", symmetric=False)
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert g.q.min() >= low and g.q.max() <= high
+    packed = g.group_weight((5, k))
+    assert np.array_equal(unpack_bits(packed.packed, packed.bits, 5 * k).reshape(5, k), g.q)
+    integers = ref.group_weight(packed)
+    assert np.array_equal(integers, _expected_integers(g))
+    assert np.allclose(g.scale[:, None] * integers, g.dequantize())
+    # the runtime's overflow bound really bounds the row sums
+    assert (np.abs(integers).sum(axis=1) <= packed.row_bounds()).all()
+
+
+@pytest.mark.parametrize("bits", LOW_BITS)
+def test_symmetric_groups_have_no_offset_and_a_symmetric_range(bits):
+    w = np.random.default_rng(0).normal(size=(4, 100))
+    g = quantize_groups(w, bits, 32, "mse", symmetric=True)
+    assert g.offset is None
+    assert np.abs(g.q).max() <= 2 ** (bits - 1) - 1
+
+
+def test_group_scales_are_integer_multiples_of_the_row_scale():
+    # groups 1000x apart in size: each keeps its own step (to 1/255 of the largest)
+    w = np.concatenate([np.linspace(-1, 1, 64), np.linspace(-0.01, 0.01, 64)])[None]
+    g = quantize_groups(w, 4, 64, "rtn", symmetric=True)
+    assert g.group_scale[0, 0] == 255
+    assert 1 <= g.group_scale[0, 1] <= 4
+    assert np.abs(g.dequantize()[0, 64:] - w[0, 64:]).max() < 0.01 / 7
+
+
+def _example_weights() -> dict[str, np.ndarray]:
+    weights = {}
+    for example in EXAMPLES:
+        for name, w in load_file(example.weights).items():
+            if w.ndim >= 2 and w[0].size > 1:  # a row of one value is exact for every method
+                weights[f"{example.name}.{name}"] = w
+    return weights
+
+
+@pytest.mark.parametrize("bits", LOW_BITS)
+def test_hqq_beats_rtn_on_every_layer_of_the_examples(bits):
+    for name, w in _example_weights().items():
+        errors = {m: quantize_groups(w, bits, 64, m, symmetric=False).error for m in METHODS}
+        assert errors["hqq"] < errors["rtn"], (name, errors)
+        assert errors["mse"] < errors["rtn"], (name, errors)
+
+
+def test_spec_rejects_what_it_cannot_do():
+    with pytest.raises(ValueError, match="bits"):
+        WeightSpec(bits=5)
+    with pytest.raises(ValueError, match="bits"):
+        WeightSpec(bits=4, layers={"fc": 1})
+    with pytest.raises(ValueError, match="symmetric"):
+        WeightSpec(bits=4, method="hqq", symmetric=True)
+    with pytest.raises(ValueError, match="method"):
+        WeightSpec(bits=4, method="gptq")
+
+
+# --- kernels ------------------------------------------------------------------------------
+
+
+@st.composite
+def group_layers(draw):
+    bits = draw(st.sampled_from(LOW_BITS))
+    rows = draw(st.integers(1, 9))
+    k = draw(st.integers(1, 150))
+    group_size = draw(st.sampled_from([4, 32, 64, 128, None]))
+    symmetric = draw(st.booleans())
+    method = "rtn" if symmetric else draw(st.sampled_from(METHODS))
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(rows, k)) * rng.uniform(0.1, 3, size=(rows, 1))
+    packed = quantize_groups(w, bits, group_size, method, symmetric).group_weight((rows, k))
+    return packed, rng
+
+
+@SETTINGS
+@given(group_layers(), st.integers(1, 3), st.integers(-128, 127))
+def test_linear_group_kernel_is_bit_exact(layer, batch, zp_out):
+    weight, rng = layer
+    rows, k = weight.shape
+    x = rng.integers(-128, 128, size=(batch, k), dtype=np.int8)
+    bias = rng.integers(-(2**20), 2**20, size=rows, dtype=np.int32)
+    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-5, 1e-2, size=rows)]
+    mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
+    expected = ref.linear_int8(x, ref.group_weight(weight), bias, mult, shift, zp_out, -100, 120)
+    out = np.zeros((batch, rows), np.int8)
+    sums = np.zeros(weight.group_scale.shape[1], np.int32)
+    nk.linear_group(x, *_group_args(weight), bias, mult, shift, zp_out, -100, 120, sums, out)
+    assert np.array_equal(out, expected)
+
+
+@SETTINGS
+@given(group_layers(), st.integers(-128, 127))
+def test_embedding_group_kernel_is_bit_exact(layer, zp_out):
+    weight, rng = layer
+    vocab, dim = weight.shape
+    tokens = rng.integers(0, vocab, size=(2, 5)).astype(np.int32)
+    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-3, 0.5, size=vocab)]
+    mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
+    expected = ref.embedding_int8(tokens, ref.group_weight(weight), mult, shift, zp_out)
+    out = np.zeros((2, 5, dim), np.int8)
+    nk.embedding_group(tokens, *_group_args(weight), mult, shift, zp_out, out)
+    assert np.array_equal(out, expected)
+
+
+# --- whole models -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.name)
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bit_models_match_between_backends(example, bits, tmp_path):
+    path = example.convert(tmp_path / "m.tinyrt", progress=False, weight_spec=WeightSpec(bits))
+    numba, reference = (tinyrt.load(path, backend=b) for b in ("numba", "reference"))
+    spec = numba.inputs[0]
+    x = ref.quantize(example.data()["test_x"][:16], spec.scale, spec.zero_point)
+    out = [m.run_quantized({spec.name: x})[numba.outputs[0].name] for m in (numba, reference)]
+    assert np.array_equal(*out)
+    provenance = numba.file.provenance["weight_quantization"]
+    assert {entry["bits"] for entry in provenance.values()} == {bits}
+    assert all(0 < entry["error"] < 1 for entry in provenance.values())
+
+
+def test_per_layer_bits_and_the_file_size(tmp_path):
+    example = EXAMPLES[0]
+    int8 = example.convert(tmp_path / "int8.tinyrt", progress=False)
+    mixed = WeightSpec(bits=4, layers={"fc": 8})
+    path = example.convert(tmp_path / "mixed.tinyrt", progress=False, weight_spec=mixed)
+    provenance = tinyrt.load(path).file.provenance["weight_quantization"]
+    bits = {name: entry["bits"] for name, entry in provenance.items()}
+    assert bits["fc.weight"] == 8 and set(bits.values()) == {4, 8}
+    assert path.stat().st_size < int8.stat().st_size
+    with pytest.raises(ConversionError, match="not layers with weights"):
+        example.convert(tmp_path / "x.tinyrt", weight_spec=WeightSpec(4, layers={"nope": 8}))
+
+
+def test_a_low_bit_weight_without_group_scales_is_refused(tmp_path):
+    path = EXAMPLES[1].convert(tmp_path / "m.tinyrt", progress=False, weight_spec=WeightSpec(4))
+    f = read_model_file(path)
+    tensors = list(f.tensors)
+    for i, t in enumerate(f.tensors):
+        if t.quant and t.quant.get("group_scale") is not None:
+            # the same weight with plain float group scales (format 1.0's per_group record):
+            # valid in the file, but not integer-only arithmetic
+            groups = f.tensors[t.quant["group_scale"]].data.size
+            scales = Tensor(f"{t.name}_float_groups", "float32", (groups,), np.ones(groups, "f4"))
+            tensors.append(scales)
+            quant = {**t.quant, "group_scale": None, "scale": len(tensors) - 1}
+            tensors[i] = Tensor(t.name, t.dtype, t.shape, t.data, quant)
+    write_model_file(tmp_path / "bad.tinyrt", f.graph, tensors, f.provenance)
+    with pytest.raises(FormatError, match="needs a per_group quantization record with group_sc"):
+        tinyrt.load(tmp_path / "bad.tinyrt")
+
+
+def test_group_scale_records_are_checked_by_the_file_layer(tmp_path):
+    path = EXAMPLES[1].convert(tmp_path / "m.tinyrt", progress=False, weight_spec=WeightSpec(4))
+    f = read_model_file(path)
+    i, weight = next((i, t) for i, t in enumerate(f.tensors) if t.dtype == "int4")
+    wrong = [  # group scales that are not uint8; a per-channel record with group scales
+        ({**weight.quant, "group_scale": weight.quant["scale"]}, "expected uint8"),
+        ({**weight.quant, "scheme": "per_channel", "group_size": None}, "only for per_group"),
+    ]
+    for quant, message in wrong:
+        tensors = list(f.tensors)
+        tensors[i] = Tensor(weight.name, weight.dtype, weight.shape, weight.data, quant)
+        with pytest.raises(FormatError, match=message):
+            write_model_file(tmp_path / "bad.tinyrt", f.graph, tensors, f.provenance)
