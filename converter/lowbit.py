@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from tinyrt.kernels.reference import round_half_away
 from tinyrt.packing import GroupWeight, pack_bits
 
 METHODS = ("rtn", "mse", "hqq")
@@ -120,11 +121,6 @@ def _grouped(w: np.ndarray, group_size: int) -> np.ndarray:
     return padded.reshape(rows, groups, group_size)
 
 
-def _round(x: np.ndarray) -> np.ndarray:
-    """Round half away from zero (the converter's rounding everywhere)."""
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
 class _Grid:
     """The integer range of ``bits``-bit values and the steps the quantizers share, on
     grouped weights ``g [O, G, S]`` (NaN padding) with float steps and zero points ``[O, G]``."""
@@ -148,17 +144,17 @@ class _Grid:
 
     def snap(self, step: np.ndarray) -> np.ndarray:
         """Float steps -> integer multiples ``m`` in ``[1, 255]`` of the row scale."""
-        return np.clip(_round(step / self.row_scale), 1, GROUP_SCALE_MAX)
+        return np.clip(round_half_away(step / self.row_scale), 1, GROUP_SCALE_MAX)
 
     def offset(self, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
         """The integer offset ``o = round(m * zero)`` (zero clipped to the range)."""
-        return (
-            np.zeros_like(m) if self.symmetric else _round(m * np.clip(zero, self.low, self.high))
-        )
+        if self.symmetric:
+            return np.zeros_like(m)
+        return round_half_away(m * np.clip(zero, self.low, self.high))
 
     def quantize(self, g: np.ndarray, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
         step = (self.row_scale * m)[..., None]
-        return np.clip(_round(g / step + zero[..., None]), self.low, self.high)
+        return np.clip(round_half_away(g / step + zero[..., None]), self.low, self.high)
 
     def error(self, g: np.ndarray, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
         """Squared error per group of the integer form with ``m`` and ``zero``."""
