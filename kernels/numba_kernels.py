@@ -43,13 +43,17 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     gemm_tile_4x1,
     gemm_tile_4x2,
     gemm_tile_8x1,
+    group_rows_2_1,
+    group_rows_2_4,
+    group_rows_4_1,
+    group_rows_4_4,
     requantize_8,
 )
 
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "6048feba5c5f75dc"
+SIMD_SOURCE_SHA256 = "9dddb6472f3c29dd"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -662,62 +666,83 @@ def _low_bit(packed, index, bits):
     return (field ^ sign) - sign
 
 
+# input columns whose planes and group sums a group GEMM prepares at once (its scratch)
+GROUP_COLUMNS = 8
+
+
 @_jit
-def linear_group(
-    x,
-    packed,
-    bits,
-    group_size,
-    group_scale,
-    offset,
-    bias,
-    multiplier,
-    shift,
-    zp_out,
-    qmin,
-    qmax,
-    sums,
-    out,
-):
-    """``reference.linear_int8`` on ``reference.group_weight`` of a low-bit weight, unpacked in
-    registers: ``x`` ``[N, K]``, ``group_scale``/``offset`` ``[O, G]`` (offset zeros when
-    symmetric), ``sums`` int32 ``[G]`` scratch, ``out`` ``[N, O]``. Per row and group
-    ``acc += m * sum_k x q - o * sum_k x``: the input sums are shared by every row. Rows and
-    groups that start on a byte boundary read bytes of ``8 / bits`` values at once."""
-    n_batch, k_len = x.shape
-    rows, groups = group_scale.shape
+def _group_rows(bits, cols, *args):
+    """``simd.group_rows_{bits}_{cols}(*args)`` for ``bits`` 4 or 2 and ``cols`` 4 or 1."""
+    if bits == 4:
+        if cols == 4:
+            group_rows_4_4(*args)
+        else:
+            group_rows_4_1(*args)
+    elif cols == 4:
+        group_rows_2_4(*args)
+    else:
+        group_rows_2_1(*args)
+
+
+@_jit
+def gemm_group(weight, b, bias, multiplier, shift, zp_out, qmin, qmax, out, col_stride):
+    """``out[j * col_stride + i] = requantize(bias[i] + Σ_k W[i, k] * b[j, k])`` (int32
+    ``out``: the scaled sum, as :func:`gemm_int8`) for ``W = reference.group_weight`` of a
+    low-bit weight, unpacked in registers: ``b`` ``[P, K]``, ``weight`` the tuple
+    ``(blocked, bits, rows, group_size, source, group_words, group_scale, offset, planes,
+    sums)`` that ``tinyrt.ops.group_operand`` lays out once per plan (with its scratch).
+
+    Per row and group ``g`` with step ``m``, offset ``o`` and input sum ``S = Σ_{k∈g} x_k``,
+    ``Σ_{k∈g} x (m q - o) = m (Σ x u - 2^(b-1) S) - o S`` where ``u = q + 2^(b-1)`` are the
+    unsigned fields: the sums are shared by every row, and ``simd.group_rows_*`` multiplies
+    the fields of 16 rows at once (``blocked`` ``[blocks, words, 16, 4]`` bytes, each group
+    padded to whole words) by 4 or 1 columns. For up to ``GROUP_COLUMNS`` input columns at
+    a time, each column is first laid out as the planes the blocks read (``planes[c, i, j] =
+    x[source[j * 8/b + i]]``, 0 where ``source`` is -1: padding). Int32 arithmetic wraps;
+    the converter's bound keeps the total exact.
+    """
+    blocked, bits, rows, group_size, source, group_words, group_scale, offset = weight[:8]
+    planes, sums = weight[8:]
+    p, k_len = b.shape
+    groups = group_words.shape[0] - 1
     per_byte = 8 // bits
-    mask = (1 << bits) - 1
-    sign = np.int32(1) << (bits - 1)
-    aligned = k_len % per_byte == 0 and group_size % per_byte == 0
-    for n in range(n_batch):
-        xn = x[n]
-        for g in range(groups):
-            total = np.int32(0)
-            for k in range(g * group_size, min(k_len, (g + 1) * group_size)):
-                total += np.int32(xn[k])
-            sums[g] = total
-        for o in range(rows):
-            acc = np.int32(bias[o])
+    plane_len = 4 * group_words[groups]
+    column_len = per_byte * plane_len
+    block_len = 16 * plane_len  # bytes of a block's words (64 per word)
+    for first_col in range(0, p, GROUP_COLUMNS):
+        cols = min(GROUP_COLUMNS, p - first_col)
+        for c in range(cols):
+            x = b[first_col + c]
             for g in range(groups):
-                first = g * group_size
-                last = min(k_len, first + group_size)
-                dot = np.int32(0)
-                if aligned:
-                    base = (o * k_len + first) // per_byte
-                    for j in range((last - first) // per_byte):
-                        byte = np.int32(packed[base + j])
-                        for i in range(per_byte):
-                            q = (((byte >> (i * bits)) & mask) ^ sign) - sign
-                            dot = np.int32(dot + np.int32(xn[first + j * per_byte + i]) * q)
-                else:
-                    for k in range(first, last):
-                        q = _low_bit(packed, o * k_len + k, bits)
-                        dot = np.int32(dot + np.int32(xn[k]) * q)
-                acc = np.int32(
-                    acc + np.int32(group_scale[o, g]) * dot - np.int32(offset[o, g]) * sums[g]
-                )
-            out[n, o] = _requantize(acc, multiplier[o], shift[o], zp_out, qmin, qmax)
+                total = np.int32(0)
+                for k in range(g * group_size, min(k_len, (g + 1) * group_size)):
+                    total += np.int32(x[k])
+                sums[c * groups + g] = total
+            column = planes[c * column_len : (c + 1) * column_len]
+            for i in range(per_byte):
+                for j in range(plane_len):
+                    k = source[j * per_byte + i]
+                    column[i * plane_len + j] = x[k] if k >= 0 else 0
+        for first_row in range(0, rows, 16):
+            count = min(16, rows - first_row)
+            block = first_row // 16
+            c = 0
+            while c < cols:
+                step = 4 if cols - c >= 4 else 1
+                _group_rows(bits, step, blocked, block * block_len, planes, c * column_len,
+                            plane_len, group_words, groups, group_scale, offset,
+                            block * groups * 16, sums, c * groups, bias, multiplier, shift,
+                            first_row, count, zp_out, qmin, qmax, out,
+                            first_row + (first_col + c) * col_stride, col_stride)  # fmt: skip
+                c += step
+
+
+@_jit
+def linear_group(x, weight, bias, multiplier, shift, zp_out, qmin, qmax, out):
+    """``reference.linear_int8`` on ``reference.group_weight`` of a low-bit weight
+    (:func:`gemm_group`'s tuple): ``x`` ``[N, K]``, ``out`` ``[N, O]``."""
+    gemm_group(weight, x, bias, multiplier, shift, zp_out, qmin, qmax, out.reshape(out.size),
+               weight[2])  # fmt: skip
 
 
 @_jit
@@ -772,12 +797,22 @@ def _dot(row, v):
     return acc
 
 
-@_inline
 def _gate_inputs(weight, v, bias, multiplier, shift, out):
     """``out[t, r] = mbqm(bias[r] + Σ_k weight[r, k] * v[t, k])`` (int32, Q3.12): every gate
-    row's part from one input, for the ``T`` rows of ``v`` (one GEMM)."""
-    rows = weight.shape[0]
-    gemm_int8(weight, v, bias, multiplier, shift, 0, 0, 0, out, 1, rows)
+    row's part from one input, for the ``T`` rows of ``v`` (one GEMM): :func:`gemm_int8` for
+    int8 weights, :func:`gemm_group` for a low-bit weight's tuple."""
+    raise NotImplementedError("compiled only, through its overload")
+
+
+@overload(_gate_inputs, inline="always")
+def _gate_inputs_overload(weight, v, bias, multiplier, shift, out):
+    if isinstance(weight, types.Array):
+        return lambda weight, v, bias, multiplier, shift, out: gemm_int8(
+            weight, v, bias, multiplier, shift, 0, 0, 0, out, 1, weight.shape[0]
+        )
+    return lambda weight, v, bias, multiplier, shift, out: gemm_group(
+        weight, v, bias, multiplier, shift, 0, 0, 0, out, weight[2]
+    )
 
 
 @_inline

@@ -813,6 +813,163 @@ def requantize_8(typingctx, acc, start, multiplier, shift, zp_out, qmin, qmax, o
     return sig, codegen
 
 
+GROUP_ROWS = 16  # weight rows of a group_rows block: one int32 lane each
+
+
+def _dot_quads(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value):
+    """``acc[i] + Σ_{k<4} unsigned[4i+k] * signed[4i+k]`` for 16 int32 lanes and 64 bytes:
+    ``vpdpbusd`` under VNNI, elsewhere portable vector IR (widen, multiply, add the four
+    lanes of each quad) that every LLVM backend lowers to its own instructions."""
+    if HAS_VNNI:
+        return _dpbusd(builder, acc, unsigned, signed)
+    wide = ir.VectorType(_I32, _CHUNK)
+    products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
+    undef = ir.Constant(wide, None)
+    for first in range(4):
+        lanes = ir.Constant(_QUADS, list(range(first, _CHUNK, 4)))
+        acc = builder.add(acc, builder.shuffle_vector(products, undef, lanes))
+    return acc
+
+
+def _make_group_rows(bits: int, cols: int):
+    """``group_rows_{bits}_{cols}(blocked, block_start, planes, plane_start, plane_len,
+    group_words, groups, group_scale, offset, param_start, sums, sums_start, bias,
+    multiplier, shift, first_row, count, zp_out, qmin, qmax, out, out_start, col_stride)``:
+    one block of 16 rows of a low-bit weight times ``cols`` input columns, requantized and
+    stored: the inner part of :func:`numba_kernels.gemm_group` (which says what it computes
+    and lays out the operands; all arrays indexed as flat).
+
+    ``blocked`` holds from ``block_start`` the block's words (64 bytes each: 4 packed bytes of
+    each of the 16 rows, row after row), groups ``g < groups`` taking words ``group_words[g]
+    .. group_words[g + 1]``. Column ``c``'s input plane ``i`` starts at ``plane_start + (c *
+    8/bits + i) * plane_len``; byte ``4 w + e`` of a plane meets field ``i`` of byte ``e`` of
+    word ``w``. Per chunk every field is read unsigned, ``u = field ^ 2^(bits-1)``, with a
+    shift, a mask and a flip (LLVM merges the last two into one ``vpternlogd``) and multiplied
+    by each column's 4 inputs, broadcast (:func:`_dot_quads`). Per group, in lanes:
+    ``acc += m * (dots - 2^(bits-1) * S) - o * S`` with the block's 16 ``m`` (uint8) and
+    ``o`` (int16) at ``param_start + 16 g`` and the column's group sum ``S`` at ``sums_start +
+    c * groups + g``. The epilogue is :func:`_make_gemm_tile`'s for rows ``first_row ..``:
+    the first ``count`` lanes are stored, at ``out_start + c * col_stride`` (int8 ``out``:
+    requantized; int32: scaled).
+    """
+    per_byte = 8 // bits
+    chunk_bytes = ir.VectorType(_I8, _CHUNK)
+    lanes = _CHUNK // 4
+
+    def splat_bytes(value: int) -> ir.Constant:
+        return ir.Constant(chunk_bytes, [value] * _CHUNK)
+
+    @intrinsic
+    def block(typingctx, blocked, block_start, planes, plane_start, plane_len, group_words,
+              groups, group_scale, offset, param_start, sums, sums_start, bias, multiplier,
+              shift, first_row, count, zp_out, qmin, qmax, out, out_start, col_stride):  # fmt: skip
+        sig = types.void(blocked, block_start, planes, plane_start, plane_len, group_words,
+                         groups, group_scale, offset, param_start, sums, sums_start, bias,
+                         multiplier, shift, first_row, count, zp_out, qmin, qmax, out,
+                         out_start, col_stride)  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            args = _as_int64(context, builder, args, signature)
+            (blocked, block_start, planes, plane_start, plane_len, group_words, groups,
+             group_scale, offset, param_start, sums, sums_start, bias, multiplier, shift,
+             first_row, count, zp, qmin, qmax, out, out_start, col_stride) = args  # fmt: skip
+            i64 = block_start.type
+
+            def data(position: int) -> ir.Value:
+                array = signature.args[position]
+                return context.make_array(array)(context, builder, args[position]).data
+
+            def at(pointer: ir.Value, index: ir.Value, vector: ir.Type) -> ir.Value:
+                return builder.bitcast(builder.gep(pointer, [index]), vector.as_pointer())
+
+            def const(value: int) -> ir.Constant:
+                return ir.Constant(i64, value)
+
+            w_ptr, x_ptr, words_ptr = data(0), data(2), data(5)
+            m_ptr, o_ptr, s_ptr = data(7), data(8), data(10)
+            column_step = builder.mul(plane_len, const(per_byte))
+            accs = _zeroed_slots(builder, cols, _QUADS)
+            # per column, field and word parity one chain of vpdpbusd (their latency, not
+            # their throughput, would bound a single chain)
+            chains = [_zeroed_slots(builder, 2 * per_byte, _QUADS) for _ in range(cols)]
+
+            def accumulate(word: ir.Value, parity: int) -> None:
+                offset_bytes = builder.add(block_start, builder.mul(word, const(_CHUNK)))
+                chunk = builder.load(at(w_ptr, offset_bytes, chunk_bytes), align=1)
+                for i in range(per_byte):
+                    field = builder.lshr(chunk, splat_bytes(i * bits))
+                    field = builder.and_(field, splat_bytes(2**bits - 1))
+                    field = builder.xor(field, splat_bytes(2 ** (bits - 1)))
+                    for c in range(cols):
+                        column = builder.add(plane_start, builder.mul(column_step, const(c)))
+                        plane = builder.add(column, builder.mul(plane_len, const(i)))
+                        where = builder.add(plane, builder.mul(word, const(4)))
+                        inputs = builder.load(at(x_ptr, where, _I32), align=1)
+                        inputs = builder.bitcast(_splat(builder, inputs, lanes), chunk_bytes)
+                        slot = chains[c][2 * i + parity]
+                        builder.store(_dot_quads(builder, builder.load(slot), field, inputs), slot)
+
+            with cgutils.for_range(builder, groups) as group:
+                first = builder.load(builder.gep(words_ptr, [group.index]))
+                last = builder.load(builder.gep(words_ptr, [builder.add(group.index, const(1))]))
+                for slot in (slot for column in chains for slot in column):
+                    builder.store(ir.Constant(_QUADS, None), slot)
+                pairs = builder.sdiv(builder.sub(last, first), const(2))
+                with cgutils.for_range(builder, pairs) as loop:
+                    word = builder.add(first, builder.mul(loop.index, const(2)))
+                    accumulate(word, 0)
+                    accumulate(builder.add(word, const(1)), 1)
+                odd = builder.add(first, builder.mul(pairs, const(2)))
+                with builder.if_then(builder.icmp_signed("<", odd, last)):
+                    accumulate(odd, 0)
+                dots = []
+                for column in chains:
+                    total = builder.load(column[0])
+                    for slot in column[1:]:
+                        total = builder.add(total, builder.load(slot))
+                    dots.append(total)
+                params = builder.add(param_start, builder.mul(group.index, const(lanes)))
+                m = builder.load(at(m_ptr, params, ir.VectorType(_I8, lanes)), align=1)
+                m = builder.zext(m, _QUADS)
+                o = builder.load(at(o_ptr, params, ir.VectorType(_I16, lanes)), align=2)
+                o = builder.sext(o, _QUADS)
+                for c, (dot, acc_slot) in enumerate(zip(dots, accs, strict=True)):
+                    index = builder.add(sums_start, builder.mul(groups, const(c)))
+                    total = builder.load(builder.gep(s_ptr, [builder.add(index, group.index)]))
+                    total = _splat(builder, total, lanes)
+                    unsigned = builder.mul(total, ir.Constant(_QUADS, [2 ** (bits - 1)] * lanes))
+                    step = builder.mul(m, builder.sub(dot, unsigned))
+                    step = builder.sub(step, builder.mul(o, total))
+                    builder.store(builder.add(builder.load(acc_slot), step), acc_slot)
+
+            mask = _lanes_below(builder, count, lanes)
+            params = [
+                _masked_load(builder, at(data(position), first_row, _I32), mask, _QUADS)
+                for position in (12, 13, 14)
+            ]
+            right_only = _shifts_right_only(builder, params[2])
+            splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
+            out_type = signature.args[20]
+            out_ptr = data(20)
+            for c, acc_slot in enumerate(accs):
+                sums_c = builder.load(acc_slot)
+
+                def epilogue(left_shifts: bool, sums_c=sums_c) -> ir.Value:
+                    if out_type.dtype == types.int32:
+                        return _scale_lanes(builder, sums_c, *params, left_shifts)
+                    return _requantize_lanes(builder, sums_c, *params, *splats, left_shifts)
+
+                y = _either(builder, right_only, epilogue)
+                where = builder.add(out_start, builder.mul(col_stride, const(c)))
+                _masked_store(builder, y, builder.gep(out_ptr, [where]), mask)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    block.__name__ = block.__qualname__ = f"group_rows_{bits}_{cols}"
+    return block
+
+
 gemm_tile_4x2 = _make_gemm_tile(4, 2)
 gemm_tile_4x1 = _make_gemm_tile(4, 1)
 gemm_tile_8x1 = _make_gemm_tile(8, 1)
@@ -833,3 +990,7 @@ gather_conv_1_128 = _make_gather_conv(1, 128)
 gather_conv_1_256 = _make_gather_conv(1, 256)
 gather_conv_8_128 = _make_gather_conv(8, 128)
 gather_conv_8_256 = _make_gather_conv(8, 256)
+group_rows_4_1 = _make_group_rows(4, 1)
+group_rows_4_4 = _make_group_rows(4, 4)
+group_rows_2_1 = _make_group_rows(2, 1)
+group_rows_2_4 = _make_group_rows(2, 4)

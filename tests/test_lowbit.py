@@ -14,7 +14,7 @@ from tinyrt.errors import ConversionError, FormatError
 from tinyrt.format import Tensor, read_model_file, write_model_file
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import _group_args
+from tinyrt.ops import _group_args, group_operand
 from tinyrt.packing import unpack_bits
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -100,7 +100,7 @@ def test_spec_rejects_what_it_cannot_do():
 @st.composite
 def group_layers(draw):
     bits = draw(st.sampled_from(LOW_BITS))
-    rows = draw(st.integers(1, 9))
+    rows = draw(st.integers(1, 40))  # blocks of 16 rows, the last one partial
     k = draw(st.integers(1, 150))
     group_size = draw(st.sampled_from([4, 32, 64, 128, None]))
     symmetric = draw(st.booleans())
@@ -113,19 +113,39 @@ def group_layers(draw):
 
 
 @SETTINGS
-@given(group_layers(), st.integers(1, 3), st.integers(-128, 127))
+@given(group_layers(), st.integers(1, 11), st.integers(-128, 127))
 def test_linear_group_kernel_is_bit_exact(layer, batch, zp_out):
+    """Batches up to 11: blocks of 4 columns and single ones, over more than one set of
+    ``GROUP_COLUMNS`` planes."""
     weight, rng = layer
     rows, k = weight.shape
     x = rng.integers(-128, 128, size=(batch, k), dtype=np.int8)
     bias = rng.integers(-(2**20), 2**20, size=rows, dtype=np.int32)
-    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-5, 1e-2, size=rows)]
+    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-5, 2, size=rows)]
     mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
     expected = ref.linear_int8(x, ref.group_weight(weight), bias, mult, shift, zp_out, -100, 120)
     out = np.zeros((batch, rows), np.int8)
-    sums = np.zeros(weight.group_scale.shape[1], np.int32)
-    nk.linear_group(x, *_group_args(weight), bias, mult, shift, zp_out, -100, 120, sums, out)
+    operand = group_operand(weight, nk.GROUP_COLUMNS)
+    nk.linear_group(x, operand, bias, mult, shift, zp_out, -100, 120, out)
     assert np.array_equal(out, expected)
+
+
+@SETTINGS
+@given(group_layers(), st.integers(1, 6))
+def test_group_gemm_into_int32_is_bit_exact(layer, steps):
+    """The recurrent layers' gate inputs: ``mbqm(bias + Σ)`` stored as int32, step after step."""
+    weight, rng = layer
+    rows, k = weight.shape
+    x = rng.integers(-128, 128, size=(steps, k), dtype=np.int8)
+    bias = rng.integers(-(2**20), 2**20, size=rows, dtype=np.int32)
+    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-3, 4, size=rows)]
+    mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
+    acc = x.astype(np.int64) @ ref.group_weight(weight).astype(np.int64).T + bias
+    expected = ref.multiply_by_quantized_multiplier(acc, mult, shift)
+    out = np.zeros(steps * rows, np.int32)
+    operand = group_operand(weight, nk.GROUP_COLUMNS)
+    nk.gemm_group(operand, x, bias, mult, shift, 0, 0, 0, out, rows)
+    assert np.array_equal(out.reshape(steps, rows), expected)
 
 
 @SETTINGS

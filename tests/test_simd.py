@@ -135,6 +135,20 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         nk.conv2d_tiles_int8(x, *operands, bias, mult, shift, 5, -3, 3, 3, 1, sw,
                              1, 1, 1, 1, 1, -128, 127, padded, out)
         assert (out == want).all(), (c, o, sw)
+    from tinyrt.converter.lowbit import quantize_groups
+    from tinyrt.ops import group_operand
+    for bits, n, k, o, group in [(4, 1, 70, 20, 32), (2, 5, 130, 17, 64), (4, 3, 9, 3, None)]:
+        x = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        w = quantize_groups(rng.normal(size=(o, k)), bits, group, "hqq", False)
+        w = w.group_weight((o, k))
+        bias = rng.integers(-5000, 5000, o).astype(np.int32)
+        mult = rng.integers(1 << 30, 1 << 31, o).astype(np.int32)
+        shift = rng.integers(-14, 3, o).astype(np.int32)
+        want = ref.linear_int8(x, ref.group_weight(w), bias, mult, shift, 3)
+        out = np.empty_like(want)
+        nk.linear_group(x, group_operand(w, nk.GROUP_COLUMNS), bias, mult, shift, 3, -128, 127,
+                        out)
+        assert (out == want).all(), (bits, n, k, o)
     print("bit-exact")
     """
 )
@@ -152,7 +166,8 @@ HOST_FEATURES = set(llvmlite.binding.get_host_cpu_features().flatten().split(","
 )
 def test_other_targets_are_bit_exact(tmp_path, cpu, features, flags):
     """The code paths other CPUs take, compiled here for another target (the host's path is
-    what every other test runs): GEMM tiles through linear layers, conv blocks."""
+    what every other test runs): GEMM tiles through linear layers, conv blocks, low-bit
+    linear layers."""
     if features and features not in HOST_FEATURES:
         pytest.skip(f"this CPU cannot run {cpu} code")
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,

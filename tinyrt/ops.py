@@ -20,7 +20,7 @@ import numpy as np
 from tinyrt.graph import Op, Value
 from tinyrt.kernels import LANES
 from tinyrt.kernels import reference as ref
-from tinyrt.packing import GroupWeight
+from tinyrt.packing import GroupWeight, pack_bits, unpack_bits
 
 Step = Callable[[], None]
 
@@ -264,11 +264,58 @@ def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
 
 
 def _group_args(weight: GroupWeight) -> tuple:
-    """A low-bit weight's arguments of the numba group kernels (offsets 0 when symmetric)."""
+    """A low-bit table's arguments of :func:`numba_kernels.embedding_group` (offsets 0 when
+    symmetric)."""
     offset = weight.offset
     if offset is None:
         offset = np.zeros(weight.group_scale.shape, np.int16)
     return weight.packed, weight.bits, weight.group_size, weight.group_scale, offset
+
+
+_GROUP_ROWS = 16  # rows per block of simd.group_dots_*
+
+
+def group_operand(weight: GroupWeight, columns: int) -> tuple:
+    """A low-bit weight as :func:`numba_kernels.gemm_group` reads it, laid out once per plan
+    (the same number of packed bytes as the file's, reordered; never dequantized):
+
+    - each group padded with zero values to whole words of ``4 * 8/bits`` values; ``source``
+      (int32) maps every padded position to its column ``k``, -1 for padding, and
+      ``group_words`` (``[G + 1]``) gives where each group's words start;
+    - ``blocked``: the packed bytes of blocks of 16 rows (the last block padded with zero
+      rows), ``[blocks, words, 16, 4]``: word ``w`` of the block's 16 rows is one 64-byte load;
+    - ``group_scale``/``offset`` as ``[blocks, G, 16]`` (uint8/int16, 0 in padded rows),
+      flat like every array the kernel indexes;
+    - scratch for ``columns`` input columns: their int8 planes and int32 group sums.
+    """
+    rows, bits, group_size = weight.shape[0], weight.bits, weight.group_size
+    k_len = math.prod(weight.shape) // rows
+    groups = weight.group_scale.shape[1]
+    per_word = 4 * (8 // bits)
+    lengths = np.minimum(group_size, k_len - group_size * np.arange(groups))
+    group_words = np.concatenate([[0], np.cumsum(-(-lengths // per_word))]).astype(np.int64)
+    source = np.full(group_words[-1] * per_word, -1, np.int32)
+    for g, length in enumerate(lengths):
+        start = group_words[g] * per_word
+        source[start : start + length] = np.arange(g * group_size, g * group_size + length)
+    blocks = -(-rows // _GROUP_ROWS)
+    padded_rows = blocks * _GROUP_ROWS
+    q = np.zeros((padded_rows, source.size), np.int8)
+    q[:rows, source >= 0] = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
+    blocked = pack_bits(q, bits).reshape(blocks, _GROUP_ROWS, group_words[-1], 4)
+    blocked = np.ascontiguousarray(blocked.transpose(0, 2, 1, 3)).reshape(-1)
+
+    def by_block(a: np.ndarray, dtype: type) -> np.ndarray:  # [O, G] -> [blocks, G, 16]
+        padded = np.zeros((padded_rows, groups), dtype)
+        padded[:rows] = a
+        return np.ascontiguousarray(padded.reshape(blocks, _GROUP_ROWS, groups).transpose(0, 2, 1))
+
+    group_scale = by_block(weight.group_scale, np.uint8).reshape(-1)
+    offset = by_block(0 if weight.offset is None else weight.offset, np.int16).reshape(-1)
+    planes = np.zeros(columns * source.size, np.int8)
+    sums = np.zeros(columns * groups, np.int32)
+    layout = (blocked, bits, rows, group_size, source, group_words, group_scale, offset)
+    return layout + (planes, sums)
 
 
 def bind_op(
@@ -299,10 +346,9 @@ def bind_op(
         y = out.reshape(-1, weight.shape[0])
         qmin, qmax = a["qmin"], a["qmax"]
         if nk and isinstance(weight, GroupWeight):
-            group = _group_args(weight)
-            sums = np.zeros(weight.group_scale.shape[1], np.int32)
+            group = group_operand(weight, nk.GROUP_COLUMNS)
             requant = (bias, mult, shift, zp_out, qmin, qmax)
-            return lambda: nk.linear_group(x, *group, *requant, sums, y)
+            return lambda: nk.linear_group(x, group, *requant, y)
         if nk:
             return lambda: nk.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
         return lambda: np.copyto(
@@ -521,6 +567,11 @@ def _recurrent_args(op: Op, index: int, direction: str, zp_h: int) -> tuple:
     return weights + params + (t["sigmoid_table"], t["tanh_table"])
 
 
+def _numba_operand(tensor: np.ndarray | GroupWeight, nk: ModuleType) -> np.ndarray | tuple:
+    """A tensor as the numba kernels take it: a low-bit weight as :func:`group_operand`."""
+    return group_operand(tensor, nk.GROUP_COLUMNS) if isinstance(tensor, GroupWeight) else tensor
+
+
 def _bind_recurrent(
     op: Op, x: np.ndarray, out: np.ndarray, zp_h: int, states: list, nk: ModuleType | None
 ) -> Step:
@@ -533,8 +584,11 @@ def _bind_recurrent(
     ]
     name = _RECURRENT_KERNELS[op.kind]
 
-    if nk and not any(isinstance(w, GroupWeight) for w in op.tensors.values()):
+    if nk:
         kernel = getattr(nk, name)
+        calls = [  # low-bit weights laid out for numba_kernels.gemm_group
+            (tuple(_numba_operand(a, nk) for a in args), *rest) for args, *rest in calls
+        ]
 
         def recurrent() -> None:
             for args, reverse, state, offset in calls:
