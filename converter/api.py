@@ -27,6 +27,7 @@ from tinyrt.converter.ir import Graph
 from tinyrt.converter.layout import batch_axis
 from tinyrt.converter.loading import apply_weights, load_model, load_weights
 from tinyrt.converter.lowbit import WeightSpec
+from tinyrt.converter.mixed import choose_bits
 from tinyrt.converter.pack import pack
 from tinyrt.converter.passes import simplify
 from tinyrt.converter.quantize import INT8
@@ -62,13 +63,15 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 class _Packed:
     """A quantized model before writing: graph dict, tensor table, the provenance's
     ``calibration`` entry, the inputs on which per-layer errors are measured, and each weight
-    tensor's bits and reconstruction error (static mode)."""
+    tensor's bits and reconstruction error (static mode) and, under a size budget, the record
+    of the bit-width search."""
 
     graph: dict
     tensors: list[Tensor]
     calibration: dict | None
     stats_inputs: dict[str, torch.Tensor]
     weight_errors: dict[str, dict] | None = None
+    mixed_precision: dict | None = None
 
 
 def _sample_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
@@ -94,9 +97,17 @@ def _static(
         optional=graph.states,
     )
     result = calibrate(graph, batches, total=total, progress=progress, keep=STATS_SAMPLES)
-    graph_dict, tensors, weight_errors = pack(graph, result.ranges, result.cell_peaks, spec)
     entry = {"method": "minmax", "samples": result.samples}
-    return _Packed(graph_dict, tensors, entry, result.kept_inputs, weight_errors)
+    search = None
+    if spec.size_budget is not None:
+
+        def packing(candidate: WeightSpec) -> bytes:
+            packed = pack(graph, result.ranges, result.cell_peaks, candidate)
+            return serialize(*packed[:2], {})
+
+        spec, search = choose_bits(graph, result.kept_inputs, packing, spec, progress)
+    graph_dict, tensors, weight_errors = pack(graph, result.ranges, result.cell_peaks, spec)
+    return _Packed(graph_dict, tensors, entry, result.kept_inputs, weight_errors, search)
 
 
 def _joined(batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -168,6 +179,8 @@ def _convert(
     }
     if packed.weight_errors is not None:
         provenance["weight_quantization"] = packed.weight_errors
+    if packed.mixed_precision is not None:
+        provenance["mixed_precision"] = packed.mixed_precision
     blob = serialize(packed.graph, packed.tensors, provenance)
     provenance["layers"] = layer_errors(blob, graph, packed.stats_inputs)
     try:

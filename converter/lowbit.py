@@ -30,6 +30,7 @@ zero points are chosen, and every error is measured on the integer form:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -49,13 +50,23 @@ class WeightSpec:
     """How the converter quantizes layer weights: ``bits`` 8 (int8 per channel, the default),
     4, 3 or 2 (the group form) for every conv, linear, embedding, LSTM and GRU layer, except
     the layers named in ``layers`` (op name -> bits). Below 8 bits: groups of ``group_size``
-    (None: one per row), ``method`` (:data:`METHODS`) and ``symmetric`` zero points."""
+    (None: one per row), ``method`` (:data:`METHODS`) and ``symmetric`` zero points.
+
+    With ``size_budget`` (bytes of the model: its graph and tensors as serialized, not the
+    provenance's few KB of statistics), ``bits`` is the lowest width allowed instead:
+    each layer not in ``layers`` nor in ``keep_8bit`` (None: the first and the last layer with
+    weights) gets 8 bits or lower by its measured sensitivity until the file fits
+    (:mod:`tinyrt.converter.mixed`). ``memo`` (not part of the spec's value) keeps
+    quantizations already made, by weight, for searches that pack a model many times."""
 
     bits: int = 8
     group_size: int | None = 64
     method: str = "hqq"
     symmetric: bool = False
     layers: dict[str, int] = field(default_factory=dict)
+    size_budget: int | None = None
+    keep_8bit: tuple[str, ...] | None = None
+    memo: dict | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for where, bits in (("bits", self.bits), *self.layers.items()):
@@ -67,14 +78,28 @@ class WeightSpec:
             raise ValueError(f"group_size must be positive or None, got {self.group_size!r}")
         if self.method == "hqq" and self.symmetric:
             raise ValueError("hqq optimizes the zero point: it cannot be symmetric")
+        if self.size_budget is not None and (self.size_budget < 1 or self.bits == 8):
+            raise ValueError(
+                "size_budget needs a positive number of bytes and bits below 8 (the lowest "
+                f"width a layer may take), got size_budget={self.size_budget!r}, "
+                f"bits={self.bits!r}"
+            )
 
     def for_layer(self, layer: str) -> WeightSpec:
         """The spec of the op named ``layer``: its own bits, nothing per layer."""
-        return replace(self, bits=self.layers.get(layer, self.bits), layers={})
+        bits = self.layers.get(layer, self.bits)
+        return replace(self, bits=bits, layers={}, size_budget=None, keep_8bit=None)
 
     def quantize(self, weight: np.ndarray) -> GroupQuantized:
-        """:func:`quantize_groups` with this spec (``bits`` below 8)."""
-        return quantize_groups(weight, self.bits, self.group_size, self.method, self.symmetric)
+        """:func:`quantize_groups` with this spec (``bits`` below 8), from ``memo`` if there."""
+        args = (self.bits, self.group_size, self.method, self.symmetric)
+        if self.memo is None:
+            return quantize_groups(weight, *args)
+        weight = np.ascontiguousarray(weight)
+        key = (hashlib.sha256(weight.tobytes()).hexdigest(), weight.shape, weight.dtype.str, args)
+        if key not in self.memo:
+            self.memo[key] = quantize_groups(weight, *args)
+        return self.memo[key]
 
 
 @dataclass

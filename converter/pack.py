@@ -31,7 +31,7 @@ from tinyrt.format import Tensor
 from tinyrt.kernels.reference import activation_table
 from tinyrt.packing import GroupWeight
 
-_WEIGHTED = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
+WEIGHTED_KINDS = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
 TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
 # Ops that keep axis 1 as the time axis (concat only when joining along a later axis).
 _PER_STEP = frozenset({"embedding", "linear", "clamp", "add", "concat", *RECURRENT})
@@ -344,12 +344,12 @@ def pack(
     calibrated ``ranges`` and (for LSTMs) ``cell_peaks``, as :class:`.calibrate.Calibration`,
     with weights as ``spec`` says; and per weight tensor its bits and relative squared
     reconstruction error (for the provenance)."""
-    unknown = set(spec.layers) - {node.name for node in graph.nodes if node.kind in _WEIGHTED}
+    unknown = set(spec.layers) - {node.name for node in graph.nodes if node.kind in WEIGHTED_KINDS}
     if unknown:
         raise ConversionError(
             f"bits were given for {', '.join(sorted(unknown))}, which are not layers with "
             f"weights of this model (those are: "
-            f"{', '.join(n.name for n in graph.nodes if n.kind in _WEIGHTED)})"
+            f"{', '.join(n.name for n in graph.nodes if n.kind in WEIGHTED_KINDS)})"
         )
     packer = _Packer(params=value_params(graph, ranges), cell_peaks=cell_peaks or {}, spec=spec)
     dtypes = dict.fromkeys(graph.token_inputs, "int32")

@@ -1,5 +1,7 @@
-"""The word language model, four ways: fp32 PyTorch, PyTorch ``quantize_dynamic``, tinyrt
-dynamic mode and tinyrt integer-only, side by side on held-out King James Bible text.
+"""The word language model, six ways: fp32 PyTorch, PyTorch ``quantize_dynamic``, tinyrt
+dynamic mode, tinyrt integer-only with int8 weights, with int4 weights (groups of 64, HQQ)
+and with each layer's bits chosen under a size budget, side by side on held-out King James
+Bible text.
 
     python examples/train_recurrent.py --only lm     # once: trains out/lm/word_lm.safetensors
     python examples/word_lm.py [--rows 16] [--window 25]
@@ -32,9 +34,11 @@ from train_recurrent import LM_DIR, lm_step
 
 import tinyrt
 from tinyrt.bench import measure_latency
-from tinyrt.converter import convert
+from tinyrt.converter import WeightSpec, convert
 
 PROMPT = "in the beginning god"
+# the mixed-precision row: every layer free to take 8, 4 or 2 bits under this many bytes
+MIXED_BUDGET = 6_000_000
 # step(tokens [R, W] int64) -> logits [R, W, V] float32, carrying the runtime's own state
 Step = Callable[[np.ndarray], np.ndarray]
 
@@ -135,6 +139,18 @@ def main() -> None:
     dynamic_torch = torch.ao.quantization.quantize_dynamic(
         model, {nn.LSTM, nn.Linear}, dtype=torch.qint8
     )
+    low_bit = {
+        "tinyrt int4 g64 HQQ": WeightSpec(bits=4),
+        f"tinyrt mixed, {MIXED_BUDGET / 1e6:g} MB budget": WeightSpec(
+            bits=2, size_budget=MIXED_BUDGET, keep_8bit=()
+        ),
+    }
+    paths = {}
+    for i, (name, spec) in enumerate(low_bit.items()):
+        paths[name] = LM_DIR / f"word_lm_low_bit_{i}.tinyrt"
+        calibration = calib.astype(np.int64)
+        convert(model, example, paths[name], calibration=calibration, weight_spec=spec)
+        print(f"{name}: {paths[name].stat().st_size} bytes", flush=True)
     static, dynamic = tinyrt.load(static_path), tinyrt.load(dynamic_path)
     runtimes = {
         "PyTorch fp32": (torch_stepper(model), torch_bytes(model), partial(torch_stepper, model)),
@@ -154,6 +170,13 @@ def main() -> None:
             partial(tinyrt_stepper, static, 1),
         ),
     }
+    for name, path in paths.items():
+        low = tinyrt.load(path)
+        runtimes[name] = (
+            tinyrt_stepper(low, args.rows),
+            path.stat().st_size,
+            partial(tinyrt_stepper, low, 1),
+        )
     window = calib[:1, : args.window]
     one = calib[:1, :1]
     rows, samples = [], {}

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from run_cli import tinyrt_cli
 from safetensors.numpy import load_file
 
 import tinyrt
@@ -11,7 +12,7 @@ from examples.catalog import EXAMPLES
 from tinyrt.converter import WeightSpec
 from tinyrt.converter.lowbit import LOW_BITS, METHODS, quantize_groups
 from tinyrt.errors import ConversionError, FormatError
-from tinyrt.format import Tensor, read_model_file, write_model_file
+from tinyrt.format import Tensor, read_model_file, serialize, write_model_file
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
 from tinyrt.ops import _group_args, group_operand
@@ -190,6 +191,83 @@ def test_per_layer_bits_and_the_file_size(tmp_path):
     assert path.stat().st_size < int8.stat().st_size
     with pytest.raises(ConversionError, match="not layers with weights"):
         example.convert(tmp_path / "x.tinyrt", weight_spec=WeightSpec(4, layers={"nope": 8}))
+
+
+def _model_bytes(path) -> int:
+    """Bytes of a file's graph and tensors, without its provenance (what a budget counts)."""
+    file = read_model_file(path)
+    return len(serialize(file.graph, file.tensors, {}))
+
+
+@pytest.mark.parametrize("example", EXAMPLES[:2], ids=lambda e: e.name)
+def test_a_size_budget_is_met_by_lowering_the_least_sensitive_layers(example, tmp_path):
+    int8 = _model_bytes(example.convert(tmp_path / "int8.tinyrt", progress=False))
+    int4 = example.convert(tmp_path / "int4.tinyrt", progress=False, weight_spec=WeightSpec(4))
+    budget = (int8 + _model_bytes(int4)) // 2
+    spec = WeightSpec(bits=2, size_budget=budget)
+    path = example.convert(tmp_path / "mixed.tinyrt", progress=False, weight_spec=spec)
+    provenance = tinyrt.load(path).file.provenance
+    search = provenance["mixed_precision"]
+    assert _model_bytes(path) == search["bytes"] <= budget
+    bits = {
+        name.rpartition(".")[0]: e["bits"] for name, e in provenance["weight_quantization"].items()
+    }
+    first, last = search["kept_at_8_bits"]
+    assert bits[first] == bits[last] == 8  # the default: first and last layer stay int8
+    assert {bits[name] for name in search["layers"]} <= {4, 2} and search["layers"]
+    assert all(bits[name] == 8 for name in bits if name not in search["layers"])
+    for widths in search["sensitivity"].values():  # a layer at 2 bits is noisier than at 4
+        assert widths["2"]["output_noise_db"] > widths["4"]["output_noise_db"]
+
+
+def test_a_size_budget_that_cannot_be_met_is_refused(tmp_path):
+    example = EXAMPLES[0]
+    spec = WeightSpec(bits=4, size_budget=1000)
+    with pytest.raises(ConversionError, match="fits 1000 bytes: the smallest is"):
+        example.convert(tmp_path / "m.tinyrt", progress=False, weight_spec=spec)
+    with pytest.raises(ConversionError, match="keep_8bit names nope"):
+        spec = WeightSpec(bits=4, size_budget=10**6, keep_8bit=("nope",))
+        example.convert(tmp_path / "m.tinyrt", progress=False, weight_spec=spec)
+    assert not (tmp_path / "m.tinyrt").exists()
+    with pytest.raises(ValueError, match="size_budget needs"):
+        WeightSpec(bits=8, size_budget=10**6)
+
+
+MLP_SPEC = """
+import torch
+from torch import nn
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+    )
+"""
+
+
+def test_cli_weight_options_and_size_budget(tmp_path):
+    """``tinyrt convert --weight-bits/--layer-bits`` and ``--size-budget``: with the first and
+    last layers kept (the default) only the middle one can go lower."""
+    (tmp_path / "mlp.py").write_text(MLP_SPEC)
+    spec = f"{tmp_path / 'mlp.py'}:mlp"
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
+    common = (spec, "--calibration", tmp_path / "x.npy", "-q", "-o")
+    int8, low = tmp_path / "int8.tinyrt", tmp_path / "low.tinyrt"
+    assert tinyrt_cli("convert", *common, int8).returncode == 0
+    done = tinyrt_cli("convert", *common, low, "--weight-bits", "4", "--layer-bits", "4=8")
+    assert done.returncode == 0, done.stderr
+    bits = read_model_file(low).provenance["weight_quantization"]
+    assert [bits[f"{i}.weight"]["bits"] for i in (0, 2, 4)] == [4, 4, 8]
+    budget = _model_bytes(int8) - 256 * 256 // 2  # the middle layer at 4 bits or less
+    mixed = tmp_path / "mixed.tinyrt"
+    done = tinyrt_cli("convert", *common, mixed, "--weight-bits", "2", "--size-budget", budget)
+    assert done.returncode == 0, done.stderr
+    search = read_model_file(mixed).provenance["mixed_precision"]
+    assert set(search["layers"]) == {"2"} and search["kept_at_8_bits"] == ["0", "4"]
+    assert _model_bytes(mixed) <= budget
+    done = tinyrt_cli("convert", *common, mixed, "--weight-bits", "8", "--size-budget", budget)
+    assert done.returncode == 1 and "size_budget needs" in done.stderr
 
 
 def test_a_low_bit_weight_without_group_scales_is_refused(tmp_path):

@@ -81,6 +81,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             method=args.weight_method,
             symmetric=args.symmetric,
             layers=layers,
+            size_budget=args.size_budget,
+            keep_8bit=None if args.keep_8bit is None else tuple(args.keep_8bit),
         )
     except ValueError as error:
         raise TinyrtError(f"weight options: {error}") from error
@@ -383,6 +385,20 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME=BITS",
         help="bits of single layers (op names as 'tinyrt inspect' shows them), e.g. fc=8",
+    )
+    convert.add_argument(
+        "--size-budget",
+        type=int,
+        metavar="BYTES",
+        help="choose each layer's bits, from 8 down to --weight-bits, by measured sensitivity "
+        "so that the model (graph and tensors, without the provenance) fits in BYTES",
+    )
+    convert.add_argument(
+        "--keep-8bit",
+        nargs="*",
+        metavar="NAME",
+        help="layers a --size-budget leaves at 8 bits (default: the first and the last layer "
+        "with weights; give none to free them all)",
     )
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     convert.set_defaults(func=cmd_convert)
