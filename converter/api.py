@@ -44,6 +44,7 @@ from tinyrt.errors import ConversionError
 from tinyrt.format import Tensor, serialize, write_model_file
 
 STATS_SAMPLES = 64
+DROP_SAMPLES = 1024  # labelled calibration samples a max_drop search scores models on
 MODES = ("static", "dynamic")
 
 
@@ -85,9 +86,15 @@ def _axes(graph: Graph) -> dict[str, int]:
 
 
 def _static(
-    graph: Graph, calibration: Any, progress: bool, max_samples: int | None, spec: WeightSpec
+    graph: Graph,
+    calibration: Any,
+    progress: bool,
+    max_samples: int | None,
+    spec: WeightSpec,
+    labels: np.ndarray | None,
 ) -> _Packed:
-    """Calibrate on ``calibration`` and pack the integer graph; errors on the first samples."""
+    """Calibrate on ``calibration`` and pack the integer graph (with each layer's bits chosen
+    by :mod:`.mixed` under a size budget or an accuracy limit); errors on the first samples."""
     batches, total = calibration_batches(
         calibration,
         _sample_shapes(graph),
@@ -96,18 +103,20 @@ def _static(
         batch_axis=_axes(graph),
         optional=graph.states,
     )
-    result = calibrate(graph, batches, total=total, progress=progress, keep=STATS_SAMPLES)
+    keep = DROP_SAMPLES if spec.max_drop is not None else STATS_SAMPLES
+    result = calibrate(graph, batches, total=total, progress=progress, keep=keep)
     entry = {"method": "minmax", "samples": result.samples}
     search = None
-    if spec.size_budget is not None:
+    if spec.size_budget is not None or spec.max_drop is not None:
 
         def packing(candidate: WeightSpec) -> bytes:
             packed = pack(graph, result.ranges, result.cell_peaks, candidate)
             return serialize(*packed[:2], {})
 
-        spec, search = choose_bits(graph, result.kept_inputs, packing, spec, progress)
+        spec, search = choose_bits(graph, result.kept_inputs, packing, spec, progress, labels)
     graph_dict, tensors, weight_errors = pack(graph, result.ranges, result.cell_peaks, spec)
-    return _Packed(graph_dict, tensors, entry, result.kept_inputs, weight_errors, search)
+    stats = {name: x[:STATS_SAMPLES] for name, x in result.kept_inputs.items()}
+    return _Packed(graph_dict, tensors, entry, stats, weight_errors, search)
 
 
 def _joined(batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -151,6 +160,7 @@ def _convert(
     progress: bool,
     max_samples: int | None,
     spec: WeightSpec,
+    labels: np.ndarray | None = None,
 ) -> pathlib.Path:
     if mode not in MODES:
         raise ConversionError(f"mode must be one of {MODES}, got {mode!r}")
@@ -166,7 +176,7 @@ def _convert(
     if not graph.nodes:
         raise ConversionError(f"{type(model).__name__} computes nothing from its inputs")
     if mode == "static":
-        packed = _static(graph, calibration, progress, max_samples, spec)
+        packed = _static(graph, calibration, progress, max_samples, spec, labels)
     else:
         packed = _dynamic(graph, examples, calibration, max_samples)
     provenance = {
@@ -201,6 +211,7 @@ def convert(
     progress: bool = True,
     max_calibration_samples: int | None = None,
     weight_spec: WeightSpec = INT8,
+    labels: Any = None,
 ) -> pathlib.Path:
     """Convert ``model`` into a ``.tinyrt`` file at ``out``; return its path.
 
@@ -219,7 +230,10 @@ def convert(
     sample). ``source`` is recorded in the file's provenance (default: the model's class).
     ``progress`` shows a progress bar over calibration batches. ``weight_spec``
     (:class:`tinyrt.converter.WeightSpec`, static mode) quantizes the layer weights to 4, 3 or
-    2 bits with per-group scales (docs/lowbit.md), all layers or some; int8 by default.
+    2 bits with per-group scales (docs/lowbit.md), all layers or some, or chooses each layer's
+    bits under a size budget or an accuracy limit; int8 by default. ``labels`` (integer, one
+    per position of the first output, samples first, in the calibration samples' order) are
+    what a ``max_drop`` limit is measured against.
 
     Raises UnsupportedOpError for layers tinyrt cannot convert (in that mode) and
     ConversionError for every other problem; on any error no file is written (an existing
@@ -237,6 +251,7 @@ def convert(
         progress=progress,
         max_samples=max_calibration_samples,
         spec=weight_spec,
+        labels=labels,
     )
 
 
@@ -252,6 +267,20 @@ def _read_calibration(path: str, names: list[str], optional: list[str]) -> dict[
                 f"got dtype {array.dtype} and shape {list(array.shape)}"
             )
     return arrays
+
+
+def _read_labels(path: str) -> np.ndarray:
+    """The integer labels of a ``.npy`` file (never unpickled)."""
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read labels {path!r}: {exc}") from exc
+    if labels.dtype.kind not in "iu" or labels.ndim == 0:
+        raise ConversionError(
+            f"labels {path!r} must be an integer array with samples on the first axis, got "
+            f"dtype {labels.dtype} and shape {list(labels.shape)}"
+        )
+    return labels
 
 
 def _examples(
@@ -301,6 +330,7 @@ def convert_from_files(
     progress: bool = True,
     mode: str = "static",
     weight_spec: WeightSpec = INT8,
+    labels: str | None = None,
 ) -> pathlib.Path:
     """Convert a model described by files (what ``tinyrt convert`` runs); return the path.
 
@@ -314,7 +344,8 @@ def convert_from_files(
     sample, unless ``input_shape`` (the full shape of one example input, batch axis first, or
     second for a sequence-first model; single-input models) is given: then zeros of the
     calibration array's kind (without calibration data, token ids if an nn.Embedding reads the
-    input). ``weight_spec`` as :func:`convert`.
+    input). ``weight_spec`` as :func:`convert`; ``labels`` a ``.npy`` file of the calibration
+    samples' integer labels (for ``max_drop``).
     """
     if mode == "static" and calibration is None:
         raise ConversionError(
@@ -342,4 +373,5 @@ def convert_from_files(
         progress=progress,
         max_samples=None,
         spec=weight_spec,
+        labels=None if labels is None else _read_labels(labels),
     )

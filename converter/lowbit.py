@@ -39,6 +39,7 @@ from tinyrt.kernels.reference import round_half_away
 from tinyrt.packing import GroupWeight, pack_bits
 
 METHODS = ("rtn", "mse", "hqq")
+DROP_METRICS = ("accuracy", "perplexity")
 LOW_BITS = (2, 3, 4)
 GROUP_SCALE_MAX = 255
 MSE_RATIOS = np.linspace(1.0, 0.5, 26)  # clipping ratios of the group's range, MSE search
@@ -53,11 +54,13 @@ class WeightSpec:
     (None: one per row), ``method`` (:data:`METHODS`) and ``symmetric`` zero points.
 
     With ``size_budget`` (bytes of the model: its graph and tensors as serialized, not the
-    provenance's few KB of statistics), ``bits`` is the lowest width allowed instead:
-    each layer not in ``layers`` nor in ``keep_8bit`` (None: the first and the last layer with
-    weights) gets 8 bits or lower by its measured sensitivity until the file fits
-    (:mod:`tinyrt.converter.mixed`). ``memo`` (not part of the spec's value) keeps
-    quantizations already made, by weight, for searches that pack a model many times."""
+    provenance's few KB of statistics) or ``max_drop`` (``drop_metric`` "accuracy": points,
+    or "perplexity": relative rise in %, on labelled calibration samples against the float
+    model), ``bits`` is the lowest width allowed instead: each layer not in ``layers`` nor in
+    ``keep_8bit`` (None: the first and the last layer with weights) gets 8 bits or lower by
+    its measured sensitivity (:mod:`tinyrt.converter.mixed`). ``memo`` (not part of the
+    spec's value) keeps quantizations already made, by weight, for searches that pack a model
+    many times."""
 
     bits: int = 8
     group_size: int | None = 64
@@ -65,6 +68,8 @@ class WeightSpec:
     symmetric: bool = False
     layers: dict[str, int] = field(default_factory=dict)
     size_budget: int | None = None
+    max_drop: float | None = None
+    drop_metric: str = "accuracy"
     keep_8bit: tuple[str, ...] | None = None
     memo: dict | None = field(default=None, compare=False, repr=False)
 
@@ -84,11 +89,20 @@ class WeightSpec:
                 f"width a layer may take), got size_budget={self.size_budget!r}, "
                 f"bits={self.bits!r}"
             )
+        if self.max_drop is not None and (self.max_drop < 0 or self.bits == 8):
+            raise ValueError(
+                "max_drop needs a limit >= 0 and bits below 8 (the lowest width a layer may "
+                f"take), got max_drop={self.max_drop!r}, bits={self.bits!r}"
+            )
+        if self.max_drop is not None and self.size_budget is not None:
+            raise ValueError("give size_budget or max_drop, not both")
+        if self.drop_metric not in DROP_METRICS:
+            raise ValueError(f"drop_metric must be one of {DROP_METRICS}, got {self.drop_metric!r}")
 
     def for_layer(self, layer: str) -> WeightSpec:
         """The spec of the op named ``layer``: its own bits, nothing per layer."""
         bits = self.layers.get(layer, self.bits)
-        return replace(self, bits=bits, layers={}, size_budget=None, keep_8bit=None)
+        return replace(self, bits=bits, layers={}, size_budget=None, max_drop=None, keep_8bit=None)
 
     def quantize(self, weight: np.ndarray) -> GroupQuantized:
         """:func:`quantize_groups` with this spec (``bits`` below 8), from ``memo`` if there."""

@@ -1,4 +1,5 @@
-"""Mixed precision: each layer's bits chosen under a file-size budget (docs/lowbit.md).
+"""Mixed precision: each layer's bits chosen under a size budget or an accuracy limit
+(docs/lowbit.md).
 
 1. Sensitivity: for every layer free to change (below) and every width below 8 (``4, 2``
    down to the spec's ``bits``; 3 only if asked for, since it is stored in 4), the model is
@@ -11,8 +12,15 @@
    can grow at 4 bits (its group scales), so every lower width is a candidate. Layers kept
    at 8 bits (by default the first and the last layer with weights, which usually hurt
    most) and layers the spec names are left alone. After each move the model is packed and
-   measured again: the sizes are exact. The budget counts the serialized graph and tensors,
+   measured again: the sizes are exact. One move can overshoot (lowering a big layer saves
+   more than needed), so then, while it fits, the move back up that removes the most noise
+   per byte spent is made. The budget counts the serialized graph and tensors,
    not the provenance (per-layer statistics and this search's record, a few KB).
+
+3. Or, with ``max_drop`` and labelled calibration samples: the cheapest moves (noise per byte
+   saved) are tried one at a time, and a move is kept if the model's accuracy (points) or
+   perplexity (relative, %) on those samples stays within ``max_drop`` of the float
+   model's; a rejected move rules out that layer's lower widths.
 
 Each (layer, width) is quantized once: the spec's ``memo`` keeps the results for the final
 packing.
@@ -47,15 +55,19 @@ def candidate_bits(lowest: int) -> list[int]:
     return [b for b in (4, 3, 2) if b >= lowest and (b != 3 or lowest == 3)]
 
 
-def output_noise(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor], reference) -> float:
-    """``Σ (ref - q)^2 / Σ ref^2`` over the model's output values (``reference``: the float
-    model's, by value name) when ``blob`` runs on ``inputs`` (batch-first)."""
-    model = tinyrt.load(blob)
+def _run(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Every value of the packed model ``blob`` (numba backend) on batch-first ``inputs``."""
     arrays = {
         name: x.numpy().swapaxes(0, 1) if graph.input_axis(name) else x.numpy()
         for name, x in inputs.items()
     }
-    values = model.run_values(arrays)
+    return tinyrt.load(blob).run_values(arrays)
+
+
+def output_noise(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor], reference) -> float:
+    """``Σ (ref - q)^2 / Σ ref^2`` over the model's output values (``reference``: the float
+    model's, by value name) when ``blob`` runs on ``inputs`` (batch-first)."""
+    values = _run(blob, graph, inputs)
     noise = signal = 0.0
     for out in graph.outputs:
         if out.state is None:
@@ -65,71 +77,177 @@ def output_noise(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor], ref
     return noise / signal if signal > 0 else 0.0
 
 
-def choose_bits(
-    graph: Graph, inputs: dict[str, torch.Tensor], pack: Packing, spec: WeightSpec, progress: bool
-) -> tuple[WeightSpec, dict]:
-    """The spec with per-layer bits that fits ``spec.size_budget`` bytes (module docstring),
-    and the record of the search for the provenance. ``inputs`` are calibration samples
-    (batch-first); ``pack`` packs the calibrated graph."""
-    weighted = [n.name for n in graph.nodes if n.kind in WEIGHTED_KINDS]
-    keep = spec.keep_8bit if spec.keep_8bit is not None else (weighted[0], weighted[-1])
-    unknown = set(keep) - set(weighted)
-    if unknown:
-        raise ConversionError(
-            f"keep_8bit names {', '.join(sorted(unknown))}, which are not layers with weights "
-            f"of this model (those are: {', '.join(weighted)})"
-        )
-    free = [name for name in weighted if name not in keep and name not in spec.layers]
-    widths = [8, *candidate_bits(spec.bits)]
-    base = replace(spec, bits=8, size_budget=None, memo={} if spec.memo is None else spec.memo)
-    samples = {name: x[:SENSITIVITY_SAMPLES] for name, x in inputs.items()}
-    reference = run_float(graph, samples)
+def task_metric(logits: np.ndarray, labels: np.ndarray, metric: str) -> float:
+    """``accuracy`` (percent of ``argmax == label``) or ``perplexity`` (``exp`` of the mean
+    cross-entropy) of ``logits`` ``[..., C]`` (before any output softmax) against integer
+    ``labels`` of shape ``[...]``."""
+    logits = logits.astype(np.float64)
+    if metric == "accuracy":
+        return 100.0 * float(np.mean(np.argmax(logits, axis=-1) == labels))
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    chosen = np.take_along_axis(log_probs, labels[..., None], axis=-1)
+    return math.exp(-float(np.mean(chosen)))
 
-    def measure(layers: dict[str, int]) -> tuple[int, float]:
-        blob = pack(replace(base, layers={**spec.layers, **layers}))
-        return len(blob), output_noise(blob, graph, samples, reference)
 
-    size_8, noise_8 = measure({})
-    table: dict[str, dict[int, tuple[int, float]]] = {}
-    runs = [(name, bits) for name in free for bits in widths[1:]]
-    for name, bits in tqdm(runs, desc="sensitivity", unit="run", disable=not progress):
-        size, noise = measure({name: bits})
-        table.setdefault(name, {8: (size_8, noise_8)})[bits] = (size, noise)
+def drop(before: float, after: float, metric: str) -> float:
+    """How much worse ``after`` is: accuracy points lost, or perplexity's relative rise in %."""
+    return before - after if metric == "accuracy" else 100.0 * (after / before - 1.0)
 
-    chosen = dict.fromkeys(free, 8)
-    size = size_8
-    while size > spec.size_budget:  # sizes add up; the packed file is measured after each move
-        moves = []
-        for name, bits in chosen.items():
-            for lower in widths[widths.index(bits) + 1 :]:
-                saved = table[name][bits][0] - table[name][lower][0]
-                added = max(table[name][lower][1] - table[name][bits][1], 0.0)
-                if saved > 0:
-                    moves.append((added / saved, name, lower))
-        if not moves:
+
+class _Search:
+    """The state both assignments share: the layers free to change, the widths, the
+    sensitivity table ``table[layer][bits] = (bytes, output noise)`` and a packing of any
+    choice of bits (module docstring)."""
+
+    def __init__(self, graph: Graph, inputs, pack: Packing, spec: WeightSpec, progress: bool):
+        weighted = [n.name for n in graph.nodes if n.kind in WEIGHTED_KINDS]
+        keep = spec.keep_8bit if spec.keep_8bit is not None else (weighted[0], weighted[-1])
+        unknown = set(keep) - set(weighted)
+        if unknown:
             raise ConversionError(
-                f"no assignment of {widths[1:]} bits fits {spec.size_budget} bytes: the "
-                f"smallest is {size} bytes with {', '.join(keep) or 'no layers'} kept at 8 bits"
+                f"keep_8bit names {', '.join(sorted(unknown))}, which are not layers with "
+                f"weights of this model (those are: {', '.join(weighted)})"
             )
-        _, name, lower = min(moves)
-        chosen[name] = lower
-        layers = {**spec.layers, **{name: bits for name, bits in chosen.items() if bits != 8}}
-        size = len(pack(replace(base, layers=layers)))
-    layers = {**spec.layers, **{name: bits for name, bits in chosen.items() if bits != 8}}
-    record = {
-        "size_budget": spec.size_budget,
-        "bytes": size,
-        "kept_at_8_bits": list(keep),
-        "sensitivity": {
-            name: {
-                str(bits): {"bytes": size, "output_noise_db": _db(noise)}
-                for bits, (size, noise) in widths_of.items()
-            }
-            for name, widths_of in table.items()
-        },
-        "layers": layers,
-    }
-    return replace(base, layers=layers), record
+        self.graph, self.pack, self.spec, self.keep = graph, pack, spec, tuple(keep)
+        self.free = [name for name in weighted if name not in keep and name not in spec.layers]
+        self.widths = [8, *candidate_bits(spec.bits)]
+        memo = {} if spec.memo is None else spec.memo
+        self.base = replace(spec, bits=8, size_budget=None, max_drop=None, memo=memo)
+        samples = {name: x[:SENSITIVITY_SAMPLES] for name, x in inputs.items()}
+        reference = run_float(graph, samples)
+
+        def measure(layers: dict[str, int]) -> tuple[int, float]:
+            blob = pack(replace(self.base, layers={**spec.layers, **layers}))
+            return len(blob), output_noise(blob, graph, samples, reference)
+
+        int8 = measure({})
+        self.table: dict[str, dict[int, tuple[int, float]]] = {n: {8: int8} for n in self.free}
+        runs = [(name, bits) for name in self.free for bits in self.widths[1:]]
+        for name, bits in tqdm(runs, desc="sensitivity", unit="run", disable=not progress):
+            self.table[name][bits] = measure({name: bits})
+        self.chosen = dict.fromkeys(self.free, 8)
+        self.size = int8[0]
+
+    def spec_of(self, chosen: dict[str, int]) -> WeightSpec:
+        lowered = {name: bits for name, bits in chosen.items() if bits != 8}
+        return replace(self.base, layers={**self.spec.layers, **lowered})
+
+    def moves_down(self, exclude: set) -> list[tuple[float, str, int]]:
+        """``(added noise per byte saved, layer, width)`` of every move to a lower width that
+        saves bytes, cheapest first, but those in ``exclude``."""
+        moves = []
+        for name, bits in self.chosen.items():
+            for lower in self.widths[self.widths.index(bits) + 1 :]:
+                saved = self.table[name][bits][0] - self.table[name][lower][0]
+                added = max(self.table[name][lower][1] - self.table[name][bits][1], 0.0)
+                if saved > 0 and (name, lower) not in exclude:
+                    moves.append((added / saved, name, lower))
+        return sorted(moves)
+
+    def fit_budget(self, budget: int) -> None:
+        """Lower the cheapest layers until the model fits ``budget`` bytes, then give spare
+        bytes back where they remove the most noise."""
+        while self.size > budget:  # the packed model is measured after each move
+            moves = self.moves_down(set())
+            if not moves:
+                raise ConversionError(
+                    f"no assignment of {self.widths[1:]} bits fits {budget} bytes: the "
+                    f"smallest is {self.size} bytes with "
+                    f"{', '.join(self.keep) or 'no layers'} kept at 8 bits"
+                )
+            _, name, lower = moves[0]
+            self.chosen[name] = lower
+            self.size = len(self.pack(self.spec_of(self.chosen)))
+        while True:  # one move can overshoot
+            ups = []
+            for name, bits in self.chosen.items():
+                for higher in self.widths[: self.widths.index(bits)]:
+                    extra = self.table[name][higher][0] - self.table[name][bits][0]
+                    removed = self.table[name][bits][1] - self.table[name][higher][1]
+                    if removed > 0 and self.size + extra <= budget:
+                        ups.append((-removed / max(extra, 1), name, higher))
+            if not ups:
+                return
+            _, name, higher = min(ups)
+            trial = {**self.chosen, name: higher}
+            size = len(self.pack(self.spec_of(trial)))
+            if size > budget:
+                return
+            self.chosen, self.size = trial, size
+
+    def within_drop(self, score: Callable[[bytes], float], base: float, metric: str) -> dict:
+        """Take the cheapest moves (by noise per byte) one at a time, keeping each whose model
+        loses at most ``spec.max_drop`` against ``base`` by ``score`` (a packed model ->
+        metric); a rejected move rules out that layer's lower widths too."""
+        rejected: set = set()
+        final = base
+        while moves := self.moves_down(rejected):
+            _, name, lower = moves[0]
+            trial = {**self.chosen, name: lower}
+            blob = self.pack(self.spec_of(trial))
+            value = score(blob)
+            if drop(base, value, metric) <= self.spec.max_drop:
+                self.chosen, self.size, final = trial, len(blob), value
+            else:
+                rejected |= {(name, bits) for bits in self.widths if bits <= lower}
+        return {"metric": metric, "float": base, "chosen": final}
+
+    def record(self) -> dict:
+        return {
+            "bytes": self.size,
+            "kept_at_8_bits": list(self.keep),
+            "sensitivity": {
+                name: {
+                    str(bits): {"bytes": size, "output_noise_db": _db(noise)}
+                    for bits, (size, noise) in widths_of.items()
+                }
+                for name, widths_of in self.table.items()
+            },
+            "layers": self.spec_of(self.chosen).layers,
+        }
+
+
+def choose_bits(
+    graph: Graph,
+    inputs: dict[str, torch.Tensor],
+    pack: Packing,
+    spec: WeightSpec,
+    progress: bool,
+    labels: np.ndarray | None = None,
+) -> tuple[WeightSpec, dict]:
+    """The spec with per-layer bits that fits ``spec.size_budget`` bytes or loses at most
+    ``spec.max_drop`` (module docstring), and the record of the search for the provenance.
+    ``inputs`` are calibration samples (batch-first); ``labels`` (for ``max_drop``) their
+    integer labels, one per position of the model's first output, samples first; ``pack``
+    packs the calibrated graph."""
+    search = _Search(graph, inputs, pack, spec, progress)
+    if spec.size_budget is not None:
+        search.fit_budget(spec.size_budget)
+        return search.spec_of(search.chosen), {"size_budget": spec.size_budget, **search.record()}
+    if labels is None:
+        raise ConversionError("max_drop needs the labels of the calibration samples")
+    labels = np.asarray(labels)
+    count = min(len(labels), *(len(x) for x in inputs.values()))
+    samples = {name: x[:count] for name, x in inputs.items()}
+    value = next(out.value for out in graph.outputs if out.state is None)
+    expected = tuple(graph.shapes[value][1:-1])
+    if labels.dtype.kind not in "iu" or labels.shape[1:] != expected:
+        raise ConversionError(
+            f"labels must be integers of shape [samples{''.join(f', {d}' for d in expected)}] "
+            f"(one per position of output {value!r}), got dtype {labels.dtype} and shape "
+            f"{list(labels.shape)}"
+        )
+    labels = labels[:count].astype(np.int64)
+    metric = spec.drop_metric
+    base = task_metric(run_float(graph, samples)[value].numpy(), labels, metric)
+
+    def score(blob: bytes) -> float:
+        return task_metric(_run(blob, graph, samples)[value], labels, metric)
+
+    outcome = search.within_drop(score, base, metric)
+    record = {"max_drop": spec.max_drop, "samples": count, **outcome, **search.record()}
+    return search.spec_of(search.chosen), record
 
 
 def _db(noise: float) -> float | None:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from run_cli import tinyrt_cli
@@ -9,7 +10,7 @@ from safetensors.numpy import load_file
 
 import tinyrt
 from examples.catalog import EXAMPLES
-from tinyrt.converter import WeightSpec
+from tinyrt.converter import WeightSpec, convert
 from tinyrt.converter.lowbit import LOW_BITS, METHODS, quantize_groups
 from tinyrt.errors import ConversionError, FormatError
 from tinyrt.format import Tensor, read_model_file, serialize, write_model_file
@@ -113,17 +114,26 @@ def group_layers(draw):
     return packed, rng
 
 
+def _product_operands(weight, rng, columns: int, largest_multiplier: float) -> tuple:
+    """Inputs ``[columns, K]``, biases and requantization multipliers (some above 1: left
+    shifts) for a product with ``weight``."""
+    rows, k = weight.shape
+    x = rng.integers(-128, 128, size=(columns, k), dtype=np.int8)
+    bias = rng.integers(-(2**20), 2**20, size=rows, dtype=np.int32)
+    reals = rng.uniform(1e-5, largest_multiplier, size=rows)
+    encoded = [ref.quantize_multiplier(m) for m in reals]
+    mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
+    return x, bias, mult, shift
+
+
 @SETTINGS
 @given(group_layers(), st.integers(1, 11), st.integers(-128, 127))
 def test_linear_group_kernel_is_bit_exact(layer, batch, zp_out):
     """Batches up to 11: blocks of 4 columns and single ones, over more than one set of
     ``GROUP_COLUMNS`` planes."""
     weight, rng = layer
-    rows, k = weight.shape
-    x = rng.integers(-128, 128, size=(batch, k), dtype=np.int8)
-    bias = rng.integers(-(2**20), 2**20, size=rows, dtype=np.int32)
-    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-5, 2, size=rows)]
-    mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
+    x, bias, mult, shift = _product_operands(weight, rng, batch, largest_multiplier=2)
+    rows = weight.shape[0]
     expected = ref.linear_int8(x, ref.group_weight(weight), bias, mult, shift, zp_out, -100, 120)
     out = np.zeros((batch, rows), np.int8)
     operand = group_operand(weight, nk.GROUP_COLUMNS)
@@ -136,11 +146,8 @@ def test_linear_group_kernel_is_bit_exact(layer, batch, zp_out):
 def test_group_gemm_into_int32_is_bit_exact(layer, steps):
     """The recurrent layers' gate inputs: ``mbqm(bias + Σ)`` stored as int32, step after step."""
     weight, rng = layer
-    rows, k = weight.shape
-    x = rng.integers(-128, 128, size=(steps, k), dtype=np.int8)
-    bias = rng.integers(-(2**20), 2**20, size=rows, dtype=np.int32)
-    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-3, 4, size=rows)]
-    mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
+    x, bias, mult, shift = _product_operands(weight, rng, steps, largest_multiplier=4)
+    rows = weight.shape[0]
     acc = x.astype(np.int64) @ ref.group_weight(weight).astype(np.int64).T + bias
     expected = ref.multiply_by_quantized_multiplier(acc, mult, shift)
     out = np.zeros(steps * rows, np.int32)
@@ -233,6 +240,29 @@ def test_a_size_budget_that_cannot_be_met_is_refused(tmp_path):
         WeightSpec(bits=8, size_budget=10**6)
 
 
+def test_max_drop_keeps_the_accuracy_on_the_labelled_samples(tmp_path):
+    """Labelled samples (here part of the test split, not an accuracy claim): the recorded
+    accuracies are the float model's and the written model's, recomputed independently."""
+    example = EXAMPLES[1]
+    data = example.data()
+    x, y = data["test_x"][:300], data["test_y"][:300]
+    path = tmp_path / "m.tinyrt"
+    spec = WeightSpec(bits=2, max_drop=1.0)
+    model = example.float_model()
+    convert(model, torch.from_numpy(x[:1]), path, x, progress=False, weight_spec=spec, labels=y)
+    search = tinyrt.load(path).file.provenance["mixed_precision"]
+    assert search["metric"] == "accuracy" and search["samples"] == 300 and search["layers"]
+    assert search["float"] == pytest.approx(100 * np.mean(example.float_predictions(x) == y))
+    loaded = tinyrt.load(path)
+    predictions = loaded.run({loaded.inputs[0].name: x})[loaded.outputs[0].name].argmax(-1)
+    assert search["chosen"] == pytest.approx(100 * np.mean(predictions == y))
+    assert search["float"] - search["chosen"] <= 1.0
+    with pytest.raises(ConversionError, match="max_drop needs the labels"):
+        convert(model, torch.from_numpy(x[:1]), path, x, progress=False, weight_spec=spec)
+    with pytest.raises(ConversionError, match=r"labels must be integers of shape \[samples\]"):
+        convert(model, torch.from_numpy(x[:1]), path, x, weight_spec=spec, labels=y[:, None])
+
+
 MLP_SPEC = """
 import torch
 from torch import nn
@@ -268,6 +298,12 @@ def test_cli_weight_options_and_size_budget(tmp_path):
     assert _model_bytes(mixed) <= budget
     done = tinyrt_cli("convert", *common, mixed, "--weight-bits", "8", "--size-budget", budget)
     assert done.returncode == 1 and "size_budget needs" in done.stderr
+    np.save(tmp_path / "y.npy", np.arange(64) % 10)
+    limit = ("--max-drop", "100", "--labels", tmp_path / "y.npy")  # any accuracy will do
+    done = tinyrt_cli("convert", *common, mixed, "--weight-bits", "2", "--keep-8bit", *limit)
+    assert done.returncode == 0, done.stderr
+    search = read_model_file(mixed).provenance["mixed_precision"]
+    assert search["layers"] == {"0": 2, "2": 2, "4": 2} and search["kept_at_8_bits"] == []
 
 
 def test_a_low_bit_weight_without_group_scales_is_refused(tmp_path):

@@ -82,6 +82,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             symmetric=args.symmetric,
             layers=layers,
             size_budget=args.size_budget,
+            max_drop=args.max_drop,
+            drop_metric=args.drop_metric,
             keep_8bit=None if args.keep_8bit is None else tuple(args.keep_8bit),
         )
     except ValueError as error:
@@ -95,6 +97,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         mode=args.mode,
         weight_spec=spec,
+        labels=args.labels,
     )
     print(f"wrote {out} ({os.path.getsize(out)} bytes)")
     return EXIT_OK
@@ -394,10 +397,29 @@ def build_parser() -> argparse.ArgumentParser:
         "so that the model (graph and tensors, without the provenance) fits in BYTES",
     )
     convert.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="X",
+        help="instead of a budget: lower layers (down to --weight-bits) while the model's "
+        "--drop-metric on the labelled calibration samples stays within X of the float model's",
+    )
+    convert.add_argument(
+        "--drop-metric",
+        choices=("accuracy", "perplexity"),
+        default="accuracy",
+        help="what --max-drop limits: accuracy points lost (default) or perplexity's rise in %%",
+    )
+    convert.add_argument(
+        "--labels",
+        help="a .npy of the calibration samples' integer labels, one per position of the "
+        "model's output (for --max-drop)",
+    )
+    convert.add_argument(
         "--keep-8bit",
         nargs="*",
         metavar="NAME",
-        help="layers a --size-budget leaves at 8 bits (default: the first and the last layer "
+        help="layers a --size-budget or --max-drop leaves at 8 bits (default: the first and the "
+        "last layer "
         "with weights; give none to free them all)",
     )
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
