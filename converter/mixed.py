@@ -221,33 +221,45 @@ def choose_bits(
     ``inputs`` are calibration samples (batch-first); ``labels`` (for ``max_drop``) their
     integer labels, one per position of the model's first output, samples first; ``pack``
     packs the calibrated graph."""
-    search = _Search(graph, inputs, pack, spec, progress)
     if spec.size_budget is not None:
+        search = _Search(graph, inputs, pack, spec, progress)
         search.fit_budget(spec.size_budget)
         return search.spec_of(search.chosen), {"size_budget": spec.size_budget, **search.record()}
-    if labels is None:
-        raise ConversionError("max_drop needs the labels of the calibration samples")
-    labels = np.asarray(labels)
+    value = next(out.value for out in graph.outputs if out.state is None)
+    labels = _checked_labels(labels, graph.shapes[value])
     count = min(len(labels), *(len(x) for x in inputs.values()))
     samples = {name: x[:count] for name, x in inputs.items()}
-    value = next(out.value for out in graph.outputs if out.state is None)
-    expected = tuple(graph.shapes[value][1:-1])
-    if labels.dtype.kind not in "iu" or labels.shape[1:] != expected:
-        raise ConversionError(
-            f"labels must be integers of shape [samples{''.join(f', {d}' for d in expected)}] "
-            f"(one per position of output {value!r}), got dtype {labels.dtype} and shape "
-            f"{list(labels.shape)}"
-        )
-    labels = labels[:count].astype(np.int64)
-    metric = spec.drop_metric
+    labels, metric = labels[:count], spec.drop_metric
     base = task_metric(run_float(graph, samples)[value].numpy(), labels, metric)
 
     def score(blob: bytes) -> float:
         return task_metric(_run(blob, graph, samples)[value], labels, metric)
 
+    search = _Search(graph, inputs, pack, spec, progress)
     outcome = search.within_drop(score, base, metric)
     record = {"max_drop": spec.max_drop, "samples": count, **outcome, **search.record()}
     return search.spec_of(search.chosen), record
+
+
+def _checked_labels(labels: np.ndarray | None, output_shape: tuple[int, ...]) -> np.ndarray:
+    """``labels`` as int64 if they are class indices for an output of ``output_shape``
+    (batch-first, classes last): ``[samples, *output_shape[1:-1]]``, in ``[0, classes)``."""
+    if labels is None:
+        raise ConversionError("max_drop needs the labels of the calibration samples")
+    labels = np.asarray(labels)
+    expected, classes = tuple(output_shape[1:-1]), output_shape[-1]
+    if labels.dtype.kind not in "iu" or labels.shape[1:] != expected or not len(labels):
+        raise ConversionError(
+            f"labels must be integers of shape [samples{''.join(f', {d}' for d in expected)}] "
+            f"(one per position of the first output), got dtype {labels.dtype} and shape "
+            f"{list(labels.shape)}"
+        )
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ConversionError(
+            f"labels must be class indices in [0, {classes}), got values from {labels.min()} "
+            f"to {labels.max()}"
+        )
+    return labels.astype(np.int64)
 
 
 def _db(noise: float) -> float | None:

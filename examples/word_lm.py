@@ -155,7 +155,8 @@ def main() -> None:
     paths = {}
     for i, (name, spec) in enumerate(low_bit.items()):
         paths[name] = LM_DIR / f"word_lm_low_bit_{i}.tinyrt"
-        convert(model, example, paths[name], inputs, weight_spec=spec, labels=labels)
+        first = torch.from_numpy(inputs[:1])
+        convert(model, first, paths[name], inputs, weight_spec=spec, labels=labels)
         print(f"{name}: {paths[name].stat().st_size} bytes", flush=True)
     static, dynamic = tinyrt.load(static_path), tinyrt.load(dynamic_path)
     runtimes = {

@@ -53,7 +53,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "9dddb6472f3c29dd"
+SIMD_SOURCE_SHA256 = "4126caa508d3b6ca"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -670,9 +670,16 @@ def _low_bit(packed, index, bits):
 GROUP_COLUMNS = 8
 
 
-@_jit
-def _group_rows(bits, cols, *args):
-    """``simd.group_rows_{bits}_{cols}(*args)`` for ``bits`` 4 or 2 and ``cols`` 4 or 1."""
+@_inline
+def _group_rows(bits, cols, blocked, block_start, planes, plane_start, plane_len, group_words,
+                groups, group_scale, offset, param_start, sums, sums_start, bias, multiplier,
+                shift, first_row, count, zp_out, qmin, qmax, out, out_start,
+                col_stride):  # fmt: skip
+    """``simd.group_rows_{bits}_{cols}`` for ``bits`` 4 or 2 and ``cols`` 4 or 1, inlined:
+    a call through a compiled function would cost as much as a small block."""
+    args = (blocked, block_start, planes, plane_start, plane_len, group_words, groups,
+            group_scale, offset, param_start, sums, sums_start, bias, multiplier, shift,
+            first_row, count, zp_out, qmin, qmax, out, out_start, col_stride)  # fmt: skip
     if bits == 4:
         if cols == 4:
             group_rows_4_4(*args)
@@ -743,6 +750,58 @@ def linear_group(x, weight, bias, multiplier, shift, zp_out, qmin, qmax, out):
     (:func:`gemm_group`'s tuple): ``x`` ``[N, K]``, ``out`` ``[N, O]``."""
     gemm_group(weight, x, bias, multiplier, shift, zp_out, qmin, qmax, out.reshape(out.size),
                weight[2])  # fmt: skip
+
+
+@_jit
+def conv2d_group(
+    x,
+    weight,
+    bias,
+    multiplier,
+    shift,
+    zp_in,
+    zp_out,
+    kh,
+    kw,
+    sh,
+    sw,
+    pad_top,
+    pad_left,
+    dh,
+    dw,
+    qmin,
+    qmax,
+    padded,
+    columns,
+    products,
+    out,
+):
+    """``reference.conv2d_int8`` of one group on a low-bit weight (:func:`gemm_group`'s tuple,
+    rows ``[O, C * KH * KW]`` in the weight's own order): per sample the input is padded
+    channels first (``padded`` ``[C, HP, WP]``), each output position's window copied into
+    ``columns`` ``[OH * OW, C * KH * KW]`` in that order, :func:`gemm_group` writes
+    ``products`` ``[OH * OW, O]`` (an output position's channels side by side, as its blocks
+    store them) and these are transposed into ``out`` ``[N, O, OH, OW]``."""
+    rows = weight[2]
+    channels = padded.shape[0]
+    _, _, oh, ow = out.shape
+    for n in range(x.shape[0]):
+        _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
+        for position in range(oh * ow):
+            p, q = position // ow, position % ow
+            row = columns[position]
+            k = 0
+            for c in range(channels):
+                for i in range(kh):
+                    line = padded[c, p * sh + i * dh]
+                    for j in range(kw):
+                        row[k] = line[q * sw + j * dw]
+                        k += 1
+        gemm_group(weight, columns, bias, multiplier, shift, zp_out, qmin, qmax,
+                   products.reshape(products.size), rows)  # fmt: skip
+        for o in range(rows):
+            for position in range(oh * ow):
+                out[n, o, position // ow, position % ow] = products[position, o]
 
 
 @_jit

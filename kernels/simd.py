@@ -813,9 +813,6 @@ def requantize_8(typingctx, acc, start, multiplier, shift, zp_out, qmin, qmax, o
     return sig, codegen
 
 
-GROUP_ROWS = 16  # weight rows of a group_rows block: one int32 lane each
-
-
 def _dot_quads(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value):
     """``acc[i] + Σ_{k<4} unsigned[4i+k] * signed[4i+k]`` for 16 int32 lanes and 64 bytes:
     ``vpdpbusd`` under VNNI, elsewhere portable vector IR (widen, multiply, add the four

@@ -187,6 +187,37 @@ def test_low_bit_models_match_between_backends(example, bits, tmp_path):
     assert all(0 < entry["error"] < 1 for entry in provenance.values())
 
 
+@pytest.mark.parametrize("bits", [4, 2])
+def test_low_bit_convolutions_match_between_backends(bits, tmp_path):
+    """Padded, pointwise, strided and dilated convolutions (numba: ``conv2d_group``) and a
+    depthwise one (the reference arithmetic in both backends), 2-D and 1-D."""
+    torch.manual_seed(0)
+    layers = [
+        torch.nn.Conv2d(3, 20, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(20, 24, 1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(24, 8, 3, stride=2, dilation=2, padding=2),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, groups=8, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 5 * 6, 10),
+    ]
+    x = np.random.default_rng(0).normal(size=(32, 3, 9, 11)).astype(np.float32)
+    one_d = [torch.nn.Conv1d(3, 17, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv1d(17, 5, 1)]
+    y = x[:, :, 0, :]
+    for model, data in ((torch.nn.Sequential(*layers), x), (torch.nn.Sequential(*one_d), y)):
+        path = tmp_path / "m.tinyrt"
+        spec = WeightSpec(bits=bits, group_size=32)
+        convert(model.eval(), torch.from_numpy(data[:1]), path, data, progress=False,
+                weight_spec=spec)  # fmt: skip
+        numba, reference = (tinyrt.load(path, backend=b) for b in ("numba", "reference"))
+        name = numba.inputs[0].name
+        q = ref.quantize(data, numba.inputs[0].scale, numba.inputs[0].zero_point)
+        out = [m.run_quantized({name: q})[numba.outputs[0].name] for m in (numba, reference)]
+        assert np.array_equal(*out)
+
+
 def test_per_layer_bits_and_the_file_size(tmp_path):
     example = EXAMPLES[0]
     int8 = example.convert(tmp_path / "int8.tinyrt", progress=False)
@@ -261,6 +292,8 @@ def test_max_drop_keeps_the_accuracy_on_the_labelled_samples(tmp_path):
         convert(model, torch.from_numpy(x[:1]), path, x, progress=False, weight_spec=spec)
     with pytest.raises(ConversionError, match=r"labels must be integers of shape \[samples\]"):
         convert(model, torch.from_numpy(x[:1]), path, x, weight_spec=spec, labels=y[:, None])
+    with pytest.raises(ConversionError, match=r"class indices in \[0, 10\)"):
+        convert(model, torch.from_numpy(x[:1]), path, x, weight_spec=spec, labels=y + 10)
 
 
 MLP_SPEC = """

@@ -56,10 +56,10 @@ def _conv_geometry(
     op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
 ) -> dict:
     """What a numba convolution needs besides its operands: the 2-D window, the kernel that
-    runs it (``gather`` where :func:`gathered_operands` says so and the CPU permutes bytes,
-    ``byte_permute``; else :func:`_conv_kernel`), the padded input it reads (exactly the rows
-    and columns the output windows reach; none for ``gather``), the gather operands and the
-    size of its second scratch buffer."""
+    runs it (``group`` for a low-bit weight; ``gather`` where :func:`gathered_operands` says so
+    and the CPU permutes bytes, ``byte_permute``; else :func:`_conv_kernel`), the padded input
+    it reads (exactly the rows and columns the output windows reach; none for ``gather``), the
+    gather operands and the size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
@@ -68,13 +68,21 @@ def _conv_geometry(
     (sh, sw), (dh, dw) = a2["stride"], a2["dilation"]
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
-    planar = weight.reshape(weight.shape[0], weight.shape[1], kh, kw)
-    gather = gathered_operands(planar, image, (oh, ow), window) if byte_permute else None
-    if gather is not None:
-        return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,), "work": 0}
+    if not isinstance(weight, GroupWeight):
+        planar = weight.reshape(weight.shape[0], weight.shape[1], kh, kw)
+        gather = gathered_operands(planar, image, (oh, ow), window) if byte_permute else None
+        if gather is not None:
+            return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,),
+                    "work": 0}  # fmt: skip
     if _is_pointwise(op):
         oh, ow = 1, oh * ow
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    if isinstance(weight, GroupWeight):  # im2col rows in the weight's order, then the products
+        k_len, positions = math.prod(weight.shape[1:]), oh * ow
+        work = _aligned(positions * k_len) + positions * weight.shape[0]
+        padded = (channels, rows, columns)
+        return {"window": window, "padded": padded, "positions": positions, "kernel": "group",
+                "work": work}  # fmt: skip
     kernel = _conv_kernel(weight[0].size, sw)
     work = {  # bytes
         "tiles": _SCRATCH_ALIGN,  # room for the last block's loads past the padded input
@@ -252,8 +260,18 @@ def conv_scratch_shape(
     geometry = _conv_geometry(op, in_shape, out_shape, byte_permute)
     if geometry["kernel"] == "gather":
         return None
-    padded = -(-int(np.prod(geometry["padded"])) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
-    return (padded + geometry["work"],)
+    return (_aligned(int(np.prod(geometry["padded"]))) + geometry["work"],)
+
+
+def _aligned(nbytes: int) -> int:
+    """``nbytes`` rounded up to the scratch alignment."""
+    return -(-nbytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+
+
+def numba_runs_conv(op: Op) -> bool:
+    """Whether the numba backend has a kernel for this convolution: all int8 ones, low-bit
+    ones of one group (grouped and depthwise low-bit layers run the reference arithmetic)."""
+    return not isinstance(op.tensors["weight"], GroupWeight) or _as_2d(op)["groups"] == 1
 
 
 def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
@@ -272,12 +290,13 @@ def _group_args(weight: GroupWeight) -> tuple:
     return weight.packed, weight.bits, weight.group_size, weight.group_scale, offset
 
 
-_GROUP_ROWS = 16  # rows per block of simd.group_dots_*
+_GROUP_ROWS = 16  # rows per block of simd.group_rows_* (one int32 lane each)
 
 
 def group_operand(weight: GroupWeight, columns: int) -> tuple:
     """A low-bit weight as :func:`numba_kernels.gemm_group` reads it, laid out once per plan
-    (the same number of packed bytes as the file's, reordered; never dequantized):
+    (the same number of packed bytes as the file's, reordered: made from the unpacked int8
+    values, which are dropped again; never dequantized):
 
     - each group padded with zero values to whole words of ``4 * 8/bits`` values; ``source``
       (int32) maps every padded position to its column ``k``, -1 for padding, and
@@ -358,8 +377,8 @@ def bind_op(
     if kind in ("conv1d", "conv2d"):
         t = op.tensors
         a2 = _as_2d(op)
-        if isinstance(t["weight"], GroupWeight):
-            nk = None  # no numba conv reads low-bit weights yet (docs/lowbit.md)
+        if not numba_runs_conv(op):
+            nk = None
         o, c, *window = t["weight"].shape
         shape = (o, c, math.prod(window[:-1]), window[-1])  # conv1d: [O, C, 1, K]
         x, y = _image(ins[0]), _image(out)
@@ -376,7 +395,15 @@ def bind_op(
             args += geometry["window"]
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
-            work = scratch[-(-padded_size // _SCRATCH_ALIGN) * _SCRATCH_ALIGN :]
+            work = scratch[_aligned(padded_size) :]
+            if geometry["kernel"] == "group":
+                positions, weight = geometry["positions"], t["weight"]
+                columns = work[: positions * math.prod(weight.shape[1:])].reshape(positions, -1)
+                products = work[_aligned(columns.size) :][: positions * o].reshape(positions, o)
+                group = group_operand(weight, nk.GROUP_COLUMNS)
+                return lambda: nk.conv2d_group(
+                    x, group, *args, qmin, qmax, padded, columns, products, y
+                )
             weight = t["weight"].reshape(shape)
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
