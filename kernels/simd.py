@@ -886,9 +886,11 @@ def _make_group_rows(bits: int, cols: int):
             m_ptr, o_ptr, s_ptr = data(7), data(8), data(10)
             column_step = builder.mul(plane_len, const(per_byte))
             accs = _zeroed_slots(builder, cols, _QUADS)
-            # per column, field and word parity one chain of vpdpbusd (their latency, not
-            # their throughput, would bound a single chain)
-            chains = [_zeroed_slots(builder, 2 * per_byte, _QUADS) for _ in range(cols)]
+            # per column, field and (for one column) word parity one chain of vpdpbusd: their
+            # latency, not their throughput, would bound a single chain; more chains than
+            # that would not fit in the 32 vector registers
+            parities = 2 if cols == 1 else 1
+            chains = [_zeroed_slots(builder, parities * per_byte, _QUADS) for _ in range(cols)]
 
             def accumulate(word: ir.Value, parity: int) -> None:
                 offset_bytes = builder.add(block_start, builder.mul(word, const(_CHUNK)))
@@ -903,7 +905,7 @@ def _make_group_rows(bits: int, cols: int):
                         where = builder.add(plane, builder.mul(word, const(4)))
                         inputs = builder.load(at(x_ptr, where, _I32), align=1)
                         inputs = builder.bitcast(_splat(builder, inputs, lanes), chunk_bytes)
-                        slot = chains[c][2 * i + parity]
+                        slot = chains[c][parities * i + parity % parities]
                         builder.store(_dot_quads(builder, builder.load(slot), field, inputs), slot)
 
             with cgutils.for_range(builder, groups) as group:
