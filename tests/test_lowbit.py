@@ -157,6 +157,43 @@ def test_group_gemm_into_int32_is_bit_exact(layer, steps):
 
 
 @SETTINGS
+@given(
+    st.sampled_from(LOW_BITS),
+    st.integers(1, 20),  # output channels
+    st.integers(1, 6),  # input channels
+    st.tuples(st.integers(1, 3), st.integers(1, 3)),  # window
+    st.tuples(st.integers(1, 2), st.integers(1, 2)),  # stride
+    st.tuples(st.integers(1, 2), st.integers(1, 2)),  # dilation
+    st.tuples(*[st.integers(0, 2)] * 4),  # padding (top, bottom, left, right)
+    st.sampled_from([8, 32, None]),
+    st.integers(0, 2**31),
+)
+def test_conv_group_kernel_is_bit_exact(bits, o, c, window, stride, dilation, padding, group,
+                                        seed):  # fmt: skip
+    rng = np.random.default_rng(seed)
+    (kh, kw), (sh, sw), (dh, dw) = window, stride, dilation
+    x = rng.integers(-128, 128, size=(2, c, 7, 8), dtype=np.int8)
+    real = rng.normal(size=(o, c * kh * kw))
+    q = quantize_groups(real, bits, group, "hqq", False)
+    weight = q.group_weight((o, c, kh, kw))
+    bias = rng.integers(-5000, 5000, size=o, dtype=np.int32)
+    encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-4, 0.1, size=o)]
+    mult, shift = (np.array(e, np.int32) for e in zip(*encoded, strict=True))
+    args = (bias, mult, shift, 3, -5)
+    expected = ref.conv2d_int8(x, ref.group_weight(weight), *args, stride, padding, dilation, 1)
+    oh, ow = expected.shape[2:]
+    rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
+    padded = np.empty((c, rows, columns), np.int8)
+    im2col = np.empty((oh * ow, c * kh * kw), np.int8)
+    products = np.empty((oh * ow, o), np.int8)
+    out = np.empty_like(expected)
+    operand = group_operand(weight, nk.GROUP_COLUMNS)
+    nk.conv2d_group(x, operand, *args, kh, kw, sh, sw, padding[0], padding[2], dh, dw, -128,
+                    127, padded, im2col, products, out)  # fmt: skip
+    assert np.array_equal(out, expected)
+
+
+@SETTINGS
 @given(group_layers(), st.integers(-128, 127))
 def test_embedding_group_kernel_is_bit_exact(layer, zp_out):
     weight, rng = layer

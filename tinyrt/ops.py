@@ -12,6 +12,7 @@ path).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from types import ModuleType
 
@@ -294,9 +295,26 @@ _GROUP_ROWS = 16  # rows per block of simd.group_rows_* (one int32 lane each)
 
 
 def group_operand(weight: GroupWeight, columns: int) -> tuple:
-    """A low-bit weight as :func:`numba_kernels.gemm_group` reads it, laid out once per plan
-    (the same number of packed bytes as the file's, reordered: made from the unpacked int8
-    values, which are dropped again; never dequantized):
+    """A low-bit weight as :func:`numba_kernels.gemm_group` reads it: :func:`group_layout`
+    (shared by every plan of the model) and scratch for ``columns`` input columns, their
+    int8 planes and int32 group sums (each plan its own)."""
+    layout = _LAYOUTS.get(weight)
+    if layout is None:
+        layout = _LAYOUTS.setdefault(weight, group_layout(weight))
+    words = layout[5][-1]
+    planes = np.zeros(columns * 4 * words * (8 // weight.bits), np.int8)
+    sums = np.zeros(columns * weight.group_scale.shape[1], np.int32)
+    return layout + (planes, sums)
+
+
+# each low-bit weight's layout, made once and kept as long as the weight (the loaded model)
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def group_layout(weight: GroupWeight) -> tuple:
+    """The layout part of :func:`group_operand` (the same number of packed bytes as the
+    file's, reordered: made from the unpacked int8 values, which are dropped again; never
+    dequantized):
 
     - each group padded with zero values to whole words of ``4 * 8/bits`` values; ``source``
       (int32) maps every padded position to its column ``k``, -1 for padding, and
@@ -304,8 +322,7 @@ def group_operand(weight: GroupWeight, columns: int) -> tuple:
     - ``blocked``: the packed bytes of blocks of 16 rows (the last block padded with zero
       rows), ``[blocks, words, 16, 4]``: word ``w`` of the block's 16 rows is one 64-byte load;
     - ``group_scale``/``offset`` as ``[blocks, G, 16]`` (uint8/int16, 0 in padded rows),
-      flat like every array the kernel indexes;
-    - scratch for ``columns`` input columns: their int8 planes and int32 group sums.
+      flat like every array the kernel indexes.
     """
     rows, bits, group_size = weight.shape[0], weight.bits, weight.group_size
     k_len = math.prod(weight.shape) // rows
@@ -331,10 +348,7 @@ def group_operand(weight: GroupWeight, columns: int) -> tuple:
 
     group_scale = by_block(weight.group_scale, np.uint8).reshape(-1)
     offset = by_block(0 if weight.offset is None else weight.offset, np.int16).reshape(-1)
-    planes = np.zeros(columns * source.size, np.int8)
-    sums = np.zeros(columns * groups, np.int32)
-    layout = (blocked, bits, rows, group_size, source, group_words, group_scale, offset)
-    return layout + (planes, sums)
+    return blocked, bits, rows, group_size, source, group_words, group_scale, offset
 
 
 def bind_op(
