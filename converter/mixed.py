@@ -14,12 +14,12 @@
    most) and layers the spec names are left alone. After each move the model is packed and
    measured again: the sizes are exact. One move can overshoot (lowering a big layer saves
    more than needed), so then, while it fits, the move back up that removes the most noise
-   per byte spent is made. The budget counts the serialized graph and tensors,
-   not the provenance (per-layer statistics and this search's record, a few KB).
-
-3. Or, with ``max_drop`` and labelled calibration samples: the cheapest moves (noise per byte
-   saved) are tried one at a time, and a move is kept if the model's accuracy (points) or
-   perplexity (relative, %) on those samples stays within ``max_drop`` of the float
+   per byte spent is made. The budget counts the serialized graph and tensors, not the
+   provenance (per-layer statistics and this search's record, a few KB).
+3. Or, with ``max_drop`` and labelled calibration samples: each sensitivity run also
+   measures the task loss (cross-entropy) on them, the moves are ranked by added loss per
+   byte saved and tried one at a time, and a move is kept if the model's accuracy (points)
+   or perplexity (relative, %) on those samples stays within ``max_drop`` of the float
    model's; a rejected move rules out that layer's lower widths.
 
 Each (layer, width) is quantized once: the spec's ``memo`` keeps the results for the final
@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -77,17 +78,21 @@ def output_noise(blob: bytes, graph: Graph, inputs: dict[str, torch.Tensor], ref
     return noise / signal if signal > 0 else 0.0
 
 
-def task_metric(logits: np.ndarray, labels: np.ndarray, metric: str) -> float:
-    """``accuracy`` (percent of ``argmax == label``) or ``perplexity`` (``exp`` of the mean
-    cross-entropy) of ``logits`` ``[..., C]`` (before any output softmax) against integer
-    ``labels`` of shape ``[...]``."""
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The mean of ``-log softmax(logits)[label]`` over the positions of ``logits``
+    ``[..., C]`` (before any output softmax) and integer ``labels`` ``[...]``: the task loss."""
     logits = logits.astype(np.float64)
-    if metric == "accuracy":
-        return 100.0 * float(np.mean(np.argmax(logits, axis=-1) == labels))
     shifted = logits - logits.max(axis=-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    chosen = np.take_along_axis(log_probs, labels[..., None], axis=-1)
-    return math.exp(-float(np.mean(chosen)))
+    return -float(np.mean(np.take_along_axis(log_probs, labels[..., None], axis=-1)))
+
+
+def task_metric(logits: np.ndarray, labels: np.ndarray, metric: str) -> float:
+    """``accuracy`` (percent of ``argmax == label``) or ``perplexity`` (``exp`` of
+    :func:`cross_entropy`) of ``logits`` against ``labels``."""
+    if metric == "accuracy":
+        return 100.0 * float(np.mean(np.argmax(logits, axis=-1) == labels))
+    return math.exp(cross_entropy(logits, labels))
 
 
 def drop(before: float, after: float, metric: str) -> float:
@@ -95,12 +100,29 @@ def drop(before: float, after: float, metric: str) -> float:
     return before - after if metric == "accuracy" else 100.0 * (after / before - 1.0)
 
 
+class Cost(NamedTuple):
+    """A model's bytes, output noise against the float model and, with labels, task loss."""
+
+    bytes: int
+    noise: float
+    loss: float | None
+
+
 class _Search:
     """The state both assignments share: the layers free to change, the widths, the
-    sensitivity table ``table[layer][bits] = (bytes, output noise)`` and a packing of any
-    choice of bits (module docstring)."""
+    sensitivity table ``table[layer][bits]`` (a :class:`Cost` with that one layer lowered)
+    and a packing of any choice of bits (module docstring). ``loss`` (a packed model -> its
+    task loss on labelled samples), if given, ranks the moves instead of the output noise."""
 
-    def __init__(self, graph: Graph, inputs, pack: Packing, spec: WeightSpec, progress: bool):
+    def __init__(
+        self,
+        graph: Graph,
+        inputs,
+        pack: Packing,
+        spec: WeightSpec,
+        progress: bool,
+        loss: Callable[[bytes], float] | None = None,
+    ):
         weighted = [n.name for n in graph.nodes if n.kind in WEIGHTED_KINDS]
         keep = spec.keep_8bit if spec.keep_8bit is not None else (weighted[0], weighted[-1])
         unknown = set(keep) - set(weighted)
@@ -117,12 +139,14 @@ class _Search:
         samples = {name: x[:SENSITIVITY_SAMPLES] for name, x in inputs.items()}
         reference = run_float(graph, samples)
 
-        def measure(layers: dict[str, int]) -> tuple[int, float]:
+        def measure(layers: dict[str, int]) -> Cost:
             blob = pack(replace(self.base, layers={**spec.layers, **layers}))
-            return len(blob), output_noise(blob, graph, samples, reference)
+            noise = output_noise(blob, graph, samples, reference)
+            return Cost(len(blob), noise, None if loss is None else loss(blob))
 
         int8 = measure({})
-        self.table: dict[str, dict[int, tuple[int, float]]] = {n: {8: int8} for n in self.free}
+        self.by = "noise" if loss is None else "loss"  # what the moves are ranked by
+        self.table: dict[str, dict[int, Cost]] = {n: {8: int8} for n in self.free}
         runs = [(name, bits) for name in self.free for bits in self.widths[1:]]
         for name, bits in tqdm(runs, desc="sensitivity", unit="run", disable=not progress):
             self.table[name][bits] = measure({name: bits})
@@ -134,13 +158,15 @@ class _Search:
         return replace(self.base, layers={**self.spec.layers, **lowered})
 
     def moves_down(self, exclude: set) -> list[tuple[float, str, int]]:
-        """``(added noise per byte saved, layer, width)`` of every move to a lower width that
-        saves bytes, cheapest first, but those in ``exclude``."""
+        """``(added noise or loss per byte saved, layer, width)`` of every move to a lower
+        width that saves bytes, cheapest first, but those in ``exclude``."""
         moves = []
         for name, bits in self.chosen.items():
+            now = self.table[name][bits]
             for lower in self.widths[self.widths.index(bits) + 1 :]:
-                saved = self.table[name][bits][0] - self.table[name][lower][0]
-                added = max(self.table[name][lower][1] - self.table[name][bits][1], 0.0)
+                then = self.table[name][lower]
+                saved = now.bytes - then.bytes
+                added = max(getattr(then, self.by) - getattr(now, self.by), 0.0)
                 if saved > 0 and (name, lower) not in exclude:
                     moves.append((added / saved, name, lower))
         return sorted(moves)
@@ -163,8 +189,8 @@ class _Search:
             ups = []
             for name, bits in self.chosen.items():
                 for higher in self.widths[: self.widths.index(bits)]:
-                    extra = self.table[name][higher][0] - self.table[name][bits][0]
-                    removed = self.table[name][bits][1] - self.table[name][higher][1]
+                    extra = self.table[name][higher].bytes - self.table[name][bits].bytes
+                    removed = self.table[name][bits].noise - self.table[name][higher].noise
                     if removed > 0 and self.size + extra <= budget:
                         ups.append((-removed / max(extra, 1), name, higher))
             if not ups:
@@ -197,10 +223,15 @@ class _Search:
         return {
             "bytes": self.size,
             "kept_at_8_bits": list(self.keep),
+            "ranked_by": "task loss" if self.by == "loss" else "output noise",
             "sensitivity": {
                 name: {
-                    str(bits): {"bytes": size, "output_noise_db": _db(noise)}
-                    for bits, (size, noise) in widths_of.items()
+                    str(bits): {
+                        "bytes": cost.bytes,
+                        "output_noise_db": _db(cost.noise),
+                        **({} if cost.loss is None else {"task_loss": cost.loss}),
+                    }
+                    for bits, cost in widths_of.items()
                 }
                 for name, widths_of in self.table.items()
             },
@@ -235,7 +266,10 @@ def choose_bits(
     def score(blob: bytes) -> float:
         return task_metric(_run(blob, graph, samples)[value], labels, metric)
 
-    search = _Search(graph, inputs, pack, spec, progress)
+    def loss(blob: bytes) -> float:
+        return cross_entropy(_run(blob, graph, samples)[value], labels)
+
+    search = _Search(graph, inputs, pack, spec, progress, loss)
     outcome = search.within_drop(score, base, metric)
     record = {"max_drop": spec.max_drop, "samples": count, **outcome, **search.record()}
     return search.spec_of(search.chosen), record

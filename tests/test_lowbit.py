@@ -325,6 +325,9 @@ def test_max_drop_keeps_the_accuracy_on_the_labelled_samples(tmp_path):
     predictions = loaded.run({loaded.inputs[0].name: x})[loaded.outputs[0].name].argmax(-1)
     assert search["chosen"] == pytest.approx(100 * np.mean(predictions == y))
     assert search["float"] - search["chosen"] <= 1.0
+    assert search["ranked_by"] == "task loss"
+    for widths in search["sensitivity"].values():  # lower widths cost more loss here
+        assert widths["2"]["task_loss"] >= widths["8"]["task_loss"] > 0
     with pytest.raises(ConversionError, match="max_drop needs the labels"):
         convert(model, torch.from_numpy(x[:1]), path, x, progress=False, weight_spec=spec)
     with pytest.raises(ConversionError, match=r"labels must be integers of shape \[samples\]"):
