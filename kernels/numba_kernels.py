@@ -462,6 +462,42 @@ def _accumulate_tap(acc, inputs, w):
         acc[q] = np.int32(acc[q] + w * np.int32(inputs[q]))
 
 
+def _weight_shape(weight):
+    """``[O, K]`` of a layer weight: an int8 array or :func:`conv2d_direct_int8`'s low-bit
+    tuple."""
+    raise NotImplementedError("compiled only, through its overload")
+
+
+@overload(_weight_shape, inline="always")
+def _weight_shape_overload(weight):
+    if isinstance(weight, types.Array):
+        return lambda weight: weight.shape
+    return lambda weight: (weight[3].shape[0], weight[5].shape[0])
+
+
+def _weight_row(weight, o):
+    """Row ``o`` of a layer weight: of an int8 array, a view; of a low-bit tuple, its integers
+    ``m q - o`` unpacked into the tuple's ``taps`` (``reference.group_weight`` of one row)."""
+    raise NotImplementedError("compiled only, through its overload")
+
+
+@overload(_weight_row, inline="always")
+def _weight_row_overload(weight, o):
+    if isinstance(weight, types.Array):
+        return lambda weight, o: weight[o]
+
+    def unpack(weight, o):
+        packed, bits, group_size, group_scale, offset, taps = weight
+        k_len = taps.shape[0]
+        for k in range(k_len):
+            g = k // group_size
+            m, zero = np.int32(group_scale[o, g]), np.int32(offset[o, g])
+            taps[k] = m * _low_bit(packed, o * k_len + k, bits) - zero
+        return taps
+
+    return unpack
+
+
 @_jit
 def conv2d_direct_int8(
     x,
@@ -488,15 +524,19 @@ def conv2d_direct_int8(
 ):
     """``reference.conv2d_int8`` computed directly, one output row at a time, for the
     convolutions the blocks of :func:`conv2d_tiles_int8` cannot take (column stride above 2)
-    and im2col would turn into short dot products (``C/groups * KH * KW`` under one vector).
+    and im2col would turn into short dot products (``C/groups * KH * KW`` under one vector),
+    and for grouped and depthwise low-bit layers.
 
     For each weight tap the whole row of outputs takes ``acc[q] += w * xpad[.., q*sw + ..]``
     (over contiguous memory when ``sw == 1``); then the row is requantized. ``weight`` is
-    ``[O, C/groups * KH * KW]`` (OIHW flattened); scratch: ``padded`` ``[C, HP, WP]``
-    (:func:`_pad_input`) and ``acc`` int32 ``[OW]``. Other arguments as :func:`conv2d_int8`.
+    ``[O, C/groups * KH * KW]`` (OIHW flattened) int8, or a low-bit weight as the tuple
+    ``(packed, bits, group_size, group_scale, offset, taps)`` whose rows are unpacked one at
+    a time into ``taps`` (int32 ``[K]``, :func:`_weight_row`); scratch: ``padded`` ``[C, HP,
+    WP]`` (:func:`_pad_input`) and ``acc`` int32 ``[OW]``. Other arguments as
+    :func:`conv2d_int8`.
     """
     n_batch = x.shape[0]
-    o_total, k_len = weight.shape
+    o_total, k_len = _weight_shape(weight)
     _, _, oh, ow = out.shape
     c_per_group = k_len // (kh * kw)
     o_per_group = o_total // groups
@@ -505,7 +545,7 @@ def conv2d_direct_int8(
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for o in range(o_total):
             first_channel = (o // o_per_group) * c_per_group
-            taps = weight[o]
+            taps = _weight_row(weight, o)
             for p in range(oh):
                 acc[:] = bias[o]
                 for c in range(c_per_group):

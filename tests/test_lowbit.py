@@ -159,37 +159,51 @@ def test_group_gemm_into_int32_is_bit_exact(layer, steps):
 @SETTINGS
 @given(
     st.sampled_from(LOW_BITS),
-    st.integers(1, 20),  # output channels
+    st.integers(1, 20),  # output channels (per group when grouped)
     st.integers(1, 6),  # input channels
+    st.sampled_from(["one", "depthwise"]),
     st.tuples(st.integers(1, 3), st.integers(1, 3)),  # window
-    st.tuples(st.integers(1, 2), st.integers(1, 2)),  # stride
+    st.tuples(st.integers(1, 2), st.integers(1, 3)),  # stride
     st.tuples(st.integers(1, 2), st.integers(1, 2)),  # dilation
     st.tuples(*[st.integers(0, 2)] * 4),  # padding (top, bottom, left, right)
     st.sampled_from([8, 32, None]),
     st.integers(0, 2**31),
 )
-def test_conv_group_kernel_is_bit_exact(bits, o, c, window, stride, dilation, padding, group,
-                                        seed):  # fmt: skip
+def test_conv_kernels_are_bit_exact_on_low_bit_weights(bits, o, c, groups, window, stride,
+                                                      dilation, padding, group, seed):  # fmt: skip
+    """One group: ``conv2d_group`` (im2col + ``gemm_group``); depthwise: ``conv2d_direct_int8``
+    unpacking each row's taps."""
     rng = np.random.default_rng(seed)
     (kh, kw), (sh, sw), (dh, dw) = window, stride, dilation
+    groups = 1 if groups == "one" else c
+    o = o if groups == 1 else c * (1 + o % 2)
     x = rng.integers(-128, 128, size=(2, c, 7, 8), dtype=np.int8)
-    real = rng.normal(size=(o, c * kh * kw))
+    real = rng.normal(size=(o, c // groups * kh * kw))
     q = quantize_groups(real, bits, group, "hqq", False)
-    weight = q.group_weight((o, c, kh, kw))
+    weight = q.group_weight((o, c // groups, kh, kw))
     bias = rng.integers(-5000, 5000, size=o, dtype=np.int32)
     encoded = [ref.quantize_multiplier(m) for m in rng.uniform(1e-4, 0.1, size=o)]
     mult, shift = (np.array(e, np.int32) for e in zip(*encoded, strict=True))
     args = (bias, mult, shift, 3, -5)
-    expected = ref.conv2d_int8(x, ref.group_weight(weight), *args, stride, padding, dilation, 1)
+    expected = ref.conv2d_int8(
+        x, ref.group_weight(weight), *args, stride, padding, dilation, groups
+    )
     oh, ow = expected.shape[2:]
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     padded = np.empty((c, rows, columns), np.int8)
-    im2col = np.empty((oh * ow, c * kh * kw), np.int8)
-    products = np.empty((oh * ow, o), np.int8)
+    window_args = (kh, kw, sh, sw, padding[0], padding[2], dh, dw)
     out = np.empty_like(expected)
-    operand = group_operand(weight, nk.GROUP_COLUMNS)
-    nk.conv2d_group(x, operand, *args, kh, kw, sh, sw, padding[0], padding[2], dh, dw, -128,
-                    127, padded, im2col, products, out)  # fmt: skip
+    if groups == 1:
+        im2col = np.empty((oh * ow, c * kh * kw), np.int8)
+        products = np.empty((oh * ow, o), np.int8)
+        operand = group_operand(weight, nk.GROUP_COLUMNS)
+        nk.conv2d_group(x, operand, *args, *window_args, -128, 127, padded, im2col, products,
+                        out)  # fmt: skip
+    else:
+        low_bit = _group_args(weight) + (np.zeros(kh * kw, np.int32),)
+        acc = np.empty(ow, np.int32)
+        nk.conv2d_direct_int8(x, low_bit, *args, *window_args, groups, -128, 127, padded, acc,
+                              out)  # fmt: skip
     assert np.array_equal(out, expected)
 
 

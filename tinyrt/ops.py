@@ -78,12 +78,15 @@ def _conv_geometry(
     if _is_pointwise(op):
         oh, ow = 1, oh * ow
     rows, columns = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
-    if isinstance(weight, GroupWeight):  # im2col rows in the weight's order, then the products
+    if isinstance(weight, GroupWeight):
+        # one group: im2col rows in the weight's order, then the products (gemm_group); more
+        # groups (depthwise among them): directly, each row's few taps unpacked in turn
         k_len, positions = math.prod(weight.shape[1:]), oh * ow
+        kernel = "group" if a2["groups"] == 1 else "direct"
         work = _aligned(positions * k_len) + positions * weight.shape[0]
         padded = (channels, rows, columns)
-        return {"window": window, "padded": padded, "positions": positions, "kernel": "group",
-                "work": work}  # fmt: skip
+        return {"window": window, "padded": padded, "positions": positions, "kernel": kernel,
+                "work": work if kernel == "group" else 4 * ow}  # fmt: skip
     kernel = _conv_kernel(weight[0].size, sw)
     work = {  # bytes
         "tiles": _SCRATCH_ALIGN,  # room for the last block's loads past the padded input
@@ -269,12 +272,6 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
 
 
-def numba_runs_conv(op: Op) -> bool:
-    """Whether the numba backend has a kernel for this convolution: all int8 ones, low-bit
-    ones of one group (grouped and depthwise low-bit layers run the reference arithmetic)."""
-    return not isinstance(op.tensors["weight"], GroupWeight) or _as_2d(op)["groups"] == 1
-
-
 def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
     """A layer weight as the integers the reference kernels take: a low-bit weight expanded
     (``reference.group_weight``, on every call: nothing full-size is kept), others as they
@@ -391,8 +388,6 @@ def bind_op(
     if kind in ("conv1d", "conv2d"):
         t = op.tensors
         a2 = _as_2d(op)
-        if not numba_runs_conv(op):
-            nk = None
         o, c, *window = t["weight"].shape
         shape = (o, c, math.prod(window[:-1]), window[-1])  # conv1d: [O, C, 1, K]
         x, y = _image(ins[0]), _image(out)
@@ -410,14 +405,8 @@ def bind_op(
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
             work = scratch[_aligned(padded_size) :]
-            if geometry["kernel"] == "group":
-                positions, weight = geometry["positions"], t["weight"]
-                columns = work[: positions * math.prod(weight.shape[1:])].reshape(positions, -1)
-                products = work[_aligned(columns.size) :][: positions * o].reshape(positions, o)
-                group = group_operand(weight, nk.GROUP_COLUMNS)
-                return lambda: nk.conv2d_group(
-                    x, group, *args, qmin, qmax, padded, columns, products, y
-                )
+            if isinstance(t["weight"], GroupWeight):
+                return _bind_low_bit_conv(t["weight"], geometry, args, a2, padded, work, x, y, nk)
             weight = t["weight"].reshape(shape)
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
@@ -574,6 +563,32 @@ def bind_op(
         return _bind_recurrent(op, ins[0], out, zp_out, states, nk)
 
     raise AssertionError(f"op kind {kind!r} passed validation but has no binding")
+
+
+def _bind_low_bit_conv(
+    weight: GroupWeight,
+    geometry: dict,
+    args: tuple,
+    a2: dict,
+    padded: np.ndarray,
+    work: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    nk: ModuleType,
+) -> Step:
+    """A low-bit convolution's numba step (:func:`_conv_geometry` picked the kernel): one
+    group through ``conv2d_group``, more (depthwise among them) through
+    ``conv2d_direct_int8`` with each row's taps unpacked in turn."""
+    qmin, qmax = a2["qmin"], a2["qmax"]
+    if geometry["kernel"] == "group":
+        positions, rows = geometry["positions"], weight.shape[0]
+        columns = work[: positions * math.prod(weight.shape[1:])].reshape(positions, -1)
+        products = work[_aligned(columns.size) :][: positions * rows].reshape(positions, rows)
+        group = group_operand(weight, nk.GROUP_COLUMNS)
+        return lambda: nk.conv2d_group(x, group, *args, qmin, qmax, padded, columns, products, y)
+    taps = np.zeros(math.prod(weight.shape[1:]), np.int32)  # one row's integers at a time
+    low_bit, acc, groups = _group_args(weight) + (taps,), work.view(np.int32), a2["groups"]
+    return lambda: nk.conv2d_direct_int8(x, low_bit, *args, groups, qmin, qmax, padded, acc, y)
 
 
 _RECURRENT_KERNELS = {

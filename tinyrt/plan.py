@@ -18,7 +18,7 @@ import numpy as np
 
 from tinyrt.graph import RECURRENT_KINDS, Graph, Op, StatePart
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import Step, bind_op, conv_scratch_shape, numba_runs_conv
+from tinyrt.ops import Step, bind_op, conv_scratch_shape
 
 ALIGNMENT = 64
 
@@ -62,7 +62,7 @@ def scratch_shape(
     linear layer's quantized input row."""
     if numba_kernels is None:
         return None
-    if op.kind in ("conv1d", "conv2d") and numba_runs_conv(op):
+    if op.kind in ("conv1d", "conv2d"):
         in_shape, out_shape = shapes[op.inputs[0]], shapes[op.outputs[0]]
         return conv_scratch_shape(op, in_shape, out_shape, numba_kernels.HAS_VBMI)
     if op.kind == "linear_dynamic":
