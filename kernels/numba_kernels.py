@@ -39,6 +39,9 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     gather_conv_1_256,
     gather_conv_8_128,
     gather_conv_8_256,
+    gemm_rows_1,
+    gemm_rows_4,
+    gemm_rows_8,
     gemm_tile_1x1,
     gemm_tile_4x1,
     gemm_tile_4x2,
@@ -53,7 +56,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "d48fc5c4cbda32c6"
+SIMD_SOURCE_SHA256 = "9d9d1de59d8afc5f"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -171,6 +174,44 @@ def linear_int8(x, weight, bias, multiplier, shift, zp_out, qmin, qmax, out):
         1,
         weight.shape[0],
     )
+
+
+@_inline
+def _gemm_rows(cols, blocked, block_start, words, x, x_start, x_stride, correction, bias,
+               multiplier, shift, first_row, count, zp_out, qmin, qmax, out, out_start,
+               col_stride):  # fmt: skip
+    """``simd.gemm_rows_{cols}`` for ``cols`` 8, 4 or 1, inlined (as :func:`_group_rows`)."""
+    args = (blocked, block_start, words, x, x_start, x_stride, correction, bias, multiplier,
+            shift, first_row, count, zp_out, qmin, qmax, out, out_start, col_stride)  # fmt: skip
+    if cols == 8:
+        gemm_rows_8(*args)
+    elif cols == 4:
+        gemm_rows_4(*args)
+    else:
+        gemm_rows_1(*args)
+
+
+@_jit
+def linear_rows(x, weight, bias, multiplier, shift, zp_out, qmin, qmax, out):
+    """``reference.linear_int8`` with the weight laid out in blocks of 16 rows (the tuple
+    ``(blocked, words, correction, rows)`` of ``tinyrt.ops.int8_rows_operand``; ``K`` a
+    multiple of 4): ``x`` ``[N, K]``, ``out`` ``[N, O]``. Each block of 16 rows meets 8, 4 or
+    1 input rows at a time in ``simd.gemm_rows_*`` (outer products: a 64-byte load of 4
+    weights of 16 rows against each input row's 4 values, broadcast) while its weights stay
+    in the L1 cache."""
+    blocked, words, correction, rows = weight
+    n_batch, k_len = x.shape
+    flat_x, flat_out = x.reshape(x.size), out.reshape(out.size)
+    for first_row in range(0, rows, 16):
+        count = min(16, rows - first_row)
+        start = (first_row // 16) * words * 64
+        c = 0
+        while c < n_batch:
+            step = 8 if n_batch - c >= 8 else 4 if n_batch - c >= 4 else 1
+            _gemm_rows(step, blocked, start, words, flat_x, c * k_len, k_len, correction, bias,
+                       multiplier, shift, first_row, count, zp_out, qmin, qmax, flat_out,
+                       first_row + c * rows, rows)  # fmt: skip
+            c += step
 
 
 @_inline

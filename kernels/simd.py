@@ -828,6 +828,118 @@ def _dot_quads(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed:
     return acc
 
 
+def _store_rows(builder, sums, params, first_row, count, requant, dtype, out_ptr, out_start,
+                col_stride) -> None:  # fmt: skip
+    """The epilogue of a block of 16 rows: column ``c``'s int32 lanes ``sums[c]`` (row
+    ``first_row + l`` in lane ``l``) requantized with the rows' ``bias``, ``multiplier`` and
+    ``shift`` (``params``: pointers; ``requant``: zero point, qmin, qmax) and the first
+    ``count`` lanes stored at ``out_start + c * col_stride``; into an int32 ``out``
+    (``dtype``) the scaled sums, as :func:`_make_gemm_tile` does."""
+    lanes = _CHUNK // 4
+    mask = _lanes_below(builder, count, lanes)
+
+    def rows_of(pointer: ir.Value) -> ir.Value:
+        address = builder.bitcast(builder.gep(pointer, [first_row]), _QUADS.as_pointer())
+        return _masked_load(builder, address, mask, _QUADS)
+
+    bias, multiplier, shift = (rows_of(p) for p in params)
+    right_only = _shifts_right_only(builder, shift)
+    splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in requant]
+    for c, total in enumerate(sums):
+
+        def epilogue(left_shifts: bool, total=total) -> ir.Value:
+            if dtype == types.int32:
+                return _scale_lanes(builder, total, bias, multiplier, shift, left_shifts)
+            return _requantize_lanes(builder, total, bias, multiplier, shift, *splats,
+                                     left_shifts)  # fmt: skip
+
+        y = _either(builder, right_only, epilogue)
+        where = builder.add(out_start, builder.mul(col_stride, ir.Constant(col_stride.type, c)))
+        _masked_store(builder, y, builder.gep(out_ptr, [where]), mask)
+
+
+def _make_gemm_rows(cols: int):
+    """``gemm_rows_{cols}(blocked, block_start, words, x, x_start, x_stride, correction, bias,
+    multiplier, shift, first_row, count, zp_out, qmin, qmax, out, out_start, col_stride)``:
+    16 rows of an int8 weight times ``cols`` input rows, requantized and stored: the inner
+    part of :func:`numba_kernels.linear_rows` (all arrays indexed as flat).
+
+    ``blocked`` holds from ``block_start`` ``words`` chunks of 64 bytes, 4 weights (a word)
+    of each of the 16 rows, row after row. Column ``c``'s inputs start at ``x_start + c *
+    x_stride``; each word of 4 is broadcast to all lanes as unsigned bytes ``x + 128`` (a
+    flip of the top bit) and multiplied by the chunk (:func:`_dot_quads`): an outer product,
+    16 rows x ``cols`` columns per load, no sums across lanes. The rows' ``correction``
+    (``128 * Σ_k w``) is subtracted at the end; then :func:`_store_rows`.
+    """
+    chunk_bytes = ir.VectorType(_I8, _CHUNK)
+    lanes = _CHUNK // 4
+    parities = 2 if cols == 1 else 1  # chains of vpdpbusd per column (see group_rows)
+
+    @intrinsic
+    def block(typingctx, blocked, block_start, words, x, x_start, x_stride, correction, bias,
+              multiplier, shift, first_row, count, zp_out, qmin, qmax, out, out_start,
+              col_stride):  # fmt: skip
+        sig = types.void(blocked, block_start, words, x, x_start, x_stride, correction, bias,
+                         multiplier, shift, first_row, count, zp_out, qmin, qmax, out,
+                         out_start, col_stride)  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            args = _as_int64(context, builder, args, signature)
+            block_start, words, x_start, x_stride = args[1], args[2], args[4], args[5]
+            first_row, count, zp, qmin, qmax, out_start, col_stride = args[10:15] + args[16:]
+            i64 = block_start.type
+
+            def data(position: int) -> ir.Value:
+                array = signature.args[position]
+                return context.make_array(array)(context, builder, args[position]).data
+
+            def const(value: int) -> ir.Constant:
+                return ir.Constant(i64, value)
+
+            w_ptr, x_ptr = data(0), data(3)
+            chains = [_zeroed_slots(builder, parities, _QUADS) for _ in range(cols)]
+            flip = ir.Constant(_I32, 0x80808080 - 2**32)  # the top bit of each byte
+
+            def accumulate(word: ir.Value, parity: int) -> None:
+                at = builder.add(block_start, builder.mul(word, const(_CHUNK)))
+                address = builder.bitcast(builder.gep(w_ptr, [at]), chunk_bytes.as_pointer())
+                chunk = builder.load(address, align=1)
+                for c in range(cols):
+                    start = builder.add(x_start, builder.mul(x_stride, const(c)))
+                    where = builder.add(start, builder.mul(word, const(4)))
+                    pointer = builder.bitcast(builder.gep(x_ptr, [where]), _I32.as_pointer())
+                    word_of_4 = builder.xor(builder.load(pointer, align=1), flip)
+                    inputs = builder.bitcast(_splat(builder, word_of_4, lanes), chunk_bytes)
+                    slot = chains[c][parity % parities]
+                    builder.store(_dot_quads(builder, builder.load(slot), inputs, chunk), slot)
+
+            pairs = builder.sdiv(words, const(2))
+            with cgutils.for_range(builder, pairs) as loop:
+                word = builder.mul(loop.index, const(2))
+                accumulate(word, 0)
+                accumulate(builder.add(word, const(1)), 1)
+            with builder.if_then(builder.icmp_signed("<", builder.mul(pairs, const(2)), words)):
+                accumulate(builder.sub(words, const(1)), 0)
+            address = builder.bitcast(builder.gep(data(6), [first_row]), _QUADS.as_pointer())
+            corrections = _masked_load(builder, address, _lanes_below(builder, count, lanes),
+                                       _QUADS)  # fmt: skip
+            sums = []
+            for column in chains:
+                total = builder.load(column[0])
+                for slot in column[1:]:
+                    total = builder.add(total, builder.load(slot))
+                sums.append(builder.sub(total, corrections))
+            _store_rows(builder, sums, [data(p) for p in (7, 8, 9)], first_row, count,
+                        (zp, qmin, qmax), signature.args[15].dtype, data(15), out_start,
+                        col_stride)  # fmt: skip
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    block.__name__ = block.__qualname__ = f"gemm_rows_{cols}"
+    return block
+
+
 def _make_group_rows(bits: int, cols: int):
     """``group_rows_{bits}_{cols}(blocked, block_start, planes, plane_start, plane_len,
     group_words, groups, group_scale, offset, param_start, sums, sums_start, bias,
@@ -941,26 +1053,10 @@ def _make_group_rows(bits: int, cols: int):
                     step = builder.sub(step, builder.mul(o, total))
                     builder.store(builder.add(builder.load(acc_slot), step), acc_slot)
 
-            mask = _lanes_below(builder, count, lanes)
-            params = [
-                _masked_load(builder, at(data(position), first_row, _I32), mask, _QUADS)
-                for position in (12, 13, 14)
-            ]
-            right_only = _shifts_right_only(builder, params[2])
-            splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
-            out_type = signature.args[20]
-            out_ptr = data(20)
-            for c, acc_slot in enumerate(accs):
-                sums_c = builder.load(acc_slot)
-
-                def epilogue(left_shifts: bool, sums_c=sums_c) -> ir.Value:
-                    if out_type.dtype == types.int32:
-                        return _scale_lanes(builder, sums_c, *params, left_shifts)
-                    return _requantize_lanes(builder, sums_c, *params, *splats, left_shifts)
-
-                y = _either(builder, right_only, epilogue)
-                where = builder.add(out_start, builder.mul(col_stride, const(c)))
-                _masked_store(builder, y, builder.gep(out_ptr, [where]), mask)
+            sums = [builder.load(slot) for slot in accs]
+            _store_rows(builder, sums, [data(p) for p in (12, 13, 14)], first_row, count,
+                        (zp, qmin, qmax), signature.args[20].dtype, data(20), out_start,
+                        col_stride)  # fmt: skip
             return context.get_dummy_value()
 
         return sig, codegen
@@ -989,6 +1085,9 @@ gather_conv_1_128 = _make_gather_conv(1, 128)
 gather_conv_1_256 = _make_gather_conv(1, 256)
 gather_conv_8_128 = _make_gather_conv(8, 128)
 gather_conv_8_256 = _make_gather_conv(8, 256)
+gemm_rows_1 = _make_gemm_rows(1)
+gemm_rows_4 = _make_gemm_rows(4)
+gemm_rows_8 = _make_gemm_rows(8)
 group_rows_4_1 = _make_group_rows(4, 1)
 group_rows_4_4 = _make_group_rows(4, 4)
 group_rows_2_1 = _make_group_rows(2, 1)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import add_table, gather_operands, tile_operands
+from tinyrt.ops import add_table, gather_operands, int8_rows_operand, tile_operands
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -459,13 +459,15 @@ def test_depthwise_gather_reads_nothing_past_its_input():
 
 @SETTINGS
 @given(
-    n=st.integers(1, 5),
+    n=st.integers(1, 13),
     k=st.integers(1, 70),
-    o=st.integers(1, 20),
+    o=st.integers(1, 40),
     zp_out=st.integers(-128, 127),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_linear_numba_bit_exact(n, k, o, zp_out, seed):
+    """Both int8 linear kernels: the tiles of ``linear_int8`` and, for K a multiple of 4, the
+    16-row blocks of ``linear_rows`` (8, 4 and single input rows; a partial last block)."""
     rng = np.random.default_rng(seed)
     x, weight = random_int8(rng, (n, k)), random_int8(rng, (o, k), low=-127)
     bias = rng.integers(-(2**20), 2**20, size=o).astype(np.int32)
@@ -475,6 +477,11 @@ def test_linear_numba_bit_exact(n, k, o, zp_out, seed):
     want = ref.linear_int8(x, weight, bias, multiplier, shift, zp_out)
     out = np.empty_like(want)
     nk.linear_int8(x, weight, bias, multiplier, shift, zp_out, -128, 127, out)
+    np.testing.assert_array_equal(out, want)
+    x4, weight4 = random_int8(rng, (n, 4 * k)), random_int8(rng, (o, 4 * k), low=-127)
+    want = ref.linear_int8(x4, weight4, bias, multiplier, shift, zp_out, -100, 120)
+    rows = int8_rows_operand(weight4)
+    nk.linear_rows(x4, rows, bias, multiplier, shift, zp_out, -100, 120, out)
     np.testing.assert_array_equal(out, want)
 
 

@@ -118,6 +118,17 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         out = np.empty_like(want)
         nk.linear_int8(x, w, bias, mult, shift, 3, -128, 127, out)
         assert (out == want).all(), (n, k, o)
+    from tinyrt.ops import int8_rows_operand
+    for n, k, o in [(1, 16, 4), (9, 20, 17), (4, 64, 33)]:
+        x = rng.integers(-128, 128, (n, k)).astype(np.int8)
+        w = rng.integers(-127, 128, (o, k)).astype(np.int8)
+        bias = rng.integers(-5000, 5000, o).astype(np.int32)
+        mult = rng.integers(1 << 30, 1 << 31, o).astype(np.int32)
+        shift = rng.integers(-14, 3, o).astype(np.int32)
+        want = ref.linear_int8(x, w, bias, mult, shift, 3)
+        out = np.empty_like(want)
+        nk.linear_rows(x, int8_rows_operand(w), bias, mult, shift, 3, -128, 127, out)
+        assert (out == want).all(), (n, k, o)
     from tinyrt.ops import tile_operands
     for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
         x = rng.integers(-128, 128, (1, c, 7, 19)).astype(np.int8)
@@ -166,8 +177,8 @@ HOST_FEATURES = set(llvmlite.binding.get_host_cpu_features().flatten().split(","
 )
 def test_other_targets_are_bit_exact(tmp_path, cpu, features, flags):
     """The code paths other CPUs take, compiled here for another target (the host's path is
-    what every other test runs): GEMM tiles through linear layers, conv blocks, low-bit
-    linear layers."""
+    what every other test runs): GEMM tiles and 16-row blocks through linear layers, conv
+    blocks, low-bit linear layers."""
     if features and features not in HOST_FEATURES:
         pytest.skip(f"this CPU cannot run {cpu} code")
     env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features,

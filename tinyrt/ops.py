@@ -279,6 +279,21 @@ def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
     return ref.group_weight(weight) if isinstance(weight, GroupWeight) else weight
 
 
+def int8_rows_operand(weight: np.ndarray) -> tuple:
+    """An int8 weight ``[O, K]`` (``K`` a multiple of 4) as
+    :func:`numba_kernels.linear_rows` reads it: ``(blocked, words, correction, rows)`` with
+    ``blocked`` ``[blocks, K/4, 16, 4]`` (blocks of 16 rows, the last padded with zero rows: a
+    word of 4 weights of 16 rows is one 64-byte load) and ``correction = 128 * Σ_k w`` per
+    row (int32, padded)."""
+    rows, k_len = weight.shape
+    blocks = -(-rows // _GROUP_ROWS)
+    padded = np.zeros((blocks * _GROUP_ROWS, k_len), np.int8)
+    padded[:rows] = weight
+    blocked = padded.reshape(blocks, _GROUP_ROWS, k_len // 4, 4).transpose(0, 2, 1, 3)
+    correction = 128 * padded.astype(np.int64).sum(axis=1)
+    return np.ascontiguousarray(blocked).reshape(-1), k_len // 4, correction.astype(np.int32), rows
+
+
 def _group_args(weight: GroupWeight) -> tuple:
     """A low-bit table's arguments of :func:`numba_kernels.embedding_group` (offsets 0 when
     symmetric)."""
@@ -295,17 +310,26 @@ def group_operand(weight: GroupWeight, columns: int) -> tuple:
     """A low-bit weight as :func:`numba_kernels.gemm_group` reads it: :func:`group_layout`
     (shared by every plan of the model) and scratch for ``columns`` input columns, their
     int8 planes and int32 group sums (each plan its own)."""
-    layout = _LAYOUTS.get(weight)
-    if layout is None:
-        layout = _LAYOUTS.setdefault(weight, group_layout(weight))
+    layout = kernel_layout(weight, group_layout)
     words = layout[5][-1]
     planes = np.zeros(columns * 4 * words * (8 // weight.bits), np.int8)
     sums = np.zeros(columns * weight.group_scale.shape[1], np.int32)
     return layout + (planes, sums)
 
 
-# each low-bit weight's layout, made once and kept as long as the weight (the loaded model)
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the kernels' layouts of weights, by id of the weight (see kernel_layout)
+_LAYOUTS: dict[int, tuple] = {}
+
+
+def kernel_layout(weight: np.ndarray | GroupWeight, make: Callable[..., tuple]) -> tuple:
+    """``make(weight)``: a kernel's reordered copy of a weight, made once and shared by every
+    plan of the model (one per input shape and thread), dropped when the weight is."""
+    key = id(weight)
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _LAYOUTS[key] = make(weight)
+        weakref.finalize(weight, _LAYOUTS.pop, key, None)
+    return layout
 
 
 def group_layout(weight: GroupWeight) -> tuple:
@@ -379,6 +403,9 @@ def bind_op(
             group = group_operand(weight, nk.GROUP_COLUMNS)
             requant = (bias, mult, shift, zp_out, qmin, qmax)
             return lambda: nk.linear_group(x, group, *requant, y)
+        if nk and weight.shape[1] % 4 == 0:  # blocks of 16 rows x 4 inputs per load
+            rows = kernel_layout(weight, int8_rows_operand)
+            return lambda: nk.linear_rows(x, rows, bias, mult, shift, zp_out, qmin, qmax, y)
         if nk:
             return lambda: nk.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
         return lambda: np.copyto(

@@ -80,7 +80,7 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return (fields.astype(np.int8) ^ sign) - sign
 
 
-@dataclass(frozen=True, eq=False)  # compared and hashed by identity: kernels cache layouts
+@dataclass(frozen=True)
 class GroupWeight:
     """A weight of ``bits`` (4 or 2) per value in the group form of docs/lowbit.md, as a
     kernel receives it: ``packed`` (the file's bytes, :func:`pack_bits` layout) holds ``q`` of
