@@ -33,6 +33,7 @@ from tinyrt.ops import (  # noqa: E402
     _conv_kernel,
     gather_operands,
     gathered_operands,
+    int8_rows_operand,
     tile_operands,
 )
 
@@ -128,15 +129,29 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
 
 
 def gemm_case(m: int, k: int, n: int, runs: int, rng) -> dict:
+    """A linear layer ``[n, k]`` on ``m`` inputs by the dot-product tiles (``linear_int8``)
+    and the 16-row blocks (``linear_rows``, what tinyrt runs), each checked first."""
     x = rng.integers(-128, 128, (m, k)).astype(np.int8)
     weight = rng.integers(-127, 128, (n, k)).astype(np.int8)
     bias = np.zeros(n, np.int32)
     multiplier, shift = np.full(n, 1 << 30, np.int32), np.full(n, -8, np.int32)
     out = np.empty((m, n), np.int8)
-    us = best_of(
-        lambda: nk.linear_int8(x, weight, bias, multiplier, shift, 0, -128, 127, out), runs
-    )
-    return {"shape": f"{m}x{k}x{n}", "us": us, "gmacs": m * k * n / us / 1e3}
+    want = ref.linear_int8(x, weight, bias, multiplier, shift, 0)
+    rows = int8_rows_operand(weight)
+    calls = {
+        "tiles": lambda: nk.linear_int8(x, weight, bias, multiplier, shift, 0, -128, 127, out),
+        "rows": lambda: nk.linear_rows(x, rows, bias, multiplier, shift, 0, -128, 127, out),
+    }
+    us = {}
+    for name, call in calls.items():
+        call()
+        assert np.array_equal(out, want), name
+        us[name] = best_of(call, runs)
+    return {
+        "shape": f"{m}x{k}x{n}",
+        "us": us,
+        "gmacs": {n_: m * k * n / t / 1e3 for n_, t in us.items()},
+    }
 
 
 VECTOR = re.compile(
@@ -173,8 +188,13 @@ def markdown(convs: list[dict], gemms: list[dict], asm: dict) -> str:
         lines.append(
             f"| {r['layer']} | {r['macs'] / 1e6:.2f} | " + " | ".join(cells) + f" | {r['chosen']} |"
         )
-    lines += ["", "| int8 GEMM (M x K x N) | µs | GMAC/s |", "|---|---|---|"]
-    lines += [f"| {g['shape']} | {g['us']:.0f} | {g['gmacs']:.1f} |" for g in gemms]
+    lines += ["", "| int8 GEMM (M x K x N) | tiles µs | GMAC/s | rows µs | GMAC/s |"]
+    lines += ["|---|---|---|---|---|"]
+    lines += [
+        f"| {g['shape']} | {g['us']['tiles']:.0f} | {g['gmacs']['tiles']:.1f} "
+        f"| {g['us']['rows']:.0f} | {g['gmacs']['rows']:.1f} |"
+        for g in gemms
+    ]
     lines += ["", "| kernel | vector instructions in its assembly |", "|---|---|"]
     lines += [
         f"| {name} | {', '.join(f'{k} {v}' for k, v in counts.items())} |"
@@ -195,6 +215,7 @@ def main() -> None:
         name: instructions(getattr(nk, name))
         for name in (
             "linear_int8",
+            "linear_rows",
             "conv2d_tiles_int8",
             "gather_conv_int8",
             "conv2d_direct_int8",
