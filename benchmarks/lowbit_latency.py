@@ -35,7 +35,7 @@ from tinyrt.bench import measure_latency  # noqa: E402
 from tinyrt.converter import WeightSpec, convert  # noqa: E402
 from tinyrt.converter.lowbit import quantize_groups  # noqa: E402
 from tinyrt.kernels import numba_kernels as nk  # noqa: E402
-from tinyrt.ops import group_operand  # noqa: E402
+from tinyrt.ops import group_operand, int8_rows_operand  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WIDTHS = (8, 4, 2)
@@ -48,15 +48,15 @@ PRODUCTS = [
 
 
 def product_calls(rows: int, k: int, columns: int) -> dict[int, Callable[[], None]]:
-    """A linear layer ``[rows, k]`` on ``columns`` inputs at each width (random weights,
-    groups of 64 by HQQ below 8 bits)."""
+    """A linear layer ``[rows, k]`` on ``columns`` inputs at each width, by the kernels tinyrt
+    runs (random weights, groups of 64 by HQQ below 8 bits)."""
     rng = np.random.default_rng(0)
     x = rng.integers(-128, 128, (columns, k), dtype=np.int8)
     bias = np.zeros(rows, np.int32)
     mult, shift = np.full(rows, 1 << 30, np.int32), np.full(rows, -8, np.int32)
     out = np.empty((columns, rows), np.int8)
-    w8 = rng.integers(-127, 128, (rows, k), dtype=np.int8)
-    calls = {8: lambda: nk.linear_int8(x, w8, bias, mult, shift, 0, -128, 127, out)}
+    w8 = int8_rows_operand(rng.integers(-127, 128, (rows, k), dtype=np.int8))
+    calls = {8: lambda: nk.linear_rows(x, w8, bias, mult, shift, 0, -128, 127, out)}
     real = rng.normal(size=(rows, k))
     for bits in WIDTHS[1:]:
         operand = group_operand(
