@@ -828,6 +828,14 @@ def _dot_quads(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed:
     return acc
 
 
+def _total(builder: ir.IRBuilder, slots: list) -> ir.Value:
+    """The lane-wise sum of the vectors in ``slots`` (a column's chains of ``vpdpbusd``)."""
+    total = builder.load(slots[0])
+    for slot in slots[1:]:
+        total = builder.add(total, builder.load(slot))
+    return total
+
+
 def _store_rows(builder, sums, params, first_row, count, requant, dtype, out_ptr, out_start,
                 col_stride) -> None:  # fmt: skip
     """The epilogue of a block of 16 rows: column ``c``'s int32 lanes ``sums[c]`` (row
@@ -923,12 +931,7 @@ def _make_gemm_rows(cols: int):
             address = builder.bitcast(builder.gep(data(6), [first_row]), _QUADS.as_pointer())
             corrections = _masked_load(builder, address, _lanes_below(builder, count, lanes),
                                        _QUADS)  # fmt: skip
-            sums = []
-            for column in chains:
-                total = builder.load(column[0])
-                for slot in column[1:]:
-                    total = builder.add(total, builder.load(slot))
-                sums.append(builder.sub(total, corrections))
+            sums = [builder.sub(_total(builder, column), corrections) for column in chains]
             _store_rows(builder, sums, [data(p) for p in (7, 8, 9)], first_row, count,
                         (zp, qmin, qmax), signature.args[15].dtype, data(15), out_start,
                         col_stride)  # fmt: skip
@@ -1033,12 +1036,7 @@ def _make_group_rows(bits: int, cols: int):
                 odd = builder.add(first, builder.mul(pairs, const(2)))
                 with builder.if_then(builder.icmp_signed("<", odd, last)):
                     accumulate(odd, 0)
-                dots = []
-                for column in chains:
-                    total = builder.load(column[0])
-                    for slot in column[1:]:
-                        total = builder.add(total, builder.load(slot))
-                    dots.append(total)
+                dots = [_total(builder, column) for column in chains]
                 params = builder.add(param_start, builder.mul(group.index, const(lanes)))
                 m = builder.load(at(m_ptr, params, ir.VectorType(_I8, lanes)), align=1)
                 m = builder.zext(m, _QUADS)

@@ -108,7 +108,9 @@ OTHER_TARGET_CHECK = textwrap.dedent(
     from tinyrt.kernels import numba_kernels as nk, reference as ref, simd
     assert (simd.HAS_AVX2, simd.HAS_VNNI) == tuple(map(eval, sys.argv[1:])), sys.argv
     rng = np.random.default_rng(0)
-    for n, k, o in [(1, 16, 4), (3, 17, 9), (2, 45, 5), (5, 64, 8), (4, 33, 7)]:
+    from tinyrt.ops import int8_rows_operand
+    cases = [(1, 16, 4), (3, 17, 9), (2, 45, 5), (5, 64, 8), (4, 33, 7), (9, 20, 17), (4, 64, 33)]
+    for n, k, o in cases:
         x = rng.integers(-128, 128, (n, k)).astype(np.int8)
         w = rng.integers(-127, 128, (o, k)).astype(np.int8)
         bias = rng.integers(-5000, 5000, o).astype(np.int32)
@@ -118,17 +120,10 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         out = np.empty_like(want)
         nk.linear_int8(x, w, bias, mult, shift, 3, -128, 127, out)
         assert (out == want).all(), (n, k, o)
-    from tinyrt.ops import int8_rows_operand
-    for n, k, o in [(1, 16, 4), (9, 20, 17), (4, 64, 33)]:
-        x = rng.integers(-128, 128, (n, k)).astype(np.int8)
-        w = rng.integers(-127, 128, (o, k)).astype(np.int8)
-        bias = rng.integers(-5000, 5000, o).astype(np.int32)
-        mult = rng.integers(1 << 30, 1 << 31, o).astype(np.int32)
-        shift = rng.integers(-14, 3, o).astype(np.int32)
-        want = ref.linear_int8(x, w, bias, mult, shift, 3)
-        out = np.empty_like(want)
-        nk.linear_rows(x, int8_rows_operand(w), bias, mult, shift, 3, -128, 127, out)
-        assert (out == want).all(), (n, k, o)
+        if k % 4 == 0:  # the 16-row blocks
+            out[...] = 0
+            nk.linear_rows(x, int8_rows_operand(w), bias, mult, shift, 3, -128, 127, out)
+            assert (out == want).all(), ("rows", n, k, o)
     from tinyrt.ops import tile_operands
     for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
         x = rng.integers(-128, 128, (1, c, 7, 19)).astype(np.int8)
