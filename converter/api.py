@@ -64,8 +64,8 @@ def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
 class _Packed:
     """A quantized model before writing: graph dict, tensor table, the provenance's
     ``calibration`` entry, the inputs on which per-layer errors are measured, and each weight
-    tensor's bits and reconstruction error (static mode) and, under a size budget, the record
-    of the bit-width search."""
+    tensor's bits and reconstruction error (static mode) and, under a size budget or an
+    accuracy limit, the record of the bit-width search."""
 
     graph: dict
     tensors: list[Tensor]
