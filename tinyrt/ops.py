@@ -286,21 +286,27 @@ def int8_rows_operand(weight: np.ndarray) -> tuple:
     word of 4 weights of 16 rows is one 64-byte load) and ``correction = 128 * Σ_k w`` per
     row (int32, padded)."""
     rows, k_len = weight.shape
+    correction = (128 * weight.astype(np.int64).sum(axis=1, keepdims=True)).astype(np.int32)
+    return _row_blocks(weight, 4), k_len // 4, _row_blocks(correction, 1), rows
+
+
+def _row_blocks(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` ``[O, n * width]`` in blocks of 16 rows (zero rows pad the last): flat
+    ``[blocks, n, 16, width]``, each ``width``-wide slice of a block's 16 rows side by side.
+    With ``width`` 4 a slice is one 64-byte load of int8 words; with ``width`` 1 (per-row or
+    per-group parameters) 16 lanes of the block."""
+    rows = a.shape[0]
     blocks = -(-rows // _GROUP_ROWS)
-    padded = np.zeros((blocks * _GROUP_ROWS, k_len), np.int8)
-    padded[:rows] = weight
-    blocked = padded.reshape(blocks, _GROUP_ROWS, k_len // 4, 4).transpose(0, 2, 1, 3)
-    correction = 128 * padded.astype(np.int64).sum(axis=1)
-    return np.ascontiguousarray(blocked).reshape(-1), k_len // 4, correction.astype(np.int32), rows
+    padded = np.zeros((blocks * _GROUP_ROWS, a.shape[1]), a.dtype)
+    padded[:rows] = a
+    split = padded.reshape(blocks, _GROUP_ROWS, -1, width).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(split).reshape(-1)
 
 
 def _group_args(weight: GroupWeight) -> tuple:
-    """A low-bit table's arguments of :func:`numba_kernels.embedding_group` (offsets 0 when
-    symmetric)."""
-    offset = weight.offset
-    if offset is None:
-        offset = np.zeros(weight.group_scale.shape, np.int16)
-    return weight.packed, weight.bits, weight.group_size, weight.group_scale, offset
+    """A low-bit weight's arguments of :func:`numba_kernels.embedding_group` (and, with a row's
+    scratch, of ``conv2d_direct_int8``)."""
+    return weight.packed, weight.bits, weight.group_size, weight.group_scale, weight.offsets()
 
 
 _GROUP_ROWS = 16  # rows per block of simd.group_rows_* (one int32 lane each)
@@ -355,20 +361,11 @@ def group_layout(weight: GroupWeight) -> tuple:
     for g, length in enumerate(lengths):
         start = group_words[g] * per_word
         source[start : start + length] = np.arange(g * group_size, g * group_size + length)
-    blocks = -(-rows // _GROUP_ROWS)
-    padded_rows = blocks * _GROUP_ROWS
-    q = np.zeros((padded_rows, source.size), np.int8)
-    q[:rows, source >= 0] = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
-    blocked = pack_bits(q, bits).reshape(blocks, _GROUP_ROWS, group_words[-1], 4)
-    blocked = np.ascontiguousarray(blocked.transpose(0, 2, 1, 3)).reshape(-1)
-
-    def by_block(a: np.ndarray, dtype: type) -> np.ndarray:  # [O, G] -> [blocks, G, 16]
-        padded = np.zeros((padded_rows, groups), dtype)
-        padded[:rows] = a
-        return np.ascontiguousarray(padded.reshape(blocks, _GROUP_ROWS, groups).transpose(0, 2, 1))
-
-    group_scale = by_block(weight.group_scale, np.uint8).reshape(-1)
-    offset = by_block(0 if weight.offset is None else weight.offset, np.int16).reshape(-1)
+    q = np.zeros((rows, source.size), np.int8)
+    q[:, source >= 0] = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
+    blocked = _row_blocks(pack_bits(q, bits).reshape(rows, -1), 4)
+    group_scale = _row_blocks(weight.group_scale, 1)
+    offset = _row_blocks(weight.offsets(), 1)
     return blocked, bits, rows, group_size, source, group_words, group_scale, offset
 
 

@@ -101,6 +101,12 @@ class GroupWeight:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def offsets(self) -> np.ndarray:
+        """``offset``, or int16 zeros ``[O, G]`` when symmetric: what kernels read."""
+        if self.offset is None:
+            return np.zeros(self.group_scale.shape, np.int16)
+        return self.offset
+
     def row_bounds(self) -> np.ndarray:
         """int64 ``[O]``: an upper bound of ``sum_k |m q - o|`` per row, from the group
         parameters alone (``|q| <= 2^(bits-1)``), so checking it unpacks nothing."""
