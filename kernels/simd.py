@@ -1011,9 +1011,8 @@ def _make_group_rows(bits: int, cols: int):
                 offset_bytes = builder.add(block_start, builder.mul(word, const(_CHUNK)))
                 chunk = builder.load(at(w_ptr, offset_bytes, chunk_bytes), align=1)
                 for i in range(per_byte):
-                    field = builder.lshr(chunk, splat_bytes(i * bits))
-                    field = builder.and_(field, splat_bytes(2**bits - 1))
-                    field = builder.xor(field, splat_bytes(2 ** (bits - 1)))
+                    field = builder.and_(chunk, splat_bytes((2**bits - 1) << (i * bits)))
+                    field = builder.xor(field, splat_bytes(2 ** (bits - 1) << (i * bits)))
                     for c in range(cols):
                         column = builder.add(plane_start, builder.mul(column_step, const(c)))
                         plane = builder.add(column, builder.mul(plane_len, const(i)))
@@ -1022,6 +1021,15 @@ def _make_group_rows(bits: int, cols: int):
                         inputs = builder.bitcast(_splat(builder, inputs, lanes), chunk_bytes)
                         slot = chains[c][parities * i + parity % parities]
                         builder.store(_dot_quads(builder, builder.load(slot), field, inputs), slot)
+
+            def field_dots(column: list) -> ir.Value:
+                # field i's chains hold 2^(i bits) times its dots: shifted back exactly
+                dots = _total(builder, column[:parities])
+                for i in range(1, per_byte):
+                    field = _total(builder, column[parities * i : parities * (i + 1)])
+                    shift = ir.Constant(_QUADS, [i * bits] * lanes)
+                    dots = builder.add(dots, builder.ashr(field, shift))
+                return dots
 
             with cgutils.for_range(builder, groups) as group:
                 first = builder.load(builder.gep(words_ptr, [group.index]))
@@ -1036,7 +1044,7 @@ def _make_group_rows(bits: int, cols: int):
                 odd = builder.add(first, builder.mul(pairs, const(2)))
                 with builder.if_then(builder.icmp_signed("<", odd, last)):
                     accumulate(odd, 0)
-                dots = [_total(builder, column) for column in chains]
+                dots = [field_dots(column) for column in chains]
                 params = builder.add(param_start, builder.mul(group.index, const(lanes)))
                 m = builder.load(at(m_ptr, params, ir.VectorType(_I8, lanes)), align=1)
                 m = builder.zext(m, _QUADS)
