@@ -530,10 +530,10 @@ def _weight_row_overload(weight, o):
     def unpack(weight, o):
         packed, bits, group_size, group_scale, offset, taps = weight
         k_len = taps.shape[0]
-        for k in range(k_len):
-            g = k // group_size
+        for g in range(group_scale.shape[1]):
             m, zero = np.int32(group_scale[o, g]), np.int32(offset[o, g])
-            taps[k] = m * _low_bit(packed, o * k_len + k, bits) - zero
+            for k in range(g * group_size, min(k_len, (g + 1) * group_size)):
+                taps[k] = m * _low_bit(packed, o * k_len + k, bits) - zero
         return taps
 
     return unpack
@@ -741,8 +741,9 @@ def embedding_int8(tokens, weight, multiplier, shift, zp_out, out):
 @_inline
 def _low_bit(packed, index, bits):
     """Value ``index`` of a packed int4/int2 tensor (``tinyrt.packing`` layout), as int32."""
-    per_byte = 8 // bits
-    field = (np.int32(packed[index // per_byte]) >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
+    log_per_byte = 1 if bits == 4 else 2  # 2 or 4 values a byte: shifts, not divisions
+    byte = np.int32(packed[index >> log_per_byte])
+    field = (byte >> ((index & ((1 << log_per_byte) - 1)) * bits)) & ((1 << bits) - 1)
     sign = np.int32(1) << (bits - 1)
     return (field ^ sign) - sign
 
@@ -886,22 +887,16 @@ def conv2d_group(
 
 
 @_jit
-def embedding_group(
-    tokens, packed, bits, group_size, group_scale, offset, multiplier, shift, zp_out, out
-):
-    """``reference.embedding_int8`` on ``reference.group_weight`` of a low-bit table: each
-    output requantizes ``m * q - o`` of one packed value of the token's row."""
+def embedding_group(tokens, weight, multiplier, shift, zp_out, out):
+    """``reference.embedding_int8`` on ``reference.group_weight`` of a low-bit table
+    (``weight``: :func:`conv2d_direct_int8`'s tuple, ``taps`` one row long): the token's row
+    unpacked into ``taps`` as ``m * q - o``, then requantized in vector lanes."""
     n_batch, steps = tokens.shape
-    dim = out.shape[2]
     for n in range(n_batch):
         for t in range(steps):
             token = tokens[n, t]
-            m, s = multiplier[token], shift[token]
-            for e in range(dim):
-                g = e // group_size
-                w = np.int32(group_scale[token, g]) * _low_bit(packed, token * dim + e, bits)
-                w -= np.int32(offset[token, g])
-                out[n, t, e] = _requantize(w, m, s, zp_out, -128, 127)
+            row = _weight_row(weight, token)
+            _requantize_row(row, multiplier[token], shift[token], zp_out, -128, 127, out[n, t])
 
 
 @_inline

@@ -16,7 +16,7 @@ from tinyrt.errors import ConversionError, FormatError
 from tinyrt.format import Tensor, read_model_file, serialize, write_model_file
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import _group_args, group_operand
+from tinyrt.ops import group_operand, group_row_operand
 from tinyrt.packing import unpack_bits
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -200,7 +200,7 @@ def test_conv_kernels_are_bit_exact_on_low_bit_weights(bits, o, c, groups, windo
         nk.conv2d_group(x, operand, *args, *window_args, -128, 127, padded, im2col, products,
                         out)  # fmt: skip
     else:
-        low_bit = _group_args(weight) + (np.zeros(kh * kw, np.int32),)
+        low_bit = group_row_operand(weight)
         acc = np.empty(ow, np.int32)
         nk.conv2d_direct_int8(x, low_bit, *args, *window_args, groups, -128, 127, padded, acc,
                               out)  # fmt: skip
@@ -217,7 +217,7 @@ def test_embedding_group_kernel_is_bit_exact(layer, zp_out):
     mult, shift = (np.array(c, np.int32) for c in zip(*encoded, strict=True))
     expected = ref.embedding_int8(tokens, ref.group_weight(weight), mult, shift, zp_out)
     out = np.zeros((2, 5, dim), np.int8)
-    nk.embedding_group(tokens, *_group_args(weight), mult, shift, zp_out, out)
+    nk.embedding_group(tokens, group_row_operand(weight), mult, shift, zp_out, out)
     assert np.array_equal(out, expected)
 
 

@@ -303,10 +303,12 @@ def _row_blocks(a: np.ndarray, width: int) -> np.ndarray:
     return np.ascontiguousarray(split).reshape(-1)
 
 
-def _group_args(weight: GroupWeight) -> tuple:
-    """A low-bit weight's arguments of :func:`numba_kernels.embedding_group` (and, with a row's
-    scratch, of ``conv2d_direct_int8``)."""
-    return weight.packed, weight.bits, weight.group_size, weight.group_scale, weight.offsets()
+def group_row_operand(weight: GroupWeight) -> tuple:
+    """A low-bit weight as the kernels that unpack one row at a time read it
+    (:func:`numba_kernels.embedding_group`, ``conv2d_direct_int8``): its packed values and
+    group parameters, and int32 scratch for one row's integers."""
+    taps = np.zeros(math.prod(weight.shape[1:]), np.int32)
+    return weight.packed, weight.bits, weight.group_size, weight.group_scale, weight.offsets(), taps
 
 
 _GROUP_ROWS = 16  # rows per block of simd.group_rows_* (one int32 lane each)
@@ -560,8 +562,8 @@ def bind_op(
         y = out.reshape(tokens.shape + (t["weight"].shape[1],))
         requant = (t["multiplier"], t["shift"], zp_out)
         if nk and isinstance(t["weight"], GroupWeight):
-            group = _group_args(t["weight"])
-            return lambda: nk.embedding_group(tokens, *group, *requant, y)
+            group = group_row_operand(t["weight"])
+            return lambda: nk.embedding_group(tokens, group, *requant, y)
         if nk:
             return lambda: nk.embedding_int8(tokens, t["weight"], *requant, y)
         return lambda: np.copyto(y, ref.embedding_int8(tokens, _integer(t["weight"]), *requant))
@@ -610,8 +612,7 @@ def _bind_low_bit_conv(
         products = work[_aligned(columns.size) :][: positions * rows].reshape(positions, rows)
         group = group_operand(weight, nk.GROUP_COLUMNS)
         return lambda: nk.conv2d_group(x, group, *args, qmin, qmax, padded, columns, products, y)
-    taps = np.zeros(math.prod(weight.shape[1:]), np.int32)  # one row's integers at a time
-    low_bit, acc, groups = _group_args(weight) + (taps,), work.view(np.int32), a2["groups"]
+    low_bit, acc, groups = group_row_operand(weight), work.view(np.int32), a2["groups"]
     return lambda: nk.conv2d_direct_int8(x, low_bit, *args, groups, qmin, qmax, padded, acc, y)
 
 
