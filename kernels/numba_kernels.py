@@ -778,20 +778,21 @@ def gemm_group(weight, b, bias, multiplier, shift, zp_out, qmin, qmax, out, col_
     """``out[j * col_stride + i] = requantize(bias[i] + Σ_k W[i, k] * b[j, k])`` (int32
     ``out``: the scaled sum, as :func:`gemm_int8`) for ``W = reference.group_weight`` of a
     low-bit weight, unpacked in registers: ``b`` ``[P, K]``, ``weight`` the tuple
-    ``(blocked, bits, rows, group_size, source, group_words, group_scale, offset, planes,
-    sums)`` that ``tinyrt.ops.group_operand`` lays out once per plan (with its scratch).
+    ``(blocked, bits, rows, group_size, group_words, group_scale, offset, planes, sums)``
+    that ``tinyrt.ops.group_operand`` lays out once per plan (with its scratch).
 
     Per row and group ``g`` with step ``m``, offset ``o`` and input sum ``S = Σ_{k∈g} x_k``,
     ``Σ_{k∈g} x (m q - o) = m (Σ x u - 2^(b-1) S) - o S`` where ``u = q + 2^(b-1)`` are the
     unsigned fields: the sums are shared by every row, and ``simd.group_rows_*`` multiplies
     the fields of 16 rows at once (``blocked`` ``[blocks, words, 16, 4]`` bytes, each group
     padded to whole words) by 4 or 1 columns. For up to ``GROUP_COLUMNS`` input columns at
-    a time, each column is first laid out as the planes the blocks read (``planes[c, i, j] =
-    x[source[j * 8/b + i]]``, 0 where ``source`` is -1: padding). Int32 arithmetic wraps;
-    the converter's bound keeps the total exact.
+    a time, each column is first laid out as the planes the blocks read: field ``i`` of
+    group ``g``'s bytes meets a run of the group's inputs, ``planes[c, i, 4 first + j] =
+    x[g * group_size + i * width + j]`` for the group's words ``first ..`` and ``width`` =
+    4 bytes per word (0 past the group's end: padding, never written). Int32 arithmetic
+    wraps; the converter's bound keeps the total exact.
     """
-    blocked, bits, rows, group_size, source, group_words, group_scale, offset = weight[:8]
-    planes, sums = weight[8:]
+    blocked, bits, rows, group_size, group_words, group_scale, offset, planes, sums = weight
     p, k_len = b.shape
     groups = group_words.shape[0] - 1
     per_byte = 8 // bits
@@ -802,16 +803,20 @@ def gemm_group(weight, b, bias, multiplier, shift, zp_out, qmin, qmax, out, col_
         cols = min(GROUP_COLUMNS, p - first_col)
         for c in range(cols):
             x = b[first_col + c]
-            for g in range(groups):
-                total = np.int32(0)
-                for k in range(g * group_size, min(k_len, (g + 1) * group_size)):
-                    total += np.int32(x[k])
-                sums[c * groups + g] = total
             column = planes[c * column_len : (c + 1) * column_len]
-            for i in range(per_byte):
-                for j in range(plane_len):
-                    k = source[j * per_byte + i]
-                    column[i * plane_len + j] = x[k] if k >= 0 else 0
+            for g in range(groups):
+                start, first = g * group_size, 4 * group_words[g]
+                width = 4 * group_words[g + 1] - first
+                total = np.int32(0)
+                for i in range(per_byte):
+                    run = x[
+                        start + i * width : min(k_len, start + group_size, start + (i + 1) * width)
+                    ]
+                    plane = column[i * plane_len + first : i * plane_len + first + run.size]
+                    for j in range(run.size):
+                        plane[j] = run[j]
+                        total += np.int32(run[j])
+                sums[c * groups + g] = total
         for first_row in range(0, rows, 16):
             count = min(16, rows - first_row)
             block = first_row // 16

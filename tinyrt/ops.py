@@ -319,7 +319,7 @@ def group_operand(weight: GroupWeight, columns: int) -> tuple:
     (shared by every plan of the model) and scratch for ``columns`` input columns, their
     int8 planes and int32 group sums (each plan its own)."""
     layout = kernel_layout(weight, group_layout)
-    words = layout[5][-1]
+    words = layout[4][-1]
     planes = np.zeros(columns * 4 * words * (8 // weight.bits), np.int8)
     sums = np.zeros(columns * weight.group_scale.shape[1], np.int32)
     return layout + (planes, sums)
@@ -345,9 +345,10 @@ def group_layout(weight: GroupWeight) -> tuple:
     file's, reordered: made from the unpacked int8 values, which are dropped again; never
     dequantized):
 
-    - each group padded with zero values to whole words of ``4 * 8/bits`` values; ``source``
-      (int32) maps every padded position to its column ``k``, -1 for padding, and
-      ``group_words`` (``[G + 1]``) gives where each group's words start;
+    - each group padded with zero values to whole words of ``4 * 8/bits`` values, and
+      ``group_words`` (``[G + 1]``) gives where each group's words start; in a group of
+      ``width`` bytes per row, field ``i`` of byte ``j`` holds the group's value ``i * width +
+      j`` (each field's inputs are one run of the input: copied, not gathered);
     - ``blocked``: the packed bytes of blocks of 16 rows (the last block padded with zero
       rows), ``[blocks, words, 16, 4]``: word ``w`` of the block's 16 rows is one 64-byte load;
     - ``group_scale``/``offset`` as ``[blocks, G, 16]`` (uint8/int16, 0 in padded rows),
@@ -359,16 +360,21 @@ def group_layout(weight: GroupWeight) -> tuple:
     per_word = 4 * (8 // bits)
     lengths = np.minimum(group_size, k_len - group_size * np.arange(groups))
     group_words = np.concatenate([[0], np.cumsum(-(-lengths // per_word))]).astype(np.int64)
-    source = np.full(group_words[-1] * per_word, -1, np.int32)
+    per_byte = 8 // bits
+    source = np.full(group_words[-1] * per_word, -1, np.int64)  # padded position -> k
     for g, length in enumerate(lengths):
-        start = group_words[g] * per_word
-        source[start : start + length] = np.arange(g * group_size, g * group_size + length)
+        width = 4 * (group_words[g + 1] - group_words[g])
+        position = np.arange(width * per_byte)  # byte position // per_byte, its field the rest
+        k = (position % per_byte) * width + position // per_byte
+        inside = k < length
+        source[group_words[g] * per_word + position[inside]] = g * group_size + k[inside]
+    values = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
     q = np.zeros((rows, source.size), np.int8)
-    q[:, source >= 0] = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
+    q[:, source >= 0] = values[:, source[source >= 0]]
     blocked = _row_blocks(pack_bits(q, bits).reshape(rows, -1), 4)
     group_scale = _row_blocks(weight.group_scale, 1)
     offset = _row_blocks(weight.offsets(), 1)
-    return blocked, bits, rows, group_size, source, group_words, group_scale, offset
+    return blocked, bits, rows, group_size, group_words, group_scale, offset
 
 
 def bind_op(
