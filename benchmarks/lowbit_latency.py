@@ -1,11 +1,11 @@
 """Latency of low-bit weights against int8: the word LM's streaming step and 25-token window,
 and the products that dominate them, with 8-, 4- and 2-bit weights side by side.
 
-    python benchmarks/lowbit_latency.py [--rounds 15]
+    python benchmarks/lowbit_latency.py [--rounds 25]
 
 One thread, batch 1. The variants are measured in turns, ``--rounds`` times (each turn the
-p50 of a burst of calls), and each row reports the median over rounds and the ratio to the
-int8 variant measured in the same rounds: the machine's load moves all of them together.
+p50 of a burst of calls), and each row reports the median over rounds and the quartiles of
+the ratio to the int8 variant's time in the same round: the machine's load moves both.
 The LM is the trained one of examples/word_lm.py if out/lm holds it, else the same
 architecture from a fixed seed (as the benchmark suite does). Writes
 benchmarks/results/lowbit_latency.{md,json}.
@@ -39,6 +39,7 @@ from tinyrt.ops import group_operand, int8_rows_operand  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 WIDTHS = (8, 4, 2)
+ALTERNATING_ROUNDS = 2000  # single steps per variant, the variants taking turns call by call
 # (label, rows O, inputs K, columns N): the word LM's decoder and its first LSTM's gates
 PRODUCTS = [
     ("decoder 8350x256, 1 column", 8350, 256, 1),
@@ -84,20 +85,35 @@ def lm_calls(directory: Path) -> dict[str, dict[int, Callable[[], None]]]:
     return {"word LM streaming step": steps, "word LM 25-token window": windows}
 
 
-def interleaved(calls: dict[int, Callable[[], None]], rounds: int, burst: int) -> dict[int, float]:
-    """Median over ``rounds`` of each variant's p50 of ``burst`` calls, the variants in turns."""
+def interleaved(
+    calls: dict[int, Callable[[], None]], rounds: int, burst: int, warmup: int = 3
+) -> dict[int, list[float]]:
+    """Each variant's p50 of ``burst`` calls after ``warmup`` untimed ones, ``rounds`` times,
+    the variants in turns."""
     for call in calls.values():
         call()  # compile
     samples: dict[int, list[float]] = {bits: [] for bits in calls}
     for _ in range(rounds):
         for bits, call in calls.items():
-            samples[bits].append(measure_latency(call, runs=burst, warmup=3)["p50"])
-    return {bits: float(np.median(values)) for bits, values in samples.items()}
+            samples[bits].append(measure_latency(call, runs=burst, warmup=warmup)["p50"])
+    return samples
+
+
+def summary(samples: dict[int, list[float]]) -> dict:
+    """Per variant the median p50 over rounds and, against int8, the quartiles of the ratios
+    of the p50s measured in the same round (paired: a slow spell of the machine that lasts
+    a round moves both sides of the ratio)."""
+    us = {str(bits): float(np.median(values)) for bits, values in samples.items()}
+    ratios = {
+        str(bits): np.quantile(np.divide(samples[bits], samples[8]), [0.25, 0.5, 0.75]).tolist()
+        for bits in WIDTHS[1:]
+    }
+    return {"us": us, "ratio_quartiles": ratios}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="turns of every variant")
+    parser.add_argument("--rounds", type=int, default=25, help="turns of every variant")
     parser.add_argument("--burst", type=int, default=40, help="calls per turn")
     args = parser.parse_args()
     numba.set_num_threads(1)
@@ -108,24 +124,33 @@ def main() -> None:
             **lm_calls(Path(tmp)),
         }
         for label, calls in cases.items():
-            medians = interleaved(calls, args.rounds, args.burst)
-            rows.append({"case": label, "us": {str(b): medians[b] for b in WIDTHS}})
-            print(label, {b: round(medians[b], 1) for b in WIDTHS}, flush=True)
+            rows.append({"case": label, **summary(interleaved(calls, args.rounds, args.burst))})
+            print(label, rows[-1], flush=True)
+        # one call per turn, none untimed: each step finds the caches as the other two
+        # models' steps left them, as between the steps of an application doing other work
+        alternating = interleaved(cases["word LM streaming step"], ALTERNATING_ROUNDS, 1, 0)
+        rows.append(
+            {"case": "word LM streaming step, variants alternating", **summary(alternating)}
+        )
     machine = f"{cpu_name()}, {platform.machine()}, numba {numba.__version__}"
     lines = [
         f"Low-bit weights against int8, one thread, batch 1 ({machine}; LM weights: "
-        f"{lm_source()}); median over {args.rounds} interleaved rounds of each variant's p50 "
-        f"(`python benchmarks/lowbit_latency.py`). Ratio: time / int8's time.",
+        f"{lm_source()}); {args.rounds} interleaved rounds of each variant's p50 of "
+        f"{args.burst} calls (`python benchmarks/lowbit_latency.py`). Times: median over the "
+        "rounds. Ratio: time / int8's time in the same round, median [quartiles] over the rounds. "
+        f"Last row: {ALTERNATING_ROUNDS} rounds of one call each, no warm-up (each step after "
+        "the other two models' steps).",
         "",
         "| case | int8 | int4 g64 | ratio | int2 g64 | ratio |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        us = row["us"]
-        lines.append(
-            f"| {row['case']} | {us['8']:.1f} µs | {us['4']:.1f} µs | {us['4'] / us['8']:.2f} "
-            f"| {us['2']:.1f} µs | {us['2'] / us['8']:.2f} |"
-        )
+        us, ratio = row["us"], row["ratio_quartiles"]
+        cells = [f"{us['8']:.1f} µs"]
+        for bits in ("4", "2"):
+            low, mid, high = ratio[bits]
+            cells += [f"{us[bits]:.1f} µs", f"{mid:.2f} [{low:.2f}, {high:.2f}]"]
+        lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     print(table)
     RESULTS.mkdir(exist_ok=True)

@@ -955,9 +955,11 @@ def _make_group_rows(bits: int, cols: int):
     each of the 16 rows, row after row), groups ``g < groups`` taking words ``group_words[g]
     .. group_words[g + 1]``. Column ``c``'s input plane ``i`` starts at ``plane_start + (c *
     8/bits + i) * plane_len``; byte ``4 w + e`` of a plane meets field ``i`` of byte ``e`` of
-    word ``w``. Per chunk every field is read unsigned, ``u = field ^ 2^(bits-1)``, with a
-    shift, a mask and a flip (LLVM merges the last two into one ``vpternlogd``) and multiplied
-    by each column's 4 inputs, broadcast (:func:`_dot_quads`). Per group, in lanes:
+    word ``w``. Per chunk every field ``i`` is read unsigned where it lies, as ``2^(i bits) u``
+    with ``u = field ^ 2^(bits-1)``: a mask and a flip, which LLVM merges into one
+    ``vpternlogd``, and multiplied by each column's 4 inputs, broadcast (:func:`_dot_quads`),
+    into chains of field ``i``'s own; per group their sum is shifted back by ``i bits``
+    (exactly: it is a multiple of ``2^(i bits)``) and added up as ``dots``. Per group, in lanes:
     ``acc += m * (dots - 2^(bits-1) * S) - o * S`` with the block's 16 ``m`` (uint8) and
     ``o`` (int16) at ``param_start + 16 g`` and the column's group sum ``S`` at ``sums_start +
     c * groups + g``. The epilogue is :func:`_make_gemm_tile`'s for rows ``first_row ..``:
