@@ -1,4 +1,5 @@
-"""Accuracy of the example models with weights at 8, 4, 3 and 2 bits, by RTN, MSE and HQQ.
+"""Accuracy of the example models with weights at 8, 4, 3 and 2 bits, by RTN, MSE and HQQ
+(zero points only, and with its step update: ``hqq-scale``).
 
     python benchmarks/lowbit_accuracy.py [--group-size 64]
 
@@ -27,7 +28,7 @@ from examples.catalog import EXAMPLES  # noqa: E402
 from tinyrt.converter import WeightSpec  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-SETTINGS = [(8, "rtn")] + [(b, m) for b in (4, 3, 2) for m in ("rtn", "mse", "hqq")]
+SETTINGS = [(8, "rtn")] + [(b, m) for b in (4, 3, 2) for m in ("rtn", "mse", "hqq", "hqq-scale")]
 
 
 def measure(group_size: int) -> list[dict]:

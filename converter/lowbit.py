@@ -23,9 +23,14 @@ zero points are chosen, and every error is measured on the integer form:
 * ``mse``: a search over clipping ratios, per group the one with the least squared error.
 * ``hqq``: half-quadratic quantization (Badri & Shaji 2023): the zero point (scale fixed)
   minimizes ``||W - dequantize(quantize(W))||_p^p`` with ``p = 0.7`` by half-quadratic
-  splitting, alternating an lp shrinkage step for the auxiliary error and a closed-form zero
-  point update, with ``beta`` growing by ``kappa`` per step. No data is needed. Each group
-  keeps the iterate (starting with RTN's) whose integer form has the least squared error.
+  splitting, alternating an lp shrinkage step for the auxiliary error ``W_e`` and a
+  closed-form zero point update, with ``beta`` growing by ``kappa`` per step. No data is
+  needed. Each group keeps the iterate (starting with RTN's) whose integer form has the
+  least squared error.
+* ``hqq-scale``: HQQ optimizing the step too. With ``q`` and ``W_e`` fixed, the quadratic
+  sub-problem ``min_{s,z} ||s (q - z) - (W - W_e)||^2`` is a least-squares line through the
+  group's points ``(q, W - W_e)``: its slope is the step (snapped to ``row_scale * m``), and
+  the zero point follows as in ``hqq``.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import numpy as np
 from tinyrt.kernels.reference import round_half_away
 from tinyrt.packing import GroupWeight, pack_bits
 
-METHODS = ("rtn", "mse", "hqq")
+METHODS = ("rtn", "mse", "hqq", "hqq-scale")
 DROP_METRICS = ("accuracy", "perplexity")
 LOW_BITS = (2, 3, 4)
 GROUP_SCALE_MAX = 255
@@ -81,7 +86,7 @@ class WeightSpec:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"group_size must be positive or None, got {self.group_size!r}")
-        if self.method == "hqq" and self.symmetric:
+        if self.method.startswith("hqq") and self.symmetric:
             raise ValueError("hqq optimizes the zero point: it cannot be symmetric")
         if self.size_budget is not None and (self.size_budget < 1 or self.bits == 8):
             raise ValueError(
@@ -230,22 +235,31 @@ def _shrink_lp(x: np.ndarray, beta: float, p: float) -> np.ndarray:
     return np.sign(x) * np.maximum(shrunk, 0.0)
 
 
-def _hqq(grid: _Grid, g: np.ndarray, m: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """HQQ's zero point for the fixed steps ``row_scale * m`` (module docstring); per group
-    the iterate with the least squared error."""
-    best_zero, best = zero, grid.error(g, m, zero)
-    step = (grid.row_scale * m)[..., None]
+def _hqq(
+    grid: _Grid, g: np.ndarray, m: np.ndarray, zero: np.ndarray, steps: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """HQQ's zero point (module docstring), and with ``steps`` its group steps ``m`` too; per
+    group the iterate ``(m, zero)`` with the least squared error."""
+    best_m, best_zero, best = m, zero, grid.error(g, m, zero)
     beta = HQQ["beta"]
     for _ in range(HQQ["iters"]):
+        step = (grid.row_scale * m)[..., None]
         q = grid.quantize(g, m, zero)
-        w_e = _shrink_lp(g - step * (q - zero[..., None]), beta, HQQ["p"])
-        zero = np.nanmean(q - (g - w_e) / step, axis=-1)
+        target = g - _shrink_lp(g - step * (q - zero[..., None]), beta, HQQ["p"])  # W - W_e
+        if steps:  # the least-squares slope of target on q, where the group has one
+            q_centred = q - np.nanmean(q, axis=-1, keepdims=True)
+            spread = np.nansum(q_centred**2, axis=-1)
+            slope = np.nansum(q_centred * target, axis=-1) / np.where(spread > 0, spread, 1.0)
+            m = np.where((spread > 0) & (slope > 0), grid.snap(slope), m)
+            step = (grid.row_scale * m)[..., None]
+        zero = np.nanmean(q - target / step, axis=-1)
         beta *= HQQ["kappa"]
         err = grid.error(g, m, zero)
         better = err < best
         best = np.where(better, err, best)
+        best_m = np.where(better, m, best_m)
         best_zero = np.where(better, zero, best_zero)
-    return best_zero
+    return best_m, best_zero
 
 
 def quantize_groups(
@@ -258,7 +272,7 @@ def quantize_groups(
         raise ValueError(f"bits must be one of {LOW_BITS}, got {bits!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method == "hqq" and symmetric:
+    if method.startswith("hqq") and symmetric:
         raise ValueError("hqq optimizes the zero point: use symmetric=False")
     w = weight.reshape(len(weight), -1).astype(np.float64)
     size = w.shape[1] if group_size is None else group_size
@@ -274,8 +288,8 @@ def quantize_groups(
     zero = zero * step / (grid.row_scale * m)
     if method == "mse":
         m, zero = _mse(grid, g, lo, hi)
-    elif method == "hqq":
-        zero = _hqq(grid, g, m, zero)
+    elif method.startswith("hqq"):
+        m, zero = _hqq(grid, g, m, zero, steps=method == "hqq-scale")
     o = grid.offset(m, zero)
     q = grid.quantize(g, m, o / m).reshape(len(w), -1)[:, : w.shape[1]]
     result = GroupQuantized(

@@ -81,8 +81,9 @@ def _example_weights() -> dict[str, np.ndarray]:
 def test_hqq_beats_rtn_on_every_layer_of_the_examples(bits):
     for name, w in _example_weights().items():
         errors = {m: quantize_groups(w, bits, 64, m, symmetric=False).error for m in METHODS}
-        assert errors["hqq"] < errors["rtn"], (name, errors)
-        assert errors["mse"] < errors["rtn"], (name, errors)
+        for method in ("mse", "hqq", "hqq-scale"):
+            assert errors[method] < errors["rtn"], (name, errors)
+        assert errors["hqq-scale"] < errors["hqq"], (name, errors)  # the steps' own update
 
 
 def test_spec_rejects_what_it_cannot_do():
@@ -364,18 +365,20 @@ def mlp():
 
 
 def test_cli_weight_options_and_size_budget(tmp_path):
-    """``tinyrt convert --weight-bits/--layer-bits`` and ``--size-budget``: with the first and
-    last layers kept (the default) only the middle one can go lower."""
+    """``tinyrt convert --weight-bits/--weight-method/--layer-bits`` and ``--size-budget``:
+    with the first and last layers kept (the default) only the middle one can go lower."""
     (tmp_path / "mlp.py").write_text(MLP_SPEC)
     spec = f"{tmp_path / 'mlp.py'}:mlp"
     np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(64, 64)).astype(np.float32))
     common = (spec, "--calibration", tmp_path / "x.npy", "-q", "-o")
     int8, low = tmp_path / "int8.tinyrt", tmp_path / "low.tinyrt"
     assert tinyrt_cli("convert", *common, int8).returncode == 0
-    done = tinyrt_cli("convert", *common, low, "--weight-bits", "4", "--layer-bits", "4=8")
+    method = ("--weight-method", "hqq-scale")
+    done = tinyrt_cli("convert", *common, low, "--weight-bits", "4", *method, "--layer-bits", "4=8")
     assert done.returncode == 0, done.stderr
     bits = read_model_file(low).provenance["weight_quantization"]
     assert [bits[f"{i}.weight"]["bits"] for i in (0, 2, 4)] == [4, 4, 8]
+    assert bits["0.weight"]["method"] == "hqq-scale"
     budget = _model_bytes(int8) - 256 * 256 // 2  # the middle layer at 4 bits or less
     mixed = tmp_path / "mixed.tinyrt"
     done = tinyrt_cli("convert", *common, mixed, "--weight-bits", "2", "--size-budget", budget)

@@ -376,9 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument(
         "--weight-method",
-        choices=("rtn", "mse", "hqq"),
+        choices=("rtn", "mse", "hqq", "hqq-scale"),
         default="hqq",
-        help="quantizer below 8 bits (default hqq)",
+        help="quantizer below 8 bits (default hqq: zero points; hqq-scale: group steps too)",
     )
     convert.add_argument(
         "--symmetric", action="store_true", help="no zero points below 8 bits (not with hqq)"
