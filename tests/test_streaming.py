@@ -61,6 +61,26 @@ def test_without_a_state_every_call_starts_from_zero(models):
     np.testing.assert_array_equal(fast.run_quantized({"tokens": x}, state)["logits"], first)
 
 
+@pytest.mark.parametrize("backend", [0, 1], ids=["reference", "numba"])
+def test_calls_between_steps_leave_a_stream_alone(models, backend):
+    """The streamed ops run on the stream's own arrays in place: a call without the state,
+    or one that is refused, neither sees nor changes them."""
+    model = models[backend]
+    x, other = tokens(1, 6, seed=5), tokens(1, 3, seed=6)  # calls of 3 steps: one plan
+    whole = model.run_quantized({"tokens": x})["logits"]
+    from_zero = model.run_quantized({"tokens": other})["logits"]
+    state = model.new_state()
+    first = model.run_quantized({"tokens": x[:, :3]}, state)["logits"]
+    saved = state.get()
+    np.testing.assert_array_equal(model.run_quantized({"tokens": other})["logits"], from_zero)
+    with pytest.raises(InputError):
+        model.run_quantized({"tokens": np.array([[VOCAB]])}, state)
+    for name, array in state.get().items():
+        np.testing.assert_array_equal(array, saved[name])
+    rest = model.run_quantized({"tokens": x[:, 3:]}, state)["logits"]
+    np.testing.assert_array_equal(np.concatenate([first, rest], axis=1), whole)
+
+
 def test_state_get_and_set_resume_a_stream(models):
     _, fast = models
     x = tokens(1, 10, seed=3)

@@ -108,7 +108,7 @@ class StreamState:
         self.batch = batch
         self._arrays: dict[str, np.ndarray] = {}
         self._zero_points: dict[str, int] = {}
-        # executor -> (pairs, others) of _links; weak, so an evicted plan is forgotten
+        # executor -> (streamed, others) of _links; weak, so an evicted plan is forgotten
         self._links_by_executor: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         for i in model._streamed_ops:
             op = model.graph.ops[i]
@@ -151,33 +151,30 @@ class StreamState:
             self._arrays[name][...] = array
 
     def _links(self, executor: Executor) -> tuple[list, list]:
-        """``(pairs, others)`` for ``executor``, worked out on its first call with this state:
-        ``(this state's array, the executor's)`` per streamed part, and the executor's other
-        recurrent states (bidirectional or fed by an input port), which start from zero."""
+        """``(streamed, others)`` for ``executor``, worked out on its first call with this
+        state: ``(the executor's state, this state's h, its c)`` per streamed op, and the
+        executor's other recurrent states (bidirectional or fed by an input port), which
+        start from zero."""
         links = self._links_by_executor.get(executor)
         if links is None:
-            pairs, streamed = [], set()
+            streamed = []
             for i in self.model._streamed_ops:
                 slot = executor.state_of[(i, 0)]
-                streamed.add(id(slot))
-                pairs.append((self._arrays[f"{slot.op.name}.h"], slot.h))
-                if slot.c is not None:
-                    pairs.append((self._arrays[f"{slot.op.name}.c"], slot.c))
-            others = [s for s in executor.states if id(s) not in streamed]
-            links = self._links_by_executor[executor] = (pairs, others)
+                c = self._arrays[f"{slot.op.name}.c"] if slot.c is not None else None
+                streamed.append((slot, self._arrays[f"{slot.op.name}.h"], c))
+            ids = {id(slot) for slot, _, _ in streamed}
+            others = [s for s in executor.states if id(s) not in ids]
+            links = self._links_by_executor[executor] = (streamed, others)
         return links
 
-    def _load_into(self, executor: Executor) -> None:
-        """Start ``executor``'s recurrent states from this stream (the others from zero)."""
-        pairs, others = self._links(executor)
+    def _attach_to(self, executor: Executor) -> None:
+        """Let ``executor``'s streamed ops run on this stream's arrays in place (no copies in
+        or out; the next call without this state detaches them), the others from zero."""
+        streamed, others = self._links(executor)
         for slot in others:
             slot.reset()
-        for mine, theirs in pairs:
-            np.copyto(theirs, mine)
-
-    def _store_from(self, executor: Executor) -> None:
-        for mine, theirs in self._links(executor)[0]:
-            np.copyto(mine, theirs)
+        for slot, h, c in streamed:
+            slot.attach(h, c)
 
 
 class Model:
@@ -405,11 +402,9 @@ class Model:
             if state is None:
                 executor.reset_states()
             else:
-                state._load_into(executor)
+                state._attach_to(executor)
             self._write_states(executor, arrays, quantized)
         executor.run()
-        if state is not None:
-            state._store_from(executor)
         return plan
 
     def _arrays_by_name(self, inputs: Mapping[str, Any]) -> list[Any]:

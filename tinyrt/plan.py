@@ -150,7 +150,10 @@ def dequantize_state(q: np.ndarray, form: PartFormat) -> np.ndarray:
 @dataclass
 class RecurrentState:
     """One direction of one recurrent op: hidden state ``h`` ``[N, H]`` and the LSTM cell ``c``
-    (None for GRU), of :func:`state_dtypes`, and the kernel's scratch buffers."""
+    (None for GRU), of :func:`state_dtypes`, and the kernel's scratch buffers.
+
+    ``h`` and ``c`` are the executor's own arrays, or while a stream runs, the stream's
+    (:meth:`attach`): the kernels continue from and update whatever arrays they name."""
 
     op: Op
     direction: str
@@ -158,6 +161,17 @@ class RecurrentState:
     c: np.ndarray | None
     scratch: tuple[np.ndarray, ...]
     zero_point: int
+
+    def __post_init__(self) -> None:
+        self._own = (self.h, self.c)
+
+    def attach(self, h: np.ndarray, c: np.ndarray | None) -> None:
+        """Run on ``h`` and ``c`` (a stream's, of the same shapes and dtypes) in place."""
+        self.h, self.c = h, c
+
+    def detach(self) -> None:
+        """Back to the executor's own arrays."""
+        self.h, self.c = self._own
 
     def part(self, letter: str) -> np.ndarray:
         """The array of state part ``"h"`` or ``"c"``."""
@@ -277,8 +291,9 @@ class Executor:
         return made
 
     def reset_states(self) -> None:
-        """Put every recurrent op back to the zero state."""
+        """Put every recurrent op back to the zero state, in its own arrays."""
         for state in self.states:
+            state.detach()
             state.reset()
 
     def run(self) -> None:
