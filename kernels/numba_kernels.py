@@ -706,10 +706,17 @@ def clamp_int8(x, qmin, qmax, out):
 
 @_jit
 def quantize(x, scale, zero_point, out):
-    """``reference.quantize`` over 1-D views (float64 division, round half to even)."""
+    """``reference.quantize`` over 1-D views (float64 division, round half to even); returns
+    how many values were NaN or infinite (their codes are meaningless): the runtime's check
+    of its float inputs, in the same pass."""
+    non_finite = 0
     for i in range(out.size):
-        q = np.rint(np.float64(x[i]) / scale) + zero_point
+        v = np.float64(x[i])
+        non_finite += (v - v) != 0.0  # NaN exactly where v is NaN or infinite
+        q = np.rint(v / scale) + zero_point
+        q = q if q == q else 0.0  # no NaN reaches the integer conversion
         out[i] = np.int8(min(max(q, -128.0), 127.0))
+    return non_finite
 
 
 @_jit

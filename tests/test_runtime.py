@@ -282,6 +282,12 @@ def test_unknown_op_is_unsupported(every_op):
 # --- bad inputs ---------------------------------------------------------------------------
 
 
+def _with(x: np.ndarray, value: float) -> np.ndarray:
+    """``x`` with ``value`` at its last element."""
+    x.reshape(-1)[-1] = value
+    return x
+
+
 @pytest.mark.parametrize(
     "inputs,words",
     [
@@ -294,6 +300,9 @@ def test_unknown_op_is_unsupported(every_op):
         ({"x": random_input(1)[:0]}, "batch is empty"),
         ({"x": np.full((1, 3, 9, 8), np.nan, np.float32)}, "NaN or infinite"),
         ({"x": np.full((1, 3, 9, 8), np.inf, np.float32)}, "NaN or infinite"),
+        # one bad value among good ones, in each float width the call quantizes
+        ({"x": _with(random_input(2).astype(np.float64), -np.inf)}, "NaN or infinite"),
+        ({"x": _with(random_input(2).astype(np.float16), np.nan)}, "NaN or infinite"),
     ],
 )
 def test_bad_float_inputs(models, inputs, words):
