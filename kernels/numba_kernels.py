@@ -13,6 +13,9 @@ helpers here implement the same steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import numba
 import numpy as np
 from numba import types
@@ -60,6 +63,16 @@ SIMD_SOURCE_SHA256 = "84031bdc8455afc6"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
+
+
+def bound(kernel: numba.core.dispatcher.Dispatcher, *args: object) -> Callable[[], object]:
+    """``kernel(*args)`` as a call without arguments, for arguments fixed once (a plan's
+    arrays and constants): the kernel's compiled function for their types, found (compiled
+    or loaded from the cache) now. Called through the dispatcher, the argument types would be
+    matched again on every call: about 0.2 us of the 0.6 us a call of 9 arrays and 5 integers
+    costs before any work."""
+    return partial(kernel.compile(tuple(numba.typeof(arg) for arg in args)), *args)
+
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1

@@ -407,12 +407,12 @@ def bind_op(
         if nk and isinstance(weight, GroupWeight):
             group = group_operand(weight, nk.GROUP_COLUMNS)
             requant = (bias, mult, shift, zp_out, qmin, qmax)
-            return lambda: nk.linear_group(x, group, *requant, y)
+            return nk.bound(nk.linear_group, x, group, *requant, y)
         if nk and weight.shape[1] % 4 == 0:  # blocks of 16 rows x 4 inputs per load
             rows = kernel_layout(weight, int8_rows_operand)
-            return lambda: nk.linear_rows(x, rows, bias, mult, shift, zp_out, qmin, qmax, y)
+            return nk.bound(nk.linear_rows, x, rows, bias, mult, shift, zp_out, qmin, qmax, y)
         if nk:
-            return lambda: nk.linear_int8(x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
+            return nk.bound(nk.linear_int8, x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
         return lambda: np.copyto(
             y, ref.linear_int8(x, _integer(weight), bias, mult, shift, zp_out, qmin, qmax)
         )
@@ -432,7 +432,7 @@ def bind_op(
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
             if geometry["kernel"] == "gather":
                 gather = geometry["gather"]
-                return lambda: nk.gather_conv_int8(x, *gather, *args, groups, qmin, qmax, y)
+                return nk.bound(nk.gather_conv_int8, x, *gather, *args, groups, qmin, qmax, y)
             args += geometry["window"]
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
@@ -443,17 +443,18 @@ def bind_op(
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
                 words, offsets = tile_operands(weight, padded.shape, a2["dilation"], nk)
-                return lambda: nk.conv2d_tiles_int8(
-                    x, words, offsets, *args, groups, qmin, qmax, padded, y
+                return nk.bound(
+                    nk.conv2d_tiles_int8, x, words, offsets, *args, groups, qmin, qmax, padded, y
                 )
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
                 ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
                 columns = work.reshape(geometry["positions"], -1)
-                return lambda: nk.conv2d_int8(
-                    x, ohwi, *args, groups, qmin, qmax, padded, columns, y
+                return nk.bound(
+                    nk.conv2d_int8, x, ohwi, *args, groups, qmin, qmax, padded, columns, y
                 )
             oihw, acc = weight.reshape(o, -1), work.view(np.int32)
-            return lambda: nk.conv2d_direct_int8(x, oihw, *args, groups, qmin, qmax, padded, acc, y)
+            direct = (x, oihw, *args, groups, qmin, qmax, padded, acc, y)
+            return nk.bound(nk.conv2d_direct_int8, *direct)
         return lambda: np.copyto(
             y,
             ref.conv2d_int8(
@@ -484,7 +485,7 @@ def bind_op(
         )
         if nk:
             args = (*kernel, *stride, padding[0], padding[2], *dilation)
-            return lambda: nk.max_pool2d_int8(x, *args, y)
+            return nk.bound(nk.max_pool2d_int8, x, *args, y)
         return lambda: np.copyto(y, ref.max_pool2d_int8(x, kernel, stride, padding, dilation))
 
     if kind in ("avg_pool1d", "avg_pool2d"):
@@ -498,14 +499,14 @@ def bind_op(
         )
         if nk:
             args = (*kernel, *stride, padding[0], padding[2], include)
-            return lambda: nk.avg_pool2d_int8(x, zp_in, *args, y)
+            return nk.bound(nk.avg_pool2d_int8, x, zp_in, *args, y)
         return lambda: np.copyto(y, ref.avg_pool2d_int8(x, zp_in, kernel, stride, padding, include))
 
     if kind == "global_avg_pool":
         x = ins[0].reshape(ins[0].shape[0], ins[0].shape[1], -1)
         y = out.reshape(out.shape[0], out.shape[1])
         if nk:
-            return lambda: nk.global_avg_pool_int8(x, zp_in, y)
+            return nk.bound(nk.global_avg_pool_int8, x, zp_in, y)
         return lambda: np.copyto(y, ref.global_avg_pool_int8(x, zp_in))
 
     if kind == "add":
@@ -528,7 +529,7 @@ def bind_op(
         )
         if nk:
             table = add_table(args)
-            return lambda: nk.add_by_table_int8(left, right, table, y)
+            return nk.bound(nk.add_by_table_int8, left, right, table, y)
         return lambda: np.copyto(y, ref.add_int8(left, right, *args))
 
     if kind == "concat":
@@ -559,7 +560,7 @@ def bind_op(
         x, y = ins[0].reshape(-1), out.reshape(-1)
         qmin, qmax = a["qmin"], a["qmax"]
         if nk:
-            return lambda: nk.clamp_int8(x, qmin, qmax, y)
+            return nk.bound(nk.clamp_int8, x, qmin, qmax, y)
         return lambda: np.copyto(y, ref.clamp_int8(x, qmin, qmax))
 
     if kind == "embedding":
@@ -569,9 +570,9 @@ def bind_op(
         requant = (t["multiplier"], t["shift"], zp_out)
         if nk and isinstance(t["weight"], GroupWeight):
             group = group_row_operand(t["weight"])
-            return lambda: nk.embedding_group(tokens, group, *requant, y)
+            return nk.bound(nk.embedding_group, tokens, group, *requant, y)
         if nk:
-            return lambda: nk.embedding_int8(tokens, t["weight"], *requant, y)
+            return nk.bound(nk.embedding_int8, tokens, t["weight"], *requant, y)
         return lambda: np.copyto(y, ref.embedding_int8(tokens, _integer(t["weight"]), *requant))
 
     if kind == "linear_dynamic":
@@ -580,7 +581,7 @@ def bind_op(
         y = out.reshape(-1, t["weight"].shape[0])
         args = (t["weight"], t["weight_scale"], t["bias"], a["relu"])
         if nk:
-            return lambda: nk.linear_dynamic(x, *args, scratch, y)
+            return nk.bound(nk.linear_dynamic, x, *args, scratch, y)
         return lambda: np.copyto(y, ref.linear_dynamic(x, *args))
 
     if kind == "embedding_dynamic":
@@ -588,7 +589,7 @@ def bind_op(
         tokens = ins[0].reshape(ins[0].shape[0], -1)
         y = out.reshape(tokens.shape + (t["weight"].shape[1],))
         if nk:
-            return lambda: nk.embedding_dynamic(tokens, t["weight"], t["weight_scale"], y)
+            return nk.bound(nk.embedding_dynamic, tokens, t["weight"], t["weight_scale"], y)
         return lambda: np.copyto(y, ref.embedding_dynamic(tokens, t["weight"], t["weight_scale"]))
 
     if kind in _RECURRENT_KERNELS:
@@ -617,9 +618,10 @@ def _bind_low_bit_conv(
         columns = work[: positions * math.prod(weight.shape[1:])].reshape(positions, -1)
         products = work[_aligned(columns.size) :][: positions * rows].reshape(positions, rows)
         group = group_operand(weight, nk.GROUP_COLUMNS)
-        return lambda: nk.conv2d_group(x, group, *args, qmin, qmax, padded, columns, products, y)
+        group_args = (x, group, *args, qmin, qmax, padded, columns, products, y)
+        return nk.bound(nk.conv2d_group, *group_args)
     low_bit, acc, groups = group_row_operand(weight), work.view(np.int32), a2["groups"]
-    return lambda: nk.conv2d_direct_int8(x, low_bit, *args, groups, qmin, qmax, padded, acc, y)
+    return nk.bound(nk.conv2d_direct_int8, x, low_bit, *args, groups, qmin, qmax, padded, acc, y)
 
 
 _RECURRENT_KERNELS = {
