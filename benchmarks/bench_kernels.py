@@ -31,6 +31,7 @@ from tinyrt.kernels import numba_kernels as nk  # noqa: E402
 from tinyrt.kernels import reference as ref  # noqa: E402
 from tinyrt.ops import (  # noqa: E402
     _conv_kernel,
+    fold_requantization,
     gather_operands,
     gathered_operands,
     int8_rows_operand,
@@ -91,9 +92,10 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     # weights packed and scratch made once, as tinyrt does at load: only the kernels are timed
     flat, words = weight.reshape(o, -1), tile_operands(weight, padded_chw.shape, (1, 1), nk)
     row_acc = np.empty(ow, np.int32)
+    tile_folded = fold_requantization(bias, words[0][:, -1], multiplier, shift, -2)
     kernels = {
         "tiles": lambda: nk.conv2d_tiles_int8(
-            x, *words, *common, groups, -128, 127, padded_chw, out
+            x, *words, *common[:3], tile_folded, *common[3:], groups, -128, 127, padded_chw, out
         ),
         "direct": lambda: nk.conv2d_direct_int8(
             x, flat, *common, groups, -128, 127, padded_chw, row_acc, out
@@ -107,8 +109,9 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
         gather = gather_operands(weight, x.shape[2:], (oh, ow), window)
         chosen_gather = gathered_operands(weight, x.shape[2:], (oh, ow), window)
     if gather is not None:
+        gather_folded = fold_requantization(bias, gather[0][:, -1], multiplier, shift, -2)
         kernels["gather"] = lambda: nk.gather_conv_int8(
-            x, *gather, bias, multiplier, shift, 3, -2, groups, -128, 127, out
+            x, *gather, bias, multiplier, shift, gather_folded, 3, -2, groups, -128, 127, out
         )
     if weight[0].size >= 16:
         ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)

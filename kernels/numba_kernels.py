@@ -59,7 +59,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "84031bdc8455afc6"
+SIMD_SOURCE_SHA256 = "4cd497c6f65e36dd"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -326,6 +326,7 @@ def conv2d_tiles_int8(
     bias,
     multiplier,
     shift,
+    folded,
     zp_in,
     zp_out,
     kh,
@@ -351,7 +352,9 @@ def conv2d_tiles_int8(
 
     ``weight_words`` and ``offsets`` are ``tinyrt.ops.tile_operands``: the weights in words
     and where a group's window reads ``padded`` (so ``kh``, ``kw``, ``dh``, ``dw``, taken
-    like every convolution kernel's, are already in them). Scratch: ``padded``
+    like every convolution kernel's, are already in them); ``folded`` is
+    ``tinyrt.ops.fold_requantization`` of the layer (the blocks' fast requantization, or no
+    rows). Scratch: ``padded``
     ``[C, HP, WP]`` (:func:`_pad_input`) with at least 32 bytes of buffer after it (the last
     block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
     """
@@ -365,7 +368,7 @@ def conv2d_tiles_int8(
     # depthwise (one input and one output channel per group): 8 groups per block
     paired = groups - groups % 8 if c_per_group == o_per_group == 1 else 0
     flat = out.reshape(out.size)
-    args = (offsets, words, weight_words, bias, multiplier, shift)
+    args = (offsets, words, weight_words, bias, multiplier, shift, folded)
     tail = (zp_out, qmin, qmax, flat)
     for n in range(n_batch):
         _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
@@ -395,16 +398,16 @@ def conv2d_tiles_int8(
 
 @_jit
 def gather_conv_int8(
-    x, weight_words, starts, index, padding, window, bias, multiplier, shift, zp_in, zp_out,
-    groups, qmin, qmax, out,
+    x, weight_words, starts, index, padding, window, bias, multiplier, shift, folded, zp_in,
+    zp_out, groups, qmin, qmax, out,
 ):  # fmt: skip
     """``reference.conv2d_int8`` by :func:`simd.gather_conv_8_128` and its kin, from the
     unpadded input: each group's output channels 8 at a time, the last ``O/groups % 8`` one at
     a time, in blocks of 16 outputs gathered from ``window`` (128 or 256) bytes of each of the
     group's input channels. ``weight_words``, ``starts``, ``index``, ``padding`` and
     ``window`` are ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding
-    and dilation are in them). ``x`` ``[N, C, H, W]``, ``out`` ``[N, O, OH, OW]``. Needs
-    :data:`simd.HAS_VBMI`."""
+    and dilation are in them), ``folded`` ``tinyrt.ops.fold_requantization``. ``x`` ``[N, C,
+    H, W]``, ``out`` ``[N, O, OH, OW]``. Needs :data:`simd.HAS_VBMI`."""
     n_batch, c_total, h, w = x.shape
     o_total, positions = out.shape[1], out.shape[2] * out.shape[3]
     channels = c_total // groups  # input channels per group
@@ -420,8 +423,8 @@ def gather_conv_int8(
                 if o - first < eights and (o - first) % 8:
                     continue  # inside a block of 8
                 args = (source, x_start, source.size, starts, index, padding, words, channels,
-                        h * w, weight_words, o, bias, multiplier, shift, zp_in, zp_out, qmin,
-                        qmax, flat, (n * o_total + o) * positions, positions)  # fmt: skip
+                        h * w, weight_words, o, bias, multiplier, shift, folded, zp_in, zp_out,
+                        qmin, qmax, flat, (n * o_total + o) * positions, positions)  # fmt: skip
                 if o - first >= eights:
                     if window > 128:
                         gather_conv_1_256(*args)

@@ -335,26 +335,65 @@ def _requantize_lanes(
     return builder.trunc(y, ir.VectorType(_I8, acc.type.count))
 
 
+def _requantize_folded(builder, sums, folded, qmin, qmax):
+    """``reference.requantize`` of 8 or 16 int32 lanes of a channel's raw sums by its folded
+    constants ``folded = (m, T, K, S)`` (int64 values; ``tinyrt.ops.fold_requantization``
+    derives them), as int8: ``clamp((p + K - [p < T] 2^31) >> S, qmin, qmax)`` with ``p =
+    sums * m`` in int64, even and odd lanes apart (``vpmuldq``), the clamp before the lanes
+    are joined. About half the instructions of :func:`_requantize_lanes` (no bias, correction,
+    rounding masks or zero point to apply in the lanes)."""
+    lanes = sums.type.count
+    wide = ir.VectorType(ir.IntType(64), lanes // 2)
+    # m is an int32 widened: as a sign extension LLVM sees that vpmuldq's 32x32 bits suffice
+    m, below, offset, shift = folded
+    m = builder.sext(builder.trunc(m, _I32), m.type)
+    splats = [_splat(builder, v, lanes // 2) for v in (m, below, offset, shift, qmin, qmax)]
+    m, below, offset, shift, low, high = splats
+    fix = ir.Constant(wide, [1 << 31] * (lanes // 2))
+
+    def half(parity: int) -> ir.Value:
+        q = builder.bitcast(sums, wide)
+        if parity == 0:
+            q = builder.shl(q, ir.Constant(wide, [32] * (lanes // 2)))
+        p = builder.mul(builder.ashr(q, ir.Constant(wide, [32] * (lanes // 2))), m)
+        rounded = builder.add(p, offset)
+        rounded = builder.select(
+            builder.icmp_signed("<", p, below), builder.sub(rounded, fix), rounded
+        )
+        return _clamp(builder, builder.ashr(rounded, shift), low, high)
+
+    halves = [builder.bitcast(half(parity), ir.VectorType(_I32, lanes)) for parity in (0, 1)]
+    order = [lane + (lane % 2) * (lanes - 1) for lane in range(lanes)]
+    joined = builder.shuffle_vector(*halves, ir.Constant(ir.VectorType(_I32, lanes), order))
+    return builder.trunc(joined, ir.VectorType(_I8, lanes))
+
+
+def _folded_row(builder, folded, row) -> list:
+    """Row ``row`` of a ``fold_requantization`` array (int64 ``[O, 4]``, by its data pointer)."""
+    first = builder.mul(row, ir.Constant(row.type, 4))
+    return [
+        builder.load(builder.gep(folded, [builder.add(first, ir.Constant(row.type, k))]))
+        for k in range(4)
+    ]
+
+
+def _when_folded(builder, folded_rows, fast, generic) -> None:
+    """``fast()`` where the layer's requantization was folded (``folded_rows`` > 0, from
+    ``fold_requantization``), ``generic()`` (``_requantize_lanes`` with left shifts) elsewhere,
+    behind one branch."""
+    folded = builder.icmp_signed(">", folded_rows, ir.Constant(folded_rows.type, 0))
+    with builder.if_else(folded) as (then, otherwise):
+        with then:
+            fast()
+        with otherwise:
+            generic()
+
+
 def _shifts_right_only(builder: ir.IRBuilder, shifts: ir.Value) -> ir.Value:
     """Whether every lane of the int32 vector ``shifts`` is at most 0: the requantizations
     of those channels need no left shift (``_scale_lanes(left_shifts=False)``)."""
     name = f"llvm.vector.reduce.smax.v{shifts.type.count}i32"
     return builder.icmp_signed("<=", _x86(builder, name, _I32, shifts), ir.Constant(_I32, 0))
-
-
-def _by_shifts(builder: ir.IRBuilder, shifts: ir.Value, first: ir.Value, count: int, emit) -> None:
-    """``emit(left_shifts)`` behind one branch on the ``count`` int32 shifts from ``shifts +
-    first``: ``False`` where they all shift right (the usual case), ``True`` elsewhere."""
-    vector = ir.VectorType(_I32, count)
-    address = builder.bitcast(builder.gep(shifts, [first]), vector.as_pointer())
-    with builder.if_else(_shifts_right_only(builder, builder.load(address, align=4))) as (
-        short,
-        full,
-    ):
-        with short:
-            emit(False)
-        with full:
-            emit(True)
 
 
 def _either(builder: ir.IRBuilder, right_only: ir.Value, compute) -> ir.Value:
@@ -509,8 +548,10 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     (offset of the block's first window), ``in_step``, ``offsets`` (int64
     ``[words * CHANNELS_PER_WORD]``: each element's offset from a window's start, from
     ``tinyrt.ops.conv_offsets``), ``words``, ``weights`` (int32 ``[O, words + 1]``, from
-    ``tinyrt.ops.pack_conv_words``), ``bias``, ``multiplier``, ``shift``, ``o`` (the block's
-    first output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
+    ``tinyrt.ops.pack_conv_words``), ``bias``, ``multiplier``, ``shift``, ``folded`` (the
+    same requantization from ``tinyrt.ops.fold_requantization``: :func:`_requantize_folded`
+    where it has rows, ``_requantize_lanes`` where it has none), ``o`` (the block's first
+    output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
     ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1 to ``columns``). Columns are
     ``stride`` apart in the input (1 or 2). Lanes past ``valid`` read inputs beyond the row,
     never stored."""
@@ -520,21 +561,25 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
 
     @intrinsic
     def tile(typingctx, padded, x_start, in_step, offsets, words, weights, bias, multiplier,
-             shift, o, zp_out, qmin, qmax, out, out_start, out_step, valid):  # fmt: skip
+             shift, folded, o, zp_out, qmin, qmax, out, out_start, out_step, valid):  # fmt: skip
         sig = types.void(padded, x_start, in_step, offsets, words, weights, bias, multiplier,
-                         shift, o, zp_out, qmin, qmax, out, out_start, out_step, valid)  # fmt: skip
+                         shift, folded, o, zp_out, qmin, qmax, out, out_start, out_step,
+                         valid)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (padded, x_start, in_step, offsets, words, weights, bias, multiplier, shift, o, zp,
-             qmin, qmax, out, out_start, out_step, valid) = _as_int64(context, builder, args,
-                                                                      signature)  # fmt: skip
+            (padded, x_start, in_step, offsets, words, weights, bias, multiplier, shift, folded,
+             o, zp, qmin, qmax, out, out_start, out_step, valid) = _as_int64(
+                context, builder, args, signature)  # fmt: skip
             i64 = x_start.type
 
+            def array(position: int, value: ir.Value):
+                return context.make_array(signature.args[position])(context, builder, value)
+
             def data(position: int, value: ir.Value) -> ir.Value:
-                return context.make_array(signature.args[position])(context, builder, value).data
+                return array(position, value).data
 
             x_ptr, offsets_ptr = data(0, padded), data(3, offsets)
-            w_ptr, out_ptr = data(5, weights), data(13, out)
+            w_ptr, out_ptr = data(5, weights), data(14, out)
             slots = _zeroed_slots(builder, channels, sums_type)
             w_stride = builder.add(words, ir.Constant(i64, 1))
 
@@ -599,7 +644,11 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
             splats = [_splat(builder, builder.trunc(v, _I32), lanes) for v in (zp, qmin, qmax)]
             mask = _lanes_below(builder, valid, lanes)
 
-            def epilogue(left_shifts: bool) -> None:
+            def store(c: int, y: ir.Value) -> None:
+                start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
+                _masked_store(builder, y, builder.gep(out_ptr, [start]), mask)
+
+            def generic() -> None:
                 for c, slot in enumerate(slots):
                     row = builder.add(o, ir.Constant(i64, c))
                     params = [
@@ -609,11 +658,14 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                     at = builder.add(builder.mul(row, w_stride), words)
                     correction = _splat(builder, builder.load(builder.gep(w_ptr, [at])), lanes)
                     sums = builder.sub(builder.load(slot), correction)
-                    y = _requantize_lanes(builder, sums, *params, *splats, left_shifts=left_shifts)
-                    start = builder.add(out_start, builder.mul(ir.Constant(i64, c), out_step))
-                    _masked_store(builder, y, builder.gep(out_ptr, [start]), mask)
+                    store(c, _requantize_lanes(builder, sums, *params, *splats))
 
-            _by_shifts(builder, data(8, shift), o, channels, epilogue)
+            def fast() -> None:
+                for c, slot in enumerate(slots):
+                    row = _folded_row(builder, data(9, folded), builder.add(o, ir.Constant(i64, c)))
+                    store(c, _requantize_folded(builder, builder.load(slot), row, qmin, qmax))
+
+            _when_folded(builder, builder.extract_value(array(9, folded).shape, 0), fast, generic)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -640,9 +692,9 @@ def _make_gather_conv(outputs: int, window: int):
       (``weights[o + k, c * words + w]``, int8 taps).
 
     A row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM); each output
-    channel's 16 sums are requantized in vector lanes (without the left shift when the
-    channels' shifts are all at most 0) and stored at ``out[out_start + k * positions + 16
-    b:]`` (masked to the plane's positions).
+    channel's 16 sums are requantized in vector lanes (by :func:`_requantize_folded` where
+    ``folded``, from ``tinyrt.ops.fold_requantization``, has rows) and stored at
+    ``out[out_start + k * positions + 16 b:]`` (masked to the plane's positions).
 
     ``starts``, ``index``, ``padding`` and ``weights`` come from ``tinyrt.ops.gather_operands``;
     no padded copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
@@ -650,28 +702,31 @@ def _make_gather_conv(outputs: int, window: int):
 
     @intrinsic
     def gather(typingctx, x, x_start, x_end, starts, index, padding, words, channels, plane,
-               weights, o, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start,
-               positions):  # fmt: skip
+               weights, o, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out,
+               out_start, positions):  # fmt: skip
         if not HAS_VBMI:
             raise numba.core.errors.TypingError("the gathered convolution needs AVX-512 VBMI")
         sig = types.void(x, x_start, x_end, starts, index, padding, words, channels, plane,
-                         weights, o, bias, multiplier, shift, zp_in, zp_out, qmin, qmax, out,
-                         out_start, positions)  # fmt: skip
+                         weights, o, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax,
+                         out, out_start, positions)  # fmt: skip
 
         def codegen(context, builder, signature, args):
             (x, x_start, x_end, starts, index, padding, words, channels, plane, weights, o, bias,
-             multiplier, shift, zp_in, zp_out, qmin, qmax, out, out_start, positions) = (
+             multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out, out_start, positions) = (
                 _as_int64(context, builder, args, signature))  # fmt: skip
             i64 = x_start.type
 
+            def array(position: int, value: ir.Value):
+                return context.make_array(signature.args[position])(context, builder, value)
+
             def data(position: int, value: ir.Value) -> ir.Value:
-                return context.make_array(signature.args[position])(context, builder, value).data
+                return array(position, value).data
 
             def const(value: int) -> ir.Constant:
                 return ir.Constant(i64, value)
 
             x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
-            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(18, out)
+            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(19, out)
             chunk = ir.VectorType(_I8, _CHUNK)
             row_words = builder.mul(channels, words)
             w_stride = builder.add(row_words, const(1))
@@ -719,9 +774,10 @@ def _make_gather_conv(outputs: int, window: int):
                     merged.append(phi)
                 return [_plus_128(builder, v) for v in merged]
 
-            def block(b: ir.Value, left_shifts: bool) -> None:
-                """Block ``b``: every input channel's words into the slots, then the epilogue
-                (stores masked to the plane's ``positions``)."""
+            def block(b: ir.Value, requantize) -> None:
+                """Block ``b``: every input channel's words into the slots, then
+                ``requantize(k, sums)`` of each output channel ``o + k`` (stores masked to the
+                plane's ``positions``)."""
                 first = builder.mul(b, const(16))
                 for slot in slots:
                     builder.store(ir.Constant(_QUADS, None), slot)
@@ -763,19 +819,33 @@ def _make_gather_conv(outputs: int, window: int):
                             )
                 valid = _lanes_below(builder, builder.sub(positions, first), 16)
                 for channel in range(outputs):
-                    sums = builder.sub(builder.load(slots[channel]), corrections[channel])
-                    y = _requantize_lanes(builder, sums, *params[channel], *splats,
-                                          left_shifts=left_shifts)  # fmt: skip
+                    y = requantize(channel, builder.load(slots[channel]))
                     at = builder.add(first, builder.mul(const(channel), positions))
                     _masked_store(builder, y, builder.gep(out_ptr, [builder.add(out_start, at)]),
                                   valid)  # fmt: skip
 
-            def plane_blocks(left_shifts: bool) -> None:
+            def plane_blocks(requantize) -> None:
                 blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
                 with cgutils.for_range(builder, blocks) as block_loop:
-                    block(block_loop.index, left_shifts)
+                    block(block_loop.index, requantize)
 
-            _by_shifts(builder, data(13, shift), o, outputs, plane_blocks)
+            def fast() -> None:
+                constants = [
+                    _folded_row(builder, data(14, folded), builder.add(o, const(k)))
+                    for k in range(outputs)
+                ]  # loaded once, before the blocks
+                plane_blocks(
+                    lambda k, sums: _requantize_folded(builder, sums, constants[k], qmin, qmax)
+                )
+
+            def generic() -> None:
+                def requantize(k: int, sums: ir.Value) -> ir.Value:
+                    sums = builder.sub(sums, corrections[k])
+                    return _requantize_lanes(builder, sums, *params[k], *splats)
+
+                plane_blocks(requantize)
+
+            _when_folded(builder, builder.extract_value(array(14, folded).shape, 0), fast, generic)
             return context.get_dummy_value()
 
         return sig, codegen

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import add_table, gather_operands, int8_rows_operand, tile_operands
+from tinyrt.ops import (
+    add_table,
+    fold_requantization,
+    gather_operands,
+    int8_rows_operand,
+    tile_operands,
+)
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -293,8 +299,10 @@ def test_conv2d_numba_bit_exact(p):
         kernels[nk.conv2d_tiles_int8] = (operands, padded, None)
     for kernel, (layout, padded, work) in kernels.items():  # every shape through each
         out = np.empty_like(want)
+        folded = ()  # the blocks' requantization constants, folded where they can be
         if kernel is nk.conv2d_tiles_int8:
             work = ()
+            folded = (fold_requantization(bias, layout[0][:, -1], multiplier, shift, p["zp_out"]),)
         else:
             work = (work,)
         if not isinstance(layout, tuple):
@@ -305,6 +313,7 @@ def test_conv2d_numba_bit_exact(p):
             bias,
             multiplier,
             shift,
+            *folded,
             p["zp_in"],
             p["zp_out"],
             p["kh"],
@@ -407,7 +416,8 @@ def test_gather_conv_bit_exact(p):
         return
     assert (operands[-1] == 128) == (_widest_block(p, *want.shape[2:]) < 128)
     out = np.full_like(want, 99)
-    nk.gather_conv_int8(x, *operands, *args, out)
+    folded = fold_requantization(*args[:1], operands[0][:, -1], *args[1:3], p["zp_out"])
+    nk.gather_conv_int8(x, *operands, *args[:3], folded, *args[3:], out)
     np.testing.assert_array_equal(out, want)
 
 
@@ -441,7 +451,9 @@ for c, h, w, stride in [(3, 5, 7, 1), (2, 6, 60, 2)]:  # windows of 128 and 256 
     assert operands[-1] == 128 * stride
     ones = np.ones(c, np.int32)
     out = np.empty((1, c, oh, ow), np.int8)
-    nk.gather_conv_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, 0, 0, c, -128, 127, out)
+    generic = np.zeros((0, 4), np.int64)
+    nk.gather_conv_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, generic, 0, 0, c, -128,
+                        127, out)  # fmt: skip
 print("read nothing past the input")
 """
 

@@ -72,33 +72,44 @@ def test_scaling_matches_reference_over_int32(k_len):
 
 
 @pytest.mark.skipif(not simd.HAS_VBMI, reason="this CPU has no AVX-512 VBMI")
-def test_16_lane_requantization_matches_reference():
+@pytest.mark.parametrize("folded", [True, False])
+def test_16_lane_requantization_matches_reference(folded):
     """The requantization in 16 lanes (even and odd lanes take different paths) against the
     reference, through the gathered depthwise kernel: one 1x1 tap of weight 1 on a 4x4 plane,
     so each block's 16 sums are ``bias + x``, with biases from all of int32 and each channel's
     shift chosen so the result lands near the int8 range (the clamp would hide the rest);
-    left shifts saturate; small sums meet the rounding ties."""
-    from tinyrt.ops import gather_operands
+    small sums meet the rounding ties. Folded (``fold_requantization``): channels that shift
+    right, biases to 2^29, a random zero point and a narrower clamp; generic: left shifts
+    that saturate too (they cannot be folded)."""
+    from tinyrt.ops import fold_requantization, gather_operands
 
     rng = np.random.default_rng(1)
     channels = 20_000
-    bias = rng.integers(-(2**31) + 128, 2**31 - 128, channels)
+    # folded: shifts down to -23 (zero points up to 128 times 2^(31 + 23) fit int64)
+    largest = 2**29 if folded else 2**31 - 128
+    bias = rng.integers(-largest, largest, channels)
     bias[:2000] = rng.integers(-300, 300, 2000)  # ties at the small shifts
     multiplier = rng.integers(1 << 30, 2**31, channels)
     magnitude = np.log2(np.abs(bias) + 129) + np.log2(multiplier) - 31
     shift = np.clip(6 - np.ceil(magnitude), -31, 0).astype(np.int64)
     shift[:2000] = rng.integers(-12, 1, 2000)
-    shift[2000:2500] = rng.integers(1, 31, 500)  # saturating left shifts
+    if not folded:
+        shift[2000:2500] = rng.integers(1, 31, 500)  # saturating left shifts
+    zp, qmin, qmax = (int(rng.integers(-128, 128)), -100, 90) if folded else (5, -128, 127)
     x = rng.integers(-128, 128, (1, channels, 4, 4)).astype(np.int8)
     weight = np.ones((channels, 1, 1, 1), np.int8)
     operands = gather_operands(weight, (4, 4), (4, 4), (1, 1, 1, 1, 0, 0, 1, 1))
     out = np.empty_like(x)
     params = [v.astype(np.int32) for v in (bias, multiplier, shift)]
-    numba_kernels.gather_conv_int8(x, *operands, *params, 0, 5, channels, -128, 127, out)
+    constants = fold_requantization(*params[:1], operands[0][:, -1], *params[1:], zp)
+    assert len(constants) == (channels if folded else 0)
+    numba_kernels.gather_conv_int8(x, *operands, *params, constants, 0, zp, channels, qmin,
+                                   qmax, out)  # fmt: skip
     acc = bias[None, :, None, None] + x.astype(np.int64)
-    want = ref.requantize(acc, *(v[None, :, None, None] for v in (multiplier, shift)), 5)
+    want = ref.requantize(acc, *(v[None, :, None, None] for v in (multiplier, shift)), zp,
+                          qmin, qmax)  # fmt: skip
     np.testing.assert_array_equal(out, want)
-    assert len(np.unique(want)) == 256  # the whole int8 range, not just the clamp
+    assert len(np.unique(want)) >= 0.9 * (qmax - qmin)  # the range, not just the clamp
 
 
 OTHER_TARGET_CHECK = textwrap.dedent(
@@ -124,7 +135,7 @@ OTHER_TARGET_CHECK = textwrap.dedent(
             out[...] = 0
             nk.linear_rows(x, int8_rows_operand(w), bias, mult, shift, 3, -128, 127, out)
             assert (out == want).all(), ("rows", n, k, o)
-    from tinyrt.ops import tile_operands
+    from tinyrt.ops import fold_requantization, tile_operands
     for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
         x = rng.integers(-128, 128, (1, c, 7, 19)).astype(np.int8)
         w = rng.integers(-127, 128, (o, c, 3, 3)).astype(np.int8)
@@ -138,9 +149,12 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         padded = buffer[: c * reach[0] * reach[1]].reshape((c,) + reach)
         out = np.empty_like(want)
         operands = tile_operands(w, padded.shape, (1, 1), nk)
-        nk.conv2d_tiles_int8(x, *operands, bias, mult, shift, 5, -3, 3, 3, 1, sw,
-                             1, 1, 1, 1, 1, -128, 127, padded, out)
-        assert (out == want).all(), (c, o, sw)
+        for folded in (fold_requantization(bias, operands[0][:, -1], mult, shift, -3),
+                       np.zeros((0, 4), np.int64)):
+            out[...] = 0
+            nk.conv2d_tiles_int8(x, *operands, bias, mult, shift, folded, 5, -3, 3, 3, 1, sw,
+                                 1, 1, 1, 1, 1, -128, 127, padded, out)
+            assert (out == want).all(), (c, o, sw, len(folded))
     from tinyrt.converter.lowbit import quantize_groups
     from tinyrt.ops import group_operand
     for bits, n, k, o, group in [(4, 1, 70, 20, 32), (2, 5, 130, 17, 64), (4, 3, 9, 3, None)]:

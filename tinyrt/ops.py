@@ -245,6 +245,53 @@ def _pack_gather_words(weight: np.ndarray) -> np.ndarray:
     return np.concatenate([packed.reshape(o, -1).view("<i4"), correction], axis=1, dtype=np.int32)
 
 
+def fold_requantization(
+    bias: np.ndarray, correction: np.ndarray, multiplier: np.ndarray, shift: np.ndarray, zp: int
+) -> np.ndarray:
+    """A layer's requantization folded into four int64 constants per output channel, ``[O,
+    4]`` rows ``(m, T, K, S)``, for blocks that hold raw int32 sums ``s`` (the channel's
+    ``x = s - correction + bias``; ``correction`` is what the kernel's words add, e.g. ``128 *
+    Σ w``): ``reference.requantize(x, m, shift, zp)`` equals, before the clamp,
+
+        ``(p + K - [p < T] * 2^31) >> S``  with  ``p = s * m`` (int64, exact)
+
+    for ``r = -shift >= 0``, ``c = bias - correction``, ``S = 31 + r``,
+    ``K = c m + 2^30 + h + zp 2^S`` with ``h = 2^(30 + r)`` for ``r > 0`` (else 0), and
+    ``T = -(c m + 2^30)`` for ``r > 0`` (else the int64 minimum: no fix).
+
+    Why: the reference's ``high = floor((x m + 2^30) / 2^31)`` is then divided by ``2^r``
+    rounding ties away from zero, which is ``floor((high + 2^(r-1) - [high < 0]) / 2^r)``;
+    floors of divisions by powers of two nest into one, ``high < 0`` is ``x m + 2^30 < 0``,
+    i.e. ``p < T``, and adding ``zp 2^S`` before the shift adds ``zp`` after it.
+
+    ``p`` and ``K`` are int64 and so is their sum for every ``x`` in int32 (checked here; it
+    excludes ``|zp| 2^S`` near ``2^62``, multipliers below about ``2^-23``). No rows (shape
+    ``[0, 4]``) where a channel fails that or shifts left (``shift > 0``: the reference
+    saturates ``x << shift``); the kernels then requantize the generic way."""
+    m, c = multiplier.astype(object), bias.astype(object) - correction.astype(object)
+    rows = []
+    for m_o, c_o, shift_o in zip(m, c, shift.tolist(), strict=True):
+        r = -shift_o
+        if r < 0 or r > 31:
+            return np.zeros((0, 4), np.int64)
+        base = c_o * m_o + (1 << 30)
+        rounding = (1 << 30) + (1 << (30 + r) if r else 0) + zp * (1 << (31 + r))
+        offset, below = c_o * m_o + rounding, -base if r else -(1 << 63)
+        # x = s - correction + bias fits int32 (the converter's proof), so |x m| <= 2^31 |m|
+        largest = (1 << 31) * abs(m_o) + abs(rounding) + (1 << 31)
+        if max(largest, abs(offset), abs(base)) >= 1 << 63:
+            return np.zeros((0, 4), np.int64)
+        rows.append((m_o, below, offset, 31 + r))
+    return np.array(rows, np.int64).reshape(-1, 4)
+
+
+def _folded(weight_words: np.ndarray, args: tuple) -> np.ndarray:
+    """:func:`fold_requantization` for a convolution kernel whose weight rows end in their
+    correction, from its ``args = (bias, multiplier, shift, zp_in, zp_out, ..)``."""
+    bias, multiplier, shift, _, zp_out = args[:5]
+    return fold_requantization(bias, weight_words[:, -1], multiplier, shift, zp_out)
+
+
 def add_table(args: tuple) -> np.ndarray:
     """:func:`numba_kernels.add_by_table_int8`'s table: ``reference.add_int8(a, b, *args)``
     for every pair of int8 ``a``, ``b``, at ``256 (a + 128) + b + 128`` (64 KiB)."""
@@ -432,7 +479,9 @@ def bind_op(
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
             if geometry["kernel"] == "gather":
                 gather = geometry["gather"]
-                return nk.bound(nk.gather_conv_int8, x, *gather, *args, groups, qmin, qmax, y)
+                folded = _folded(gather[0], args)
+                gather_args = (*gather, *args[:3], folded, *args[3:], groups, qmin, qmax, y)
+                return nk.bound(nk.gather_conv_int8, x, *gather_args)
             args += geometry["window"]
             padded_size = int(np.prod(geometry["padded"]))
             padded = scratch[:padded_size].reshape(geometry["padded"])
@@ -443,9 +492,8 @@ def bind_op(
             # weights in the order each kernel reads them (copies made once, at load)
             if geometry["kernel"] == "tiles":
                 words, offsets = tile_operands(weight, padded.shape, a2["dilation"], nk)
-                return nk.bound(
-                    nk.conv2d_tiles_int8, x, words, offsets, *args, groups, qmin, qmax, padded, y
-                )
+                tile_args = (*args[:3], _folded(words, args), *args[3:], groups, qmin, qmax)
+                return nk.bound(nk.conv2d_tiles_int8, x, words, offsets, *tile_args, padded, y)
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
                 ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
                 columns = work.reshape(geometry["positions"], -1)
