@@ -24,6 +24,7 @@ from numba.extending import overload
 from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight packing
     CHANNELS_PER_WORD,  # noqa: F401
     HAS_VBMI,  # noqa: F401
+    HAS_VNNI,
     LANES,
     WIDE_COLUMNS,
     conv_tile_1_s1,
@@ -53,13 +54,14 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
     group_rows_2_4,
     group_rows_4_1,
     group_rows_4_4,
+    pad_plane,
     requantize_8,
 )
 
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "4cd497c6f65e36dd"
+SIMD_SOURCE_SHA256 = "da97c8b2f845148d"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -236,8 +238,15 @@ def _pad_input(x, zp_in, pad_top, pad_left, padded, channels_last):
     rows and columns no window reads."""
     channels, h, w = x.shape
     hp, wp = (padded.shape[0], padded.shape[1]) if channels_last else padded.shape[1:]
-    if not channels_last and pad_top == 0 and pad_left == 0 and hp == h and wp == w:
-        # nothing to pad (pointwise layers among others): one flat loop, a vector copy
+    flat = pad_top == 0 and pad_left == 0 and hp == h and wp == w  # nothing to pad
+    if not channels_last and HAS_VNNI:  # in masked vectors, plane by plane or all at once
+        if flat:
+            pad_plane(padded, 0, 1, x.size, x, 0, 1, x.size, 0, 0, zp_in)
+            return
+        for c in range(channels):
+            pad_plane(padded, c * hp * wp, hp, wp, x, c * h * w, h, w, pad_top, pad_left, zp_in)
+        return
+    if not channels_last and flat:  # pointwise layers among others: a vector copy
         target, source = padded.reshape(padded.size), x.reshape(x.size)
         for i in range(source.size):
             target[i] = source[i]

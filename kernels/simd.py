@@ -139,13 +139,15 @@ def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int) -> ir.Value:
     return vector
 
 
-def _masked_load(builder: ir.IRBuilder, address: ir.Value, mask: ir.Value, vector: ir.VectorType):
-    """``vector`` from ``address`` where ``mask`` is set, zero elsewhere; masked-off bytes are
-    not read (``llvm.masked.load``: AVX-512 masked moves)."""
+def _masked_load(
+    builder: ir.IRBuilder, address: ir.Value, mask: ir.Value, vector: ir.VectorType, other=None
+):
+    """``vector`` from ``address`` where ``mask`` is set, ``other`` (default zero) elsewhere;
+    masked-off bytes are not read (``llvm.masked.load``: AVX-512 masked moves)."""
     pointer = builder.bitcast(address, vector.as_pointer())
     name = f"llvm.masked.load.v{vector.count}i{vector.element.width}.p0"
-    return _x86(builder, name, vector, pointer, ir.Constant(_I32, 1), mask,
-                ir.Constant(vector, None))  # fmt: skip
+    other = ir.Constant(vector, None) if other is None else other
+    return _x86(builder, name, vector, pointer, ir.Constant(_I32, 1), mask, other)
 
 
 def _masked_store(builder: ir.IRBuilder, value: ir.Value, address: ir.Value, mask: ir.Value):
@@ -878,6 +880,57 @@ def requantize_8(typingctx, acc, start, multiplier, shift, zp_out, qmin, qmax, o
             builder.gep(out_ptr, [start]), ir.VectorType(_I8, lanes).as_pointer()
         )
         builder.store(y, target, align=1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def pad_plane(typingctx, target, target_start, rows, width, source, source_start, height, pitch,
+              top, left, fill):  # fmt: skip
+    """A padded copy of one plane: ``target[target_start + y * width + j]`` for ``y < rows``,
+    ``j < width`` is ``source[source_start + (y - top) * pitch + j - left]`` where that lies
+    in the source plane (``0 <= y - top < height``, ``0 <= j - left < pitch``), ``fill``
+    elsewhere. Both arrays C-contiguous, indexed as flat. In 64-byte masked loads (the fill
+    passed through) and stores, a column chunk's masks made once for all rows: no byte of
+    ``source`` outside the plane is read, none of ``target`` outside the rows written. About
+    1.2 ns a row of 34 bytes, where an element loop with a branch took 0.17 ns a byte. Needs
+    AVX-512 BW (:data:`HAS_VNNI` implies it); elsewhere masked byte vectors are scalarized."""
+    if target.layout != "C" or source.layout != "C":
+        raise numba.core.errors.TypingError("pad_plane reads and writes C-contiguous arrays")
+    sig = types.void(target, target_start, rows, width, source, source_start, height, pitch, top,
+                     left, fill)  # fmt: skip
+
+    def codegen(context, builder, signature, args):
+        target, target_start, rows, width, source, source_start, height, pitch, top, left, fill = (
+            _as_int64(context, builder, args, signature)
+        )
+        t_ptr = context.make_array(signature.args[0])(context, builder, target).data
+        s_ptr = context.make_array(signature.args[4])(context, builder, source).data
+        i64, chunk = target_start.type, ir.VectorType(_I8, _CHUNK)
+        fills = _splat(builder, builder.trunc(fill, _I8), _CHUNK)
+        none = ir.Constant(ir.VectorType(ir.IntType(1), _CHUNK), None)
+        step = ir.Constant(i64, _CHUNK)
+        chunks = builder.sdiv(builder.add(width, ir.Constant(i64, _CHUNK - 1)), step)
+        with cgutils.for_range(builder, chunks) as chunk_loop:
+            at = builder.mul(chunk_loop.index, step)
+            before = _lanes_below(builder, builder.sub(left, at), _CHUNK)
+            image = _lanes_below(builder, builder.sub(builder.add(left, pitch), at), _CHUNK)
+            columns = builder.and_(builder.not_(before), image)
+            end = _lanes_below(builder, builder.sub(width, at), _CHUNK)
+            with cgutils.for_range(builder, rows) as row_loop:
+                y = row_loop.index
+                s = builder.sub(y, top)
+                inside = builder.and_(
+                    builder.icmp_signed(">=", s, ir.Constant(i64, 0)),
+                    builder.icmp_signed("<", s, height),
+                )
+                origin = builder.add(source_start, builder.sub(builder.mul(s, pitch), left))
+                address = builder.gep(s_ptr, [builder.add(origin, at)])
+                mask = builder.select(inside, columns, none)
+                values = _masked_load(builder, address, mask, chunk, fills)
+                row = builder.add(target_start, builder.mul(y, width))
+                _masked_store(builder, values, builder.gep(t_ptr, [builder.add(row, at)]), end)
         return context.get_dummy_value()
 
     return sig, codegen

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import llvmlite.binding
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -110,6 +111,38 @@ def test_16_lane_requantization_matches_reference(folded):
                           qmin, qmax)  # fmt: skip
     np.testing.assert_array_equal(out, want)
     assert len(np.unique(want)) >= 0.9 * (qmax - qmin)  # the range, not just the clamp
+
+
+@numba.njit
+def _pad_plane(padded, x, top, left, fill):
+    rows, width = padded.shape
+    height, pitch = x.shape
+    simd.pad_plane(padded, 0, rows, width, x, 0, height, pitch, top, left, fill)
+
+
+@pytest.mark.skipif(not simd.HAS_VNNI, reason="pad_plane is taken with AVX-512 only")
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 9),
+    pitch=st.integers(1, 150),
+    top=st.integers(-3, 4),
+    left=st.integers(-70, 70),
+    rows=st.integers(1, 12),
+    width=st.integers(1, 200),
+)
+def test_pad_plane_matches_numpy(height, pitch, top, left, rows, width):
+    """A padded copy against NumPy's: planes narrower and wider than a 64-byte vector, the
+    padding on every side or cut off (negative), target rows and columns past the image.
+    The target's edges, one byte on each side, are left alone."""
+    rng = np.random.default_rng(height * pitch + width)
+    x = rng.integers(-128, 128, (height, pitch)).astype(np.int8)
+    big = np.full((height + 40, pitch + 600), 7, np.int8)  # the plane inside its padding
+    big[20 : 20 + height, 300 : 300 + pitch] = x
+    want = big[20 - top : 20 - top + rows, 300 - left : 300 - left + width]
+    buffer = np.full(rows * width + 2, 99, np.int8)
+    _pad_plane(buffer[1:-1].reshape(rows, width), x, top, left, 7)
+    np.testing.assert_array_equal(buffer[1:-1].reshape(rows, width), want)
+    assert buffer[0] == buffer[-1] == 99
 
 
 OTHER_TARGET_CHECK = textwrap.dedent(
