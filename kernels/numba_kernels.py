@@ -61,7 +61,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "da97c8b2f845148d"
+SIMD_SOURCE_SHA256 = "9684c930efb4f70e"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -412,11 +412,13 @@ def gather_conv_int8(
 ):  # fmt: skip
     """``reference.conv2d_int8`` by :func:`simd.gather_conv_8_128` and its kin, from the
     unpadded input: each group's output channels 8 at a time, the last ``O/groups % 8`` one at
-    a time, in blocks of 16 outputs gathered from ``window`` (128 or 256) bytes of each of the
-    group's input channels. ``weight_words``, ``starts``, ``index``, ``padding`` and
-    ``window`` are ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding
-    and dilation are in them), ``folded`` ``tinyrt.ops.fold_requantization``. ``x`` ``[N, C,
-    H, W]``, ``out`` ``[N, O, OH, OW]``. Needs :data:`simd.HAS_VBMI`."""
+    a time (one call per group, or for a whole layer with one output per group: the calls'
+    set-up cost more than a small plane's blocks), in blocks of 16 outputs gathered from
+    ``window`` (128 or 256) bytes of each of the group's input channels. ``weight_words``,
+    ``starts``, ``index``, ``padding`` and ``window`` are ``tinyrt.ops.gather_operands`` (the
+    convolution's window, stride, padding and dilation are in them), ``folded``
+    ``tinyrt.ops.fold_requantization``. ``x`` ``[N, C, H, W]``, ``out`` ``[N, O, OH, OW]``.
+    Needs :data:`simd.HAS_VBMI`."""
     n_batch, c_total, h, w = x.shape
     o_total, positions = out.shape[1], out.shape[2] * out.shape[3]
     channels = c_total // groups  # input channels per group
@@ -425,24 +427,43 @@ def gather_conv_int8(
     words = (weight_words.shape[1] - 1) // channels  # per input channel
     source, flat = x.reshape(x.size), out.reshape(out.size)
     for n in range(n_batch):
+        if per_group == 1:  # one output channel per group (depthwise): all groups in one call
+            _gather_blocks(source, n * c_total * h * w, starts, index, padding, words, channels,
+                          h * w, weight_words, 0, groups, channels * h * w, bias, multiplier,
+                          shift, folded, zp_in, zp_out, qmin, qmax, flat, n * o_total * positions,
+                          positions, 1, window)  # fmt: skip
+            continue
         for g in range(groups):
             x_start = (n * c_total + g * channels) * h * w
             first = g * per_group
-            for o in range(first, first + per_group):
-                if o - first < eights and (o - first) % 8:
-                    continue  # inside a block of 8
-                args = (source, x_start, source.size, starts, index, padding, words, channels,
-                        h * w, weight_words, o, bias, multiplier, shift, folded, zp_in, zp_out,
-                        qmin, qmax, flat, (n * o_total + o) * positions, positions)  # fmt: skip
-                if o - first >= eights:
-                    if window > 128:
-                        gather_conv_1_256(*args)
-                    else:
-                        gather_conv_1_128(*args)
-                elif window > 128:
-                    gather_conv_8_256(*args)
-                else:
-                    gather_conv_8_128(*args)
+            # the group's blocks of 8 output channels in one call, then the rest one at a time
+            args = (source, x_start, starts, index, padding, words, channels, h * w, weight_words)
+            tail = (bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, flat)
+            if eights:
+                _gather_blocks(*args, first, eights // 8, 0, *tail,
+                              (n * o_total + first) * positions, positions, 8, window)  # fmt: skip
+            for o in range(first + eights, first + per_group):
+                _gather_blocks(*args, o, 1, 0, *tail, (n * o_total + o) * positions, positions, 1,
+                              window)  # fmt: skip
+
+
+@_jit
+def _gather_blocks(x, x_start, starts, index, padding, words, channels, plane, weights, o, count,
+                  in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out,
+                  out_start, positions, outputs, window):  # fmt: skip
+    """The ``simd.gather_conv_{outputs}_{window}`` for ``outputs`` (1 or 8) and ``window``."""
+    args = (x, x_start, x.size, starts, index, padding, words, channels, plane, weights, o,
+            count, in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out,
+            out_start, positions)  # fmt: skip
+    if outputs == 1:
+        if window > 128:
+            gather_conv_1_256(*args)
+        else:
+            gather_conv_1_128(*args)
+    elif window > 128:
+        gather_conv_8_256(*args)
+    else:
+        gather_conv_8_128(*args)
 
 
 @_inline

@@ -678,10 +678,12 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
 
 
 def _make_gather_conv(outputs: int, window: int):
-    """``gather_conv_{outputs}_{window}``: output channels ``o .. o + outputs - 1`` (1, or 8
-    sharing the gathered inputs) of a convolution, all ``positions = OH * OW`` outputs, from
-    the group's ``channels`` unpadded input planes of ``plane`` bytes at ``x[x_start:]``, in
-    blocks of 16 consecutive outputs (rows wrap inside a block). For each input channel ``c``:
+    """``gather_conv_{outputs}_{window}``: ``count`` blocks of ``outputs`` output channels (1,
+    or 8 sharing the gathered inputs) of a convolution, block ``g`` channels ``o + g outputs``
+    on, all ``positions = OH * OW`` outputs of each, from ``channels`` unpadded input planes of
+    ``plane`` bytes at ``x[x_start + g in_step:]`` (``in_step`` 0 for blocks of one group; one
+    call takes every channel of a depthwise layer), in blocks of 16 consecutive outputs (rows
+    wrap inside a block). For each input channel ``c``:
 
     - block ``b`` loads the ``window`` bytes (128 or 256) at ``x_start + c * plane +
       starts[b]``, masked near the end so that no byte at or past ``x_end`` (the flat ``x``'s
@@ -696,7 +698,7 @@ def _make_gather_conv(outputs: int, window: int):
     A row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM); each output
     channel's 16 sums are requantized in vector lanes (by :func:`_requantize_folded` where
     ``folded``, from ``tinyrt.ops.fold_requantization``, has rows) and stored at
-    ``out[out_start + k * positions + 16 b:]`` (masked to the plane's positions).
+    ``out[out_start + (g outputs + k) positions + 16 b:]`` (masked to the plane's positions).
 
     ``starts``, ``index``, ``padding`` and ``weights`` come from ``tinyrt.ops.gather_operands``;
     no padded copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
@@ -704,18 +706,18 @@ def _make_gather_conv(outputs: int, window: int):
 
     @intrinsic
     def gather(typingctx, x, x_start, x_end, starts, index, padding, words, channels, plane,
-               weights, o, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out,
-               out_start, positions):  # fmt: skip
+               weights, o, count, in_step, bias, multiplier, shift, folded, zp_in, zp_out,
+               qmin, qmax, out, out_start, positions):  # fmt: skip
         if not HAS_VBMI:
             raise numba.core.errors.TypingError("the gathered convolution needs AVX-512 VBMI")
         sig = types.void(x, x_start, x_end, starts, index, padding, words, channels, plane,
-                         weights, o, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax,
-                         out, out_start, positions)  # fmt: skip
+                         weights, o, count, in_step, bias, multiplier, shift, folded, zp_in,
+                         zp_out, qmin, qmax, out, out_start, positions)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (x, x_start, x_end, starts, index, padding, words, channels, plane, weights, o, bias,
-             multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out, out_start, positions) = (
-                _as_int64(context, builder, args, signature))  # fmt: skip
+            (x, x_start, x_end, starts, index, padding, words, channels, plane, weights, o, count,
+             in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out, out_start,
+             positions) = _as_int64(context, builder, args, signature)  # fmt: skip
             i64 = x_start.type
 
             def array(position: int, value: ir.Value):
@@ -728,23 +730,11 @@ def _make_gather_conv(outputs: int, window: int):
                 return ir.Constant(i64, value)
 
             x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
-            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(19, out)
+            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(21, out)
             chunk = ir.VectorType(_I8, _CHUNK)
             row_words = builder.mul(channels, words)
             w_stride = builder.add(row_words, const(1))
-            rows = [builder.mul(builder.add(o, const(k)), w_stride) for k in range(outputs)]
-            corrections = [
-                _splat(builder, builder.load(builder.gep(w_ptr, [builder.add(r, row_words)])), 16)
-                for r in rows
-            ]
             zp_flipped = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
-            params = [
-                [
-                    _splat(builder, builder.load(builder.gep(data(a, arr), [channel])), 16)
-                    for a, arr in ((11, bias), (12, multiplier), (13, shift))
-                ]
-                for channel in (builder.add(o, const(k)) for k in range(outputs))
-            ]
             splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
             slots = _zeroed_slots(builder, outputs, _QUADS)
             lane_mask = ir.VectorType(ir.IntType(1), _CHUNK)
@@ -776,10 +766,11 @@ def _make_gather_conv(outputs: int, window: int):
                     merged.append(phi)
                 return [_plus_128(builder, v) for v in merged]
 
-            def block(b: ir.Value, requantize) -> None:
-                """Block ``b``: every input channel's words into the slots, then
-                ``requantize(k, sums)`` of each output channel ``o + k`` (stores masked to the
-                plane's ``positions``)."""
+            def block(b: ir.Value, x_start: ir.Value, rows: list, out_start: ir.Value,
+                      requantize) -> None:  # fmt: skip
+                """Block ``b`` of a group: every input channel's words into the slots (weights
+                from ``rows``), then ``requantize(k, sums)`` of each output channel ``k`` of the
+                group (stores masked to the plane's ``positions``)."""
                 first = builder.mul(b, const(16))
                 for slot in slots:
                     builder.store(ir.Constant(_QUADS, None), slot)
@@ -826,28 +817,51 @@ def _make_gather_conv(outputs: int, window: int):
                     _masked_store(builder, y, builder.gep(out_ptr, [builder.add(out_start, at)]),
                                   valid)  # fmt: skip
 
-            def plane_blocks(requantize) -> None:
+            def group(first: ir.Value, x_start: ir.Value, out_start: ir.Value, fast: bool):
+                """Output channels ``first ..`` of a group, every block of the plane."""
+                channels_of = [builder.add(first, const(k)) for k in range(outputs)]
+                rows = [builder.mul(channel, w_stride) for channel in channels_of]
+                if fast:
+                    constants = [_folded_row(builder, data(16, folded), c) for c in channels_of]
+
+                    def requantize(k: int, sums: ir.Value) -> ir.Value:
+                        return _requantize_folded(builder, sums, constants[k], qmin, qmax)
+
+                else:
+                    params = [
+                        [
+                            _splat(builder, builder.load(builder.gep(data(a, arr), [c])), 16)
+                            for a, arr in ((13, bias), (14, multiplier), (15, shift))
+                        ]
+                        for c in channels_of
+                    ]
+                    corrections = [
+                        _splat(
+                            builder,
+                            builder.load(builder.gep(w_ptr, [builder.add(r, row_words)])),
+                            16,
+                        )
+                        for r in rows
+                    ]
+
+                    def requantize(k: int, sums: ir.Value) -> ir.Value:
+                        sums = builder.sub(sums, corrections[k])
+                        return _requantize_lanes(builder, sums, *params[k], *splats)
+
                 blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
                 with cgutils.for_range(builder, blocks) as block_loop:
-                    block(block_loop.index, requantize)
+                    block(block_loop.index, x_start, rows, out_start, requantize)
 
-            def fast() -> None:
-                constants = [
-                    _folded_row(builder, data(14, folded), builder.add(o, const(k)))
-                    for k in range(outputs)
-                ]  # loaded once, before the blocks
-                plane_blocks(
-                    lambda k, sums: _requantize_folded(builder, sums, constants[k], qmin, qmax)
-                )
+            def groups(fast: bool) -> None:
+                out_step = builder.mul(const(outputs), positions)
+                with cgutils.for_range(builder, count) as group_loop:
+                    g = group_loop.index
+                    group(builder.add(o, builder.mul(g, const(outputs))),
+                          builder.add(x_start, builder.mul(g, in_step)),
+                          builder.add(out_start, builder.mul(g, out_step)), fast)  # fmt: skip
 
-            def generic() -> None:
-                def requantize(k: int, sums: ir.Value) -> ir.Value:
-                    sums = builder.sub(sums, corrections[k])
-                    return _requantize_lanes(builder, sums, *params[k], *splats)
-
-                plane_blocks(requantize)
-
-            _when_folded(builder, builder.extract_value(array(14, folded).shape, 0), fast, generic)
+            _when_folded(builder, builder.extract_value(array(16, folded).shape, 0),
+                         lambda: groups(True), lambda: groups(False))  # fmt: skip
             return context.get_dummy_value()
 
         return sig, codegen
