@@ -108,15 +108,22 @@ def test_a_plan_per_input_shape_reused_across_call_forms(models):
     np.testing.assert_array_equal(model(x1)[1], first)  # a plan's output views stay right
 
 
-def test_input_errors_come_before_a_cached_plan_runs(models):
-    _, fast = models
-    fast(random_input(1))  # the plan for batch 1 exists
+@pytest.mark.parametrize("backend", [0, 1])
+def test_input_errors_come_before_a_cached_plan_runs(models, backend):
+    """After a good call (its plan and its inputs' accepted type, dtype and shape cached),
+    the same kind of input still has its values checked, and any other kind all of it."""
+    model = models[backend]
+    model(random_input(1))  # the plan for batch 1 exists
     bad = random_input(1)
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(InputError, match="NaN or infinite"):
-        fast(bad)
+        model(bad)
     with pytest.raises(InputError, match="expected shape"):
-        fast(random_input(1)[:, :, :8])
+        model(random_input(1)[:, :, :8])
+    with pytest.raises(InputError, match="expected floating-point"):
+        model(random_input(1).astype(np.int32))
+    with pytest.raises(InputError, match="expected a numpy.ndarray"):
+        model(random_input(1).tolist())
 
 
 # --- Numba's cache ----------------------------------------------------------------------
