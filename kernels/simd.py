@@ -779,8 +779,9 @@ def _make_gather_conv(outputs: int, window: int):
                     c = channel_loop.index
                     at = builder.add(x_start, builder.add(builder.mul(c, plane), block_start))
                     loaded = window_bytes(at)
-                    with cgutils.for_range(builder, words) as word_loop:
-                        w = word_loop.index
+
+                    def word(w: ir.Value) -> None:
+                        """Word ``w`` of the channel's taps into the slots."""
                         k = builder.add(builder.mul(b, words), w)
                         address = builder.gep(index_ptr, [builder.mul(k, const(_CHUNK))])
                         picks = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
@@ -805,11 +806,21 @@ def _make_gather_conv(outputs: int, window: int):
                         gathered = builder.select(in_padding, zp_flipped, gathered)
                         offset = builder.add(builder.mul(c, words), w)
                         for r, slot in zip(rows, slots, strict=True):
-                            word = builder.load(builder.gep(w_ptr, [builder.add(r, offset)]))
-                            word = _splat(builder, word, 16)
+                            weights = builder.load(builder.gep(w_ptr, [builder.add(r, offset)]))
+                            weights = _splat(builder, weights, 16)
                             builder.store(
-                                _dpbusd(builder, builder.load(slot), gathered, word), slot
+                                _dpbusd(builder, builder.load(slot), gathered, weights), slot
                             )
+
+                    # a 3x3 window's 3 words unrolled (no loop control between them)
+                    three = builder.icmp_signed("==", words, const(3))
+                    with builder.if_else(three) as (unrolled, looped):
+                        with unrolled:
+                            for w in range(3):
+                                word(const(w))
+                        with looped:
+                            with cgutils.for_range(builder, words) as word_loop:
+                                word(word_loop.index)
                 valid = _lanes_below(builder, builder.sub(positions, first), 16)
                 for channel in range(outputs):
                     y = requantize(channel, builder.load(slots[channel]))
