@@ -146,11 +146,12 @@ class TinyrtRunner(Runner):
             )
         self.path = path
         self.rt = tinyrt.load(path, backend="numba")
+        self._by_threads = {1: self.rt}  # loaded with load(threads=n), per thread count
         self.name = self.rt.inputs[0].name
         self.detail = (
             f"tinyrt.converter.convert(mode={mode!r}"
             + (", calibration)" if mode == "static" else ")")
-            + f", load(backend={self.rt.backend!r})"
+            + f", load(backend={self.rt.backend!r}, threads=the row's threads)"
         )
         if model.kind == "kernel":
             self.detail += ", timed run_quantized (int8 in, int8 out)"
@@ -165,7 +166,9 @@ class TinyrtRunner(Runner):
         return np.ascontiguousarray(x, dtype=spec.dtype)
 
     def bind(self, x: np.ndarray, threads: int) -> Callable[[], Any]:
-        rt, name, data = self.rt, self.name, self._input(x)
+        if threads not in self._by_threads:
+            self._by_threads[threads] = tinyrt.load(self.path, backend="numba", threads=threads)
+        rt, name, data = self._by_threads[threads], self.name, self._input(x)
         if self.model.kind == "kernel":
             feeds = {name: data}
             return lambda: rt.run_quantized(feeds)

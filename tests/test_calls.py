@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -176,3 +177,37 @@ def test_a_second_process_loads_the_kernels_from_the_cache(tmp_path):
     assert first["compiled"] >= 2 and first["loaded"] == 0  # quantize and linear_int8 at least
     assert second == {"compiled": 0, "loaded": second["loaded"]} and second["loaded"] >= 2
     assert any((tmp_path / "cache").rglob("*.nbi"))
+
+
+# --- threads ----------------------------------------------------------------------------
+
+
+def test_threads_share_large_linear_layers_with_identical_results():
+    """A linear layer of 16 x 1024 x 1024 MACs (past tinyrt.ops.PARALLEL_MACS) on three
+    threads: the pool's threads run shares of it, and every output equals one thread's."""
+    from tinyrt.ops import PARALLEL_MACS
+
+    g = GraphBuilder(seed=2)
+    x = g.input([1, 1024], 0.05, 3)
+    y = g.value([1, 1024], 0.1, -2)
+    g.op("linear", [x], y, g.layer_tensors("fc", (1024, 1024), 0.05 * 0.01 / 0.1), qmin=-128,
+         qmax=127)  # fmt: skip
+    g.output(y, "y")
+    data = g.serialize()
+    assert 16 * 1024 * 1024 >= PARALLEL_MACS
+    one, three = tinyrt.load(data, "numba"), tinyrt.load(data, "numba", threads=3)
+    assert (one.threads, three.threads) == (1, 3)
+    inputs = np.random.default_rng(0).normal(0, 1, (16, 1024)).astype(np.float32)
+    before = {t.name for t in threading.enumerate()}
+    np.testing.assert_array_equal(three(inputs), one(inputs))
+    pool = {t.name for t in threading.enumerate()} - before
+    assert len([name for name in pool if name.startswith("tinyrt")]) == 2
+    for rows in (5, 7):  # shares of unequal size
+        np.testing.assert_array_equal(three(inputs[:rows]), one(inputs[:rows]))
+    assert tinyrt.load(data, "reference", threads=3).threads == 1
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_threads_must_be_a_positive_integer(threads):
+    with pytest.raises(ValueError, match="threads must be an integer"):
+        tinyrt.load(linear_model(), threads=threads)

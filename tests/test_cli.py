@@ -76,12 +76,16 @@ def test_run_quantized(model_file, tmp_path):
 
 def test_bench_reports_percentiles_as_json(model_file, tmp_path):
     out = tmp_path / "bench.json"
-    result = tinyrt_cli("bench", model_file, "--runs", "5", "--warmup", "1", "--json", out)
+    result = tinyrt_cli(
+        "bench", model_file, "--runs", "5", "--warmup", "1", "--threads", "2", "--json", out
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     latency = report["latency_us"]
     assert 0 < latency["min"] <= latency["p50"] <= latency["p90"] <= latency["p99"]
-    assert report["runs"] == 5 and report["backend"] == "numba"
+    assert report["runs"] == 5 and report["backend"] == "numba" and report["threads"] == 2
+    refused = tinyrt_cli("bench", model_file, "--threads", "0")
+    assert refused.returncode == 2 and "--threads must be at least 1" in refused.stderr
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ EXIT_OK, EXIT_ERROR = 0, 1
 
 
 def _load(args: argparse.Namespace) -> Model:
-    return tinyrt.load(args.model, backend=args.backend)
+    return tinyrt.load(args.model, backend=args.backend, threads=args.threads)
 
 
 def _read_arrays(path: str) -> dict[str, np.ndarray] | np.ndarray:
@@ -294,6 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     result = {
         "model": str(args.model),
         "backend": model.backend,
+        "threads": model.threads,
         "batch": args.batch,
         "input_shapes": {name: list(array.shape) for name, array in inputs.items()},
         "runs": args.runs,
@@ -311,7 +312,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     }
     lat = result["latency_us"]
     print(
-        f"{args.model}: backend={model.backend} batch={args.batch} runs={args.runs} "
+        f"{args.model}: backend={model.backend} threads={model.threads} batch={args.batch} "
+        f"runs={args.runs} "
         f"p50={lat['p50']:.1f}us p90={lat['p90']:.1f}us p99={lat['p99']:.1f}us "
         f"(load {load_s * 1e3:.1f} ms, first run {first_s * 1e3:.1f} ms)"
     )
@@ -430,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("model", help="a .tinyrt file")
         if name != "inspect":
             sub.add_argument("--backend", choices=BACKENDS, default="auto", help="kernels to use")
+            sub.add_argument(
+                "--threads",
+                type=int,
+                default=1,
+                help="threads large linear layers share their rows among (default 1)",
+            )
         return sub
 
     run = model_command("run", "run a model on inputs from an .npy/.npz file")
@@ -466,6 +474,8 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
             "convert: --calibration is required in static mode (activation ranges come from "
             "it); --mode dynamic needs no calibration data"
         )
+    if getattr(args, "threads", 1) < 1:
+        parser.error(f"{args.command}: --threads must be at least 1, got {args.threads}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

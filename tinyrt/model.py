@@ -14,6 +14,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import itemgetter
 from types import ModuleType
@@ -25,6 +26,7 @@ from tinyrt.errors import FormatError, InputError, TinyrtError
 from tinyrt.format import ModelFile, read_model_file
 from tinyrt.graph import Graph, Port, Value, infer_shapes, parse_graph
 from tinyrt.kernels import reference as ref
+from tinyrt.ops import Threads
 from tinyrt.plan import (
     RECURRENT,
     Executor,
@@ -180,9 +182,17 @@ class StreamState:
 class Model:
     """A ``.tinyrt`` model ready to run. Safe to call from several threads at once."""
 
-    def __init__(self, model_file: ModelFile, backend: str = "auto") -> None:
+    def __init__(self, model_file: ModelFile, backend: str = "auto", threads: int = 1) -> None:
         self._kernels = _numba_kernels(backend)
         self.backend = "numba" if self._kernels is not None else "reference"
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        self.threads = threads if self._kernels is not None else 1
+        self._threads = (  # the pool's threads start with the first large layer's call
+            Threads(ThreadPoolExecutor(threads - 1, thread_name_prefix="tinyrt"), threads)
+            if self.threads > 1
+            else None
+        )
         self.file = model_file
         self.graph: Graph = parse_graph(model_file.graph, model_file.tensors)
         self.provenance = model_file.provenance
@@ -399,7 +409,8 @@ class Model:
         if plan is None:
             if len(executors) >= MAX_PLANS:  # e.g. a stream fed chunks of many lengths
                 executors.popitem(last=False)
-            plan = executors[key] = _Plan(self.graph, Executor(self.graph, shapes, self._kernels))
+            executor = Executor(self.graph, shapes, self._kernels, threads=self._threads)
+            plan = executors[key] = _Plan(self.graph, executor)
         else:
             executors.move_to_end(key)
         executor = plan.executor
@@ -718,11 +729,15 @@ def load(
     source: str | os.PathLike | bytes | bytearray | memoryview,
     backend: str = "auto",
     *,
+    threads: int = 1,
     verify_checksums: bool = True,
 ) -> Model:
     """Map and validate a ``.tinyrt`` file (a path or its bytes) and plan it for ``backend``.
 
     ``backend``: ``"numba"`` (fast), ``"reference"`` (plain NumPy, the specification) or
     ``"auto"`` (numba when it can be imported). Both give bit-identical results.
+    ``threads``: how many threads a call's large int8 linear layers share their rows among
+    (numba backend; results identical to one thread's; docs/runtime.md).
     """
-    return Model(read_model_file(source, verify_checksums=verify_checksums), backend)
+    model_file = read_model_file(source, verify_checksums=verify_checksums)
+    return Model(model_file, backend, threads=threads)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
@@ -285,6 +287,44 @@ def fold_requantization(
     return np.array(rows, np.int64).reshape(-1, 4)
 
 
+PARALLEL_MACS = 1 << 22  # a linear layer's MACs from which its rows are shared by threads
+
+
+@dataclass(frozen=True)
+class Threads:
+    """What a model's large layers share their work with: ``count`` threads, the calling one
+    and ``count - 1`` of ``pool``."""
+
+    pool: ThreadPoolExecutor
+    count: int
+
+
+def _rows_in_parallel(
+    nk: ModuleType, kernel: Callable, x: np.ndarray, operands: tuple, y: np.ndarray,
+    threads: Threads,
+) -> Step:  # fmt: skip
+    """A step running ``kernel(x, *operands, y)`` as one call per thread, each on a contiguous
+    share of the rows of ``x`` and ``y`` (``[N, K]`` and ``[N, O]``; the kernel's outputs of a
+    row depend on that row alone, so the result is the single-threaded one, bit for bit; the
+    kernels release the GIL). Handing shares to the pool costs tens of microseconds a call:
+    worth it for large layers only (:data:`PARALLEL_MACS`)."""
+    bounds = np.linspace(0, len(x), threads.count + 1).astype(int)
+    calls = [
+        nk.bound(kernel, x[start:stop], *operands, y[start:stop])
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True)
+        if stop > start
+    ]
+    first, rest, pool = calls[0], calls[1:], threads.pool
+
+    def parallel() -> None:
+        shares = [pool.submit(call) for call in rest]
+        first()
+        for share in shares:
+            share.result()
+
+    return parallel
+
+
 def _folded(weight_words: np.ndarray, args: tuple) -> np.ndarray:
     """:func:`fold_requantization` for a convolution kernel whose weight rows end in their
     correction, from its ``args = (bias, multiplier, shift, zp_in, zp_out, ..)``."""
@@ -432,12 +472,14 @@ def bind_op(
     scratch: np.ndarray | None,
     states: list,
     numba_kernels: ModuleType | None,
+    threads: Threads | None = None,
 ) -> Step:
     """Return the step that computes ``op`` from ``ins`` into ``out``.
 
     ``states`` holds a recurrent op's :class:`tinyrt.plan.RecurrentState` per direction (the
     step continues from them and leaves the final state there). ``numba_kernels`` is the numba
-    kernel module, or None for the reference backend.
+    kernel module, or None for the reference backend. ``threads``: what large int8 linear
+    layers share their rows with (:func:`_rows_in_parallel`), or None.
     """
     zp_in = values[op.inputs[0]].zero_point
     zp_out = values[op.outputs[0]].zero_point
@@ -457,7 +499,10 @@ def bind_op(
             return nk.bound(nk.linear_group, x, group, *requant, y)
         if nk and weight.shape[1] % 4 == 0:  # blocks of 16 rows x 4 inputs per load
             rows = kernel_layout(weight, int8_rows_operand)
-            return nk.bound(nk.linear_rows, x, rows, bias, mult, shift, zp_out, qmin, qmax, y)
+            requant = (bias, mult, shift, zp_out, qmin, qmax)
+            if threads is not None and x.size * weight.shape[0] >= PARALLEL_MACS:
+                return _rows_in_parallel(nk, nk.linear_rows, x, (rows, *requant), y, threads)
+            return nk.bound(nk.linear_rows, x, rows, *requant, y)
         if nk:
             return nk.bound(nk.linear_int8, x, weight, bias, mult, shift, zp_out, qmin, qmax, y)
         return lambda: np.copyto(

@@ -18,7 +18,7 @@ import numpy as np
 
 from tinyrt.graph import RECURRENT_KINDS, Graph, Op, StatePart
 from tinyrt.kernels import reference as ref
-from tinyrt.ops import Step, bind_op, conv_scratch_shape
+from tinyrt.ops import Step, Threads, bind_op, conv_scratch_shape
 
 ALIGNMENT = 64
 
@@ -197,7 +197,8 @@ class Executor:
     ``buffers[v]`` is value ``v``'s array (batch first). Write the inputs into their buffers,
     call :meth:`run`, read the outputs from theirs. Recurrent ops keep their state in
     ``states`` (outside the arena), which :meth:`run` continues from; ``state_of[(i, d)]`` is
-    the state of direction ``d`` (0 forward, 1 reverse) of ``graph.ops[i]``.
+    the state of direction ``d`` (0 forward, 1 reverse) of ``graph.ops[i]``. ``threads``:
+    what large layers share their work with (:class:`tinyrt.ops.Threads`), or None.
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class Executor:
         shapes: list[tuple[int, ...]],
         numba_kernels: ModuleType | None,
         share_memory: bool = True,
+        threads: Threads | None = None,
     ) -> None:
         n_ops = len(graph.ops)
         storage = list(range(len(graph.values)))  # value -> index of the buffer holding it
@@ -261,7 +263,9 @@ class Executor:
                 self.state_of[(i, direction)] = state
             ins = [self.buffers[v] for v in op.inputs]
             out = self.buffers[op.outputs[0]]
-            self.steps.append(bind_op(op, graph.values, ins, out, scratch, states, numba_kernels))
+            self.steps.append(
+                bind_op(op, graph.values, ins, out, scratch, states, numba_kernels, threads)
+            )
         self.reset_states()
 
     def _new_states(
