@@ -536,14 +536,15 @@ def test_add_by_table_matches_reference_on_every_pair():
     for params in (typical, saturating):
         want = ref.add_int8(a, b, *params)
         out = np.empty_like(want)
-        nk.add_by_table_int8(a, b, add_table(params), out)
+        index = np.empty(nk.ADD_BLOCK, np.uint16)
+        nk.add_by_table_int8(a, b, add_table(params), index, out)
         np.testing.assert_array_equal(out, want)
         assert len(np.unique(want)) > 1
 
 
 @SETTINGS
 @given(
-    size=st.integers(1, 300),
+    size=st.integers(1, 300),  # blocks of 64 indices and the rest
     zps=st.tuples(*[st.integers(-128, 127)] * 3),
     scales=st.tuples(*[st.floats(1e-3, 1.0)] * 3),
     qmin=st.integers(-128, 0),
@@ -558,7 +559,8 @@ def test_elementwise_numba_bit_exact(size, zps, scales, qmin, seed):
     om, osh = ref.quantize_multiplier(twice_max / (2**20 * scales[2]))
     want = ref.add_int8(a, b, *zps, 20, am, ash, bm, bsh, om, osh, qmin, 127)
     out = np.empty_like(want)
-    nk.add_by_table_int8(a, b, add_table((*zps, 20, am, ash, bm, bsh, om, osh, qmin, 127)), out)
+    table = add_table((*zps, 20, am, ash, bm, bsh, om, osh, qmin, 127))
+    nk.add_by_table_int8(a, b, table, np.empty(nk.ADD_BLOCK, np.uint16), out)
     np.testing.assert_array_equal(out, want)
 
     m, s = ref.quantize_multiplier(scales[0] / scales[1])

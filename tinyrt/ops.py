@@ -621,8 +621,8 @@ def bind_op(
             a["qmax"],
         )
         if nk:
-            table = add_table(args)
-            return nk.bound(nk.add_by_table_int8, left, right, table, y)
+            table, index = add_table(args), scratch.view(np.uint16)
+            return nk.bound(nk.add_by_table_int8, left, right, table, index, y)
         return lambda: np.copyto(y, ref.add_int8(left, right, *args))
 
     if kind == "concat":

@@ -59,7 +59,7 @@ def scratch_shape(
 ) -> tuple[int, ...] | None:
     """The scratch buffer an op's numba kernel needs (None: none, and always for the reference
     backend, ``numba_kernels`` None): a convolution's padded input and im2col rows, a dynamic
-    linear layer's quantized input row."""
+    linear layer's quantized input row, an add's block of table indices."""
     if numba_kernels is None:
         return None
     if op.kind in ("conv1d", "conv2d"):
@@ -67,6 +67,8 @@ def scratch_shape(
         return conv_scratch_shape(op, in_shape, out_shape, numba_kernels.HAS_VBMI)
     if op.kind == "linear_dynamic":
         return (op.tensors["weight"].shape[1],)
+    if op.kind == "add":
+        return (2 * numba_kernels.ADD_BLOCK,)  # uint16
     return None
 
 
