@@ -363,9 +363,11 @@ def conv2d_tiles_int8(
     and where a group's window reads ``padded`` (so ``kh``, ``kw``, ``dh``, ``dw``, taken
     like every convolution kernel's, are already in them); ``folded`` is
     ``tinyrt.ops.fold_requantization`` of the layer (the blocks' fast requantization, or no
-    rows). Scratch: ``padded``
-    ``[C, HP, WP]`` (:func:`_pad_input`) with at least 32 bytes of buffer after it (the last
-    block of a row reads past its end). ``out`` is ``[N, O, OH, OW]``.
+    rows). Scratch: ``padded`` ``[C, HP, WP]`` (:func:`_pad_input`) with at least 32 bytes of
+    buffer after it (the last block of a row reads past its end, never storing what it read);
+    an unpadded layer whose ``padded`` has the image's shape reads ``x`` itself, which then
+    needs those bytes after it (``tinyrt.plan`` ends every arena in spare bytes). ``out`` is
+    ``[N, O, OH, OW]``.
     """
     n_batch, channels = x.shape[0], x.shape[1]
     _, o_total, oh, ow = out.shape
@@ -379,8 +381,12 @@ def conv2d_tiles_int8(
     flat = out.reshape(out.size)
     args = (offsets, words, weight_words, bias, multiplier, shift, folded)
     tail = (zp_out, qmin, qmax, flat)
+    # nothing to pad (pointwise layers, unpadded strided ones): the blocks read the input
+    flat = pad_top == 0 and pad_left == 0 and (hp, wp) == x.shape[2:]
     for n in range(n_batch):
-        _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
+        source = x[n] if flat else padded
+        if not flat:
+            _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for p in range(oh):
             q = 0
             while q < ow:
@@ -391,16 +397,16 @@ def conv2d_tiles_int8(
                 out_start = n * o_total * positions + p * ow + q
                 for g in range(0, paired, 8):
                     start, target = g * plane + window, out_start + g * positions
-                    _conv_block(-8, sw, columns, padded, start, plane, args, g, tail, target,
+                    _conv_block(-8, sw, columns, source, start, plane, args, g, tail, target,
                                 positions, valid)  # fmt: skip
                 for g in range(paired, groups):
                     start = g * c_per_group * plane + window
                     for block in range(0, tiled, 8):
                         o = g * o_per_group + block
-                        _conv_block(8, sw, columns, padded, start, 0, args, o, tail,
+                        _conv_block(8, sw, columns, source, start, 0, args, o, tail,
                                     out_start + o * positions, positions, valid)  # fmt: skip
                     for o in range(g * o_per_group + tiled, (g + 1) * o_per_group):
-                        _conv_block(1, sw, columns, padded, start, 0, args, o, tail,
+                        _conv_block(1, sw, columns, source, start, 0, args, o, tail,
                                     out_start + o * positions, positions, valid)  # fmt: skip
                 q += columns
 

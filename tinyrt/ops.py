@@ -61,8 +61,9 @@ def _conv_geometry(
     """What a numba convolution needs besides its operands: the 2-D window, the kernel that
     runs it (``group`` for a low-bit weight; ``gather`` where :func:`gathered_operands` says so
     and the CPU permutes bytes, ``byte_permute``; else :func:`_conv_kernel`), the padded input
-    it reads (exactly the rows and columns the output windows reach; none for ``gather``), the
-    gather operands and the size of its second scratch buffer."""
+    it reads (exactly the rows and columns the output windows reach; the whole image for an
+    unpadded layer under ``tiles``, which then reads the input itself; none for ``gather``),
+    the gather operands and the size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
@@ -90,6 +91,8 @@ def _conv_geometry(
         return {"window": window, "padded": padded, "positions": positions, "kernel": kernel,
                 "work": work if kernel == "group" else 4 * ow}  # fmt: skip
     kernel = _conv_kernel(weight[0].size, sw)
+    if kernel == "tiles" and not any(a2["padding"]):  # the blocks read the input itself
+        rows, columns = (1, image[0] * image[1]) if _is_pointwise(op) else image
     work = {  # bytes
         "tiles": _SCRATCH_ALIGN,  # room for the last block's loads past the padded input
         "gemm": oh * ow * weight[0].size,  # im2col rows

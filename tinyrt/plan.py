@@ -51,6 +51,7 @@ def plan_arena(sizes: list[int], lifetimes: list[tuple[int, int]]) -> tuple[list
 
 
 ITEMSIZE = {"int8": 1, "int32": 4, "float32": 4}
+ARENA_SLACK = 64  # bytes after the last buffer of an arena
 RECURRENT = RECURRENT_KINDS
 
 
@@ -241,7 +242,9 @@ class Executor:
         if not share_memory:
             lifetimes = [(-1, n_ops)] * len(sizes)
         offsets, total = plan_arena(sizes, lifetimes)
-        self.arena = np.zeros(total, dtype=np.uint8)
+        # spare bytes at the end: the convolution blocks may read 32 bytes past their input
+        # (numba_kernels.conv2d_tiles_int8; what they read there is never stored)
+        self.arena = np.zeros(total + ARENA_SLACK, dtype=np.uint8)
 
         def view(buffer: int, shape: tuple[int, ...], dtype: str = "int8") -> np.ndarray:
             start = offsets[buffer]
