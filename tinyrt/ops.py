@@ -62,8 +62,8 @@ def _conv_geometry(
     runs it (``group`` for a low-bit weight; ``gather`` where :func:`gathered_operands` says so
     and the CPU permutes bytes, ``byte_permute``; else :func:`_conv_kernel`), the padded input
     it reads (exactly the rows and columns the output windows reach; the whole image for an
-    unpadded layer under ``tiles``, which then reads the input itself; none for ``gather``),
-    the gather operands and the size of its second scratch buffer."""
+    unpadded layer under ``tiles``, which then reads the input itself, ``reads_input``; none
+    for ``gather``), the gather operands and the size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
@@ -91,7 +91,8 @@ def _conv_geometry(
         return {"window": window, "padded": padded, "positions": positions, "kernel": kernel,
                 "work": work if kernel == "group" else 4 * ow}  # fmt: skip
     kernel = _conv_kernel(weight[0].size, sw)
-    if kernel == "tiles" and not any(a2["padding"]):  # the blocks read the input itself
+    reads_input = kernel == "tiles" and not any(a2["padding"])  # no copy, no scratch
+    if reads_input:
         rows, columns = (1, image[0] * image[1]) if _is_pointwise(op) else image
     work = {  # bytes
         "tiles": _SCRATCH_ALIGN,  # room for the last block's loads past the padded input
@@ -104,6 +105,7 @@ def _conv_geometry(
         "positions": oh * ow,
         "kernel": kernel,
         "work": work,
+        "reads_input": reads_input,
     }
 
 
@@ -349,10 +351,10 @@ def conv_scratch_shape(
     op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], byte_permute: bool
 ) -> tuple[int] | None:
     """Bytes of the numba convolution's scratch: the padded input, then (64-byte aligned) the
-    kernel's second buffer (:func:`_conv_geometry`); None for the gathered kernel, which
-    needs none."""
+    kernel's second buffer (:func:`_conv_geometry`); None for the gathered kernel and for
+    blocks that read their unpadded input, which need none."""
     geometry = _conv_geometry(op, in_shape, out_shape, byte_permute)
-    if geometry["kernel"] == "gather":
+    if geometry["kernel"] == "gather" or geometry.get("reads_input"):
         return None
     return (_aligned(int(np.prod(geometry["padded"]))) + geometry["work"],)
 
@@ -531,9 +533,12 @@ def bind_op(
                 gather_args = (*gather, *args[:3], folded, *args[3:], groups, qmin, qmax, y)
                 return nk.bound(nk.gather_conv_int8, x, *gather_args)
             args += geometry["window"]
-            padded_size = int(np.prod(geometry["padded"]))
-            padded = scratch[:padded_size].reshape(geometry["padded"])
-            work = scratch[_aligned(padded_size) :]
+            if geometry.get("reads_input"):  # the blocks read x itself (the image's own layout)
+                padded, work = x[0], None
+            else:
+                padded_size = int(np.prod(geometry["padded"]))
+                padded = scratch[:padded_size].reshape(geometry["padded"])
+                work = scratch[_aligned(padded_size) :]
             if isinstance(t["weight"], GroupWeight):
                 return _bind_low_bit_conv(t["weight"], geometry, args, a2, padded, work, x, y, nk)
             weight = t["weight"].reshape(shape)
