@@ -114,7 +114,8 @@ def test_conv1d_scratch_is_one_padded_row_per_channel(every_op):
     k, (s,), (d,) = op.tensors["weight"].shape[2], op.attrs["stride"], op.attrs["dilation"]
     reach = (out_shape[2] - 1) * s + (k - 1) * d + 1
     padded = -(-in_shape[1] * reach // 64) * 64
-    assert conv_scratch_shape(op, in_shape, out_shape, byte_permute=False) == (padded + 64,)
+    # (the blocks' loads past the copy land in the arena's spare bytes, not in the scratch)
+    assert conv_scratch_shape(op, in_shape, out_shape, byte_permute=False) == (padded,)
 
 
 def test_batch_items_are_independent(models):

@@ -242,8 +242,8 @@ class Executor:
         if not share_memory:
             lifetimes = [(-1, n_ops)] * len(sizes)
         offsets, total = plan_arena(sizes, lifetimes)
-        # spare bytes at the end: the convolution blocks may read 32 bytes past their input
-        # (numba_kernels.conv2d_tiles_int8; what they read there is never stored)
+        # spare bytes at the end: the convolution blocks may read 32 bytes past their input or
+        # padded copy (numba_kernels.conv2d_tiles_int8; what they read there is never stored)
         self.arena = np.zeros(total + ARENA_SLACK, dtype=np.uint8)
 
         def view(buffer: int, shape: tuple[int, ...], dtype: str = "int8") -> np.ndarray:
