@@ -144,7 +144,7 @@ def gemm_case(m: int, k: int, n: int, runs: int, rng) -> dict:
     multiplier, shift = np.full(n, 1 << 30, np.int32), np.full(n, -8, np.int32)
     out = np.empty((m, n), np.int8)
     want = ref.linear_int8(x, weight, bias, multiplier, shift, 0)
-    rows = int8_rows_operand(weight)
+    rows = int8_rows_operand(weight, nk.INPUT_OFFSET)
     calls = {
         "tiles": lambda: nk.linear_int8(x, weight, bias, multiplier, shift, 0, -128, 127, out),
         "rows": lambda: nk.linear_rows(x, rows, bias, multiplier, shift, 0, -128, 127, out),

@@ -56,7 +56,7 @@ def product_calls(rows: int, k: int, columns: int) -> dict[int, Callable[[], Non
     bias = np.zeros(rows, np.int32)
     mult, shift = np.full(rows, 1 << 30, np.int32), np.full(rows, -8, np.int32)
     out = np.empty((columns, rows), np.int8)
-    w8 = int8_rows_operand(rng.integers(-127, 128, (rows, k), dtype=np.int8))
+    w8 = int8_rows_operand(rng.integers(-127, 128, (rows, k), dtype=np.int8), nk.INPUT_OFFSET)
     calls = {8: lambda: nk.linear_rows(x, w8, bias, mult, shift, 0, -128, 127, out)}
     real = rng.normal(size=(rows, k))
     for bits in WIDTHS[1:]:

@@ -21,10 +21,11 @@ import numpy as np
 from numba import types
 from numba.extending import overload
 
-from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight packing
+from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD, INPUT_OFFSET: for tinyrt.ops' packing
     CHANNELS_PER_WORD,  # noqa: F401
     HAS_VBMI,  # noqa: F401
     HAS_VNNI,
+    INPUT_OFFSET,  # noqa: F401
     LANES,
     WIDE_COLUMNS,
     conv_tile_1_s1,
@@ -61,7 +62,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD: for tinyrt.ops' weight p
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "ce0ed0b6a4adfb21"
+SIMD_SOURCE_SHA256 = "da7acba7a947722c"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")

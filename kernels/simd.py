@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import llvmlite.binding
 import numba
+import numba.core.codegen
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -50,26 +51,65 @@ _I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 _BYTES = ir.VectorType(_I8, LANES)
 _WORDS = ir.VectorType(_I16, LANES)
 _SUMS = ir.VectorType(_I32, LANES // 2)
+_SUMS_4 = ir.VectorType(_I32, 4)  # one 128-bit register of int32 (ARM's sdot)
 _WORDS_I32 = ir.VectorType(_I32, LANES)  # shuffle masks of 16 lanes
 
 
-def _target_features() -> set[str]:
-    """The CPU features Numba compiles for (``NUMBA_CPU_NAME``/``FEATURES`` override the host,
-    e.g. for a portable cache)."""
-    if numba.config.CPU_NAME:
-        features = numba.config.CPU_FEATURES or ""
-    else:
-        features = llvmlite.binding.get_host_cpu_features().flatten()
-    return set(features.split(","))
+def _target() -> tuple[str, str]:
+    """The CPU name and features Numba's JIT compiles for, picked as its CPU codegen picks
+    them (``NUMBA_CPU_NAME``/``NUMBA_CPU_FEATURES`` override the host's, e.g. for a portable
+    cache)."""
+    name = numba.config.CPU_NAME or llvmlite.binding.get_host_cpu_name()
+    features = numba.config.CPU_FEATURES
+    if features is None:
+        features = numba.core.codegen.get_host_cpu_features()
+    return name, features
 
 
-_FEATURES = _target_features()
+_DOT_PROBE = """
+define i32 @probe(<16 x i8> %a, <16 x i8> %b) {
+  %x = sext <16 x i8> %a to <16 x i32>
+  %y = sext <16 x i8> %b to <16 x i32>
+  %p = mul <16 x i32> %x, %y
+  %s = call i32 @llvm.vector.reduce.add.v16i32(<16 x i32> %p)
+  ret i32 %s
+}
+declare i32 @llvm.vector.reduce.add.v16i32(<16 x i32>)
+"""
+
+
+def has_dotprod(triple: str, cpu: str, features: str) -> bool:
+    """Whether LLVM compiling for ``triple``/``cpu``/``features`` has ARM's dot product
+    instructions (ARMv8.2 ``sdot``). Asked of LLVM itself, by compiling a dot product of 16
+    bytes and looking for ``sdot``: on Linux its host feature string never lists
+    ``+dotprod`` (a Raspberry Pi 5 is ``cortex-a76``, whose definition implies it), and an
+    ``sdot`` intrinsic on a target without it would stop the process in instruction
+    selection."""
+    if not triple.startswith(("aarch64", "arm64")):
+        return False
+    llvmlite.binding.initialize_all_targets()
+    llvmlite.binding.initialize_all_asmprinters()
+    machine = llvmlite.binding.Target.from_triple(triple).create_target_machine(cpu, features)
+    module = llvmlite.binding.parse_assembly(_DOT_PROBE)
+    module.triple = triple
+    return "sdot" in machine.emit_assembly(module)
+
+
+_CPU, _FEATURE_LIST = _target()
+_FEATURES = set(_FEATURE_LIST.split(","))
 HAS_AVX2 = "+avx2" in _FEATURES
 # vpdpbusd on 512-bit vectors, vpdpwssd on 256-bit ones (AVX512VL)
 HAS_VNNI = {"+avx512f", "+avx512bw", "+avx512vl", "+avx512vnni"} <= _FEATURES
+# ARMv8.2 dot products (sdot: 16 multiplies of signed bytes summed in fours into 4 int32 lanes)
+HAS_DOTPROD = has_dotprod(llvmlite.binding.get_process_triple(), _CPU, _FEATURE_LIST)
+# what the quad dot products (:func:`_dot_quads`) add to their first operand's inputs x:
+# vpdpbusd multiplies unsigned by signed bytes, so under VNNI x goes in as x + 128 (a flip of
+# the top bit) and each weight row's 128 Σ w is subtracted from the sums; sdot and the
+# portable IR multiply signed bytes as they are
+INPUT_OFFSET = 128 if HAS_VNNI else 0
 # window elements (input channels, or taps of a narrow layer) per int32 weight word of the
-# convolution blocks: int16 pairs, or int8 quads under VNNI
-CHANNELS_PER_WORD = 4 if HAS_VNNI else 2
+# convolution blocks: int16 pairs, or int8 quads where a dot product instruction takes them
+CHANNELS_PER_WORD = 4 if HAS_VNNI or HAS_DOTPROD else 2
 # vpermi2b (byte permutes over two 64-byte vectors) with VNNI: the gathered depthwise blocks
 HAS_VBMI = HAS_VNNI and "+avx512vbmi" in _FEATURES
 # output columns of the wide convolution blocks (while more than 8 columns of a row remain):
@@ -77,7 +117,7 @@ HAS_VBMI = HAS_VNNI and "+avx512vbmi" in _FEATURES
 WIDE_COLUMNS = 16 if HAS_VNNI else 8
 
 
-def _x86(builder: ir.IRBuilder, name: str, result: ir.Type, *args: ir.Value) -> ir.Value:
+def _llvm_call(builder: ir.IRBuilder, name: str, result: ir.Type, *args: ir.Value) -> ir.Value:
     """A call of the LLVM intrinsic ``name`` (operands of the types of ``args``)."""
     signature = ir.FunctionType(result, [a.type for a in args])
     return builder.call(cgutils.get_or_insert_function(builder.module, signature, name), args)
@@ -103,17 +143,17 @@ def _dpbusd(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir
     ``acc`` of 8 or 16 lanes and byte vectors (or their bitcasts) of 4 times as many lanes."""
     name = f"llvm.x86.avx512.vpdpbusd.{32 * acc.type.count}"
     operands = (builder.bitcast(v, acc.type) for v in (unsigned, signed))
-    return _x86(builder, name, acc.type, acc, *operands)
+    return _llvm_call(builder, name, acc.type, acc, *operands)
 
 
 def _accumulate_pairs(builder: ir.IRBuilder, acc: ir.Value, x: ir.Value, y: ir.Value) -> ir.Value:
     """``acc[i] + x[2i] * y[2i] + x[2i+1] * y[2i+1]`` for ``i < 8``: int16 vectors ``x``, ``y``
     multiplied in pairs into the int32 vector ``acc``."""
     if HAS_VNNI:
-        return _x86(builder, "llvm.x86.avx512.vpdpwssd.256", _SUMS, acc,
+        return _llvm_call(builder, "llvm.x86.avx512.vpdpwssd.256", _SUMS, acc,
                     builder.bitcast(x, _SUMS), builder.bitcast(y, _SUMS))  # fmt: skip
     if HAS_AVX2:
-        return builder.add(acc, _x86(builder, "llvm.x86.avx2.pmadd.wd", _SUMS, x, y))
+        return builder.add(acc, _llvm_call(builder, "llvm.x86.avx2.pmadd.wd", _SUMS, x, y))
     for first in (0, 1):
         lanes = ir.Constant(ir.VectorType(_I32, LANES // 2), list(range(first, LANES, 2)))
         xs = builder.sext(builder.shuffle_vector(x, ir.Constant(_WORDS, None), lanes), _SUMS)
@@ -147,7 +187,7 @@ def _masked_load(
     pointer = builder.bitcast(address, vector.as_pointer())
     name = f"llvm.masked.load.v{vector.count}i{vector.element.width}.p0"
     other = ir.Constant(vector, None) if other is None else other
-    return _x86(builder, name, vector, pointer, ir.Constant(_I32, 1), mask, other)
+    return _llvm_call(builder, name, vector, pointer, ir.Constant(_I32, 1), mask, other)
 
 
 def _masked_store(builder: ir.IRBuilder, value: ir.Value, address: ir.Value, mask: ir.Value):
@@ -395,7 +435,7 @@ def _shifts_right_only(builder: ir.IRBuilder, shifts: ir.Value) -> ir.Value:
     """Whether every lane of the int32 vector ``shifts`` is at most 0: the requantizations
     of those channels need no left shift (``_scale_lanes(left_shifts=False)``)."""
     name = f"llvm.vector.reduce.smax.v{shifts.type.count}i32"
-    return builder.icmp_signed("<=", _x86(builder, name, _I32, shifts), ir.Constant(_I32, 0))
+    return builder.icmp_signed("<=", _llvm_call(builder, name, _I32, shifts), ir.Constant(_I32, 0))
 
 
 def _either(builder: ir.IRBuilder, right_only: ir.Value, compute) -> ir.Value:
@@ -541,9 +581,10 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     :data:`CHANNELS_PER_WORD`: each step loads, for each element of a word, the block's inputs
     at its offset from the columns' windows, interleaves them so each int32 lane holds one
     column's word, and multiplies them by each output channel's weight word, broadcast: two
-    int16 elements (``vpmaddwd``), or four int8 ones under VNNI (``vpdpbusd``, inputs as
-    ``x + 128``, the weight row's last entry ``128 * Σ w`` subtracted at the end as in the
-    GEMM). Words mix channels and taps freely, so a 1-channel layer wastes no lanes.
+    int16 elements (``vpmaddwd``), or four int8 ones (:func:`_dot_quads`: ``vpdpbusd`` with
+    inputs ``x + 128``, or ``sdot``), the weight row's last entry (``INPUT_OFFSET * Σ w``)
+    subtracted at the end as in the GEMM. Words mix channels and taps freely, so a 1-channel
+    layer wastes no lanes.
 
     Arguments: ``padded`` (the padded input ``[C, HP, WP]``, read through its data pointer,
     with at least ``columns * stride`` readable bytes after the last row), ``x_start``
@@ -616,9 +657,9 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
             def word_inputs(base: ir.Value, elements: list) -> ir.Value:
                 """A word's inputs for the block's columns from ``base``, ready to multiply."""
                 inputs = interleave([load_inputs(builder.add(base, e)) for e in elements])
-                if per_word == 4:
-                    return _plus_128(builder, inputs)
-                return builder.sext(inputs, _WORDS)
+                if per_word == 2:
+                    return builder.sext(inputs, _WORDS)
+                return _plus_128(builder, inputs) if INPUT_OFFSET else inputs
 
             with cgutils.for_range(builder, words) as word_loop:
                 first = builder.mul(word_loop.index, ir.Constant(i64, per_word))
@@ -638,7 +679,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                     offset = builder.add(builder.mul(row, w_stride), word_loop.index)
                     word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
                     if per_word == 4:
-                        sums = _dpbusd(builder, builder.load(slot), inputs, word)
+                        sums = _dot_quads(builder, builder.load(slot), inputs, word)
                     else:
                         word = builder.bitcast(word, _WORDS)
                         sums = _accumulate_pairs(builder, builder.load(slot), inputs, word)
@@ -786,7 +827,7 @@ def _make_gather_conv(outputs: int, window: int):
                         address = builder.gep(index_ptr, [builder.mul(k, const(_CHUNK))])
                         picks = builder.load(builder.bitcast(address, chunk.as_pointer()), align=1)
                         parts = [
-                            _x86(
+                            _llvm_call(
                                 builder,
                                 "llvm.x86.avx512.vpermi2var.qi.512",
                                 chunk,
@@ -961,19 +1002,47 @@ def pad_plane(typingctx, target, target_start, rows, width, source, source_start
     return sig, codegen
 
 
-def _dot_quads(builder: ir.IRBuilder, acc: ir.Value, unsigned: ir.Value, signed: ir.Value):
-    """``acc[i] + Σ_{k<4} unsigned[4i+k] * signed[4i+k]`` for 16 int32 lanes and 64 bytes:
-    ``vpdpbusd`` under VNNI, elsewhere portable vector IR (widen, multiply, add the four
-    lanes of each quad) that every LLVM backend lowers to its own instructions."""
+def _dot_quads(builder: ir.IRBuilder, acc: ir.Value, x: ir.Value, w: ir.Value) -> ir.Value:
+    """``acc[i] + Σ_{k<4} x[4i+k] * w[4i+k]`` for an int32 vector ``acc`` of ``n`` lanes (a
+    multiple of 4) and byte vectors ``x``, ``w`` (or their bitcasts) of ``4 n`` lanes, ``w``
+    signed and ``x`` read as unsigned under VNNI, as signed elsewhere (callers add
+    :data:`INPUT_OFFSET` to their inputs): ``vpdpbusd`` under VNNI; ``sdot`` 16 bytes at a time
+    with ARM's dot products; elsewhere portable vector IR (widen, multiply, add the four lanes
+    of each quad) that every LLVM backend lowers to its own instructions."""
+    n = acc.type.count
+    x, w = (builder.bitcast(v, ir.VectorType(_I8, 4 * n)) for v in (x, w))
     if HAS_VNNI:
-        return _dpbusd(builder, acc, unsigned, signed)
-    wide = ir.VectorType(_I32, _CHUNK)
-    products = builder.mul(builder.zext(unsigned, wide), builder.sext(signed, wide))
+        return _dpbusd(builder, acc, x, w)
+    if HAS_DOTPROD:
+        sdot = "llvm.aarch64.neon.sdot.v4i32.v16i8"
+        pieces = []
+        for p in range(n // 4):  # 128-bit registers
+            part = _lanes(builder, acc, 4 * p, 4)
+            quads = _lanes(builder, x, 16 * p, 16), _lanes(builder, w, 16 * p, 16)
+            pieces.append(_llvm_call(builder, sdot, _SUMS_4, part, *quads))
+        while len(pieces) > 1:  # joined back in order, two halves at a time
+            pairs = zip(pieces[::2], pieces[1::2], strict=True)
+            pieces = [_joined(builder, a, b) for a, b in pairs]
+        return pieces[0]
+    wide = ir.VectorType(_I32, 4 * n)
+    products = builder.mul(builder.sext(x, wide), builder.sext(w, wide))
     undef = ir.Constant(wide, None)
     for first in range(4):
-        lanes = ir.Constant(_QUADS, list(range(first, _CHUNK, 4)))
+        lanes = ir.Constant(ir.VectorType(_I32, n), list(range(first, 4 * n, 4)))
         acc = builder.add(acc, builder.shuffle_vector(products, undef, lanes))
     return acc
+
+
+def _lanes(builder: ir.IRBuilder, v: ir.Value, first: int, count: int) -> ir.Value:
+    """Lanes ``first .. first + count`` of the vector ``v``."""
+    lanes = ir.Constant(ir.VectorType(_I32, count), list(range(first, first + count)))
+    return builder.shuffle_vector(v, ir.Constant(v.type, None), lanes)
+
+
+def _joined(builder: ir.IRBuilder, a: ir.Value, b: ir.Value) -> ir.Value:
+    """The lanes of ``a`` then those of ``b`` (vectors of one type)."""
+    lanes = ir.Constant(ir.VectorType(_I32, 2 * a.type.count), list(range(2 * a.type.count)))
+    return builder.shuffle_vector(a, b, lanes)
 
 
 def _total(builder: ir.IRBuilder, slots: list) -> ir.Value:
@@ -1022,10 +1091,10 @@ def _make_gemm_rows(cols: int):
 
     ``blocked`` holds from ``block_start`` ``words`` chunks of 64 bytes, 4 weights (a word)
     of each of the 16 rows, row after row. Column ``c``'s inputs start at ``x_start + c *
-    x_stride``; each word of 4 is broadcast to all lanes as unsigned bytes ``x + 128`` (a
-    flip of the top bit) and multiplied by the chunk (:func:`_dot_quads`): an outer product,
-    16 rows x ``cols`` columns per load, no sums across lanes. The rows' ``correction``
-    (``128 * Σ_k w``) is subtracted at the end; then :func:`_store_rows`.
+    x_stride``; each word of 4 is broadcast to all lanes as bytes ``x +`` :data:`INPUT_OFFSET`
+    and multiplied by the chunk (:func:`_dot_quads`): an outer product, 16 rows x ``cols``
+    columns per load, no sums across lanes. The rows' ``correction`` (``INPUT_OFFSET * Σ_k
+    w``) is subtracted at the end; then :func:`_store_rows`.
     """
     chunk_bytes = ir.VectorType(_I8, _CHUNK)
     lanes = _CHUNK // 4
@@ -1064,7 +1133,9 @@ def _make_gemm_rows(cols: int):
                     start = builder.add(x_start, builder.mul(x_stride, const(c)))
                     where = builder.add(start, builder.mul(word, const(4)))
                     pointer = builder.bitcast(builder.gep(x_ptr, [where]), _I32.as_pointer())
-                    word_of_4 = builder.xor(builder.load(pointer, align=1), flip)
+                    word_of_4 = builder.load(pointer, align=1)
+                    if INPUT_OFFSET:
+                        word_of_4 = builder.xor(word_of_4, flip)
                     inputs = builder.bitcast(_splat(builder, word_of_4, lanes), chunk_bytes)
                     slot = chains[c][parity % parities]
                     builder.store(_dot_quads(builder, builder.load(slot), inputs, chunk), slot)
@@ -1103,16 +1174,18 @@ def _make_group_rows(bits: int, cols: int):
     each of the 16 rows, row after row), groups ``g < groups`` taking words ``group_words[g]
     .. group_words[g + 1]``. Column ``c``'s input plane ``i`` starts at ``plane_start + (c *
     8/bits + i) * plane_len``; byte ``4 w + e`` of a plane meets field ``i`` of byte ``e`` of
-    word ``w``. Per chunk every field ``i`` is read unsigned where it lies, as ``2^(i bits) u``
-    with ``u = field ^ 2^(bits-1)``: a mask and a flip, which LLVM merges into one
-    ``vpternlogd``, and multiplied by each column's 4 inputs, broadcast (:func:`_dot_quads`),
-    into chains of field ``i``'s own; per group their sum is shifted back by ``i bits``
-    (exactly: it is a multiple of ``2^(i bits)``) and added up as ``dots``. Per group, in lanes:
-    ``acc += m * (dots - 2^(bits-1) * S) - o * S`` with the block's 16 ``m`` (uint8) and
-    ``o`` (int16) at ``param_start + 16 g`` and the column's group sum ``S`` at ``sums_start +
-    c * groups + g``. The epilogue is :func:`_make_gemm_tile`'s for rows ``first_row ..``:
-    the first ``count`` lanes are stored, at ``out_start + c * col_stride`` (int8 ``out``:
-    requantized; int32: scaled).
+    word ``w``. Per chunk every field ``i`` (the value ``q`` in two's complement) is read as
+    bytes :func:`_dot_quads` takes: under VNNI unsigned where it lies, as ``2^(i bits) u``
+    with ``u = q + 2^(bits-1) = field ^ 2^(bits-1)`` (a mask and a flip, which LLVM merges
+    into one ``vpternlogd``), elsewhere signed, moved to the byte's top bits as ``2^(8-bits)
+    q`` (a shift and a mask). Each is multiplied by each column's 4 inputs, broadcast, into
+    chains of field ``i``'s own; per group their sum is shifted back by that power of 2
+    (exactly) and added up as ``dots``, which is ``Σ q x + 2^(bits-1) S`` under VNNI and ``Σ q
+    x`` elsewhere. Per group, in lanes: ``acc += m * Σ q x - o * S`` with the block's 16 ``m``
+    (uint8) and ``o`` (int16) at ``param_start + 16 g`` and the column's group sum ``S`` at
+    ``sums_start + c * groups + g``. The epilogue is :func:`_make_gemm_tile`'s for rows
+    ``first_row ..``: the first ``count`` lanes are stored, at ``out_start + c * col_stride``
+    (int8 ``out``: requantized; int32: scaled).
     """
     per_byte = 8 // bits
     chunk_bytes = ir.VectorType(_I8, _CHUNK)
@@ -1161,8 +1234,12 @@ def _make_group_rows(bits: int, cols: int):
                 offset_bytes = builder.add(block_start, builder.mul(word, const(_CHUNK)))
                 chunk = builder.load(at(w_ptr, offset_bytes, chunk_bytes), align=1)
                 for i in range(per_byte):
-                    field = builder.and_(chunk, splat_bytes((2**bits - 1) << (i * bits)))
-                    field = builder.xor(field, splat_bytes(2 ** (bits - 1) << (i * bits)))
+                    if INPUT_OFFSET:
+                        field = builder.and_(chunk, splat_bytes((2**bits - 1) << (i * bits)))
+                        field = builder.xor(field, splat_bytes(2 ** (bits - 1) << (i * bits)))
+                    else:
+                        field = builder.shl(chunk, splat_bytes(8 - bits - i * bits))
+                        field = builder.and_(field, splat_bytes((2**bits - 1) << (8 - bits)))
                     for c in range(cols):
                         column = builder.add(plane_start, builder.mul(column_step, const(c)))
                         plane = builder.add(column, builder.mul(plane_len, const(i)))
@@ -1173,12 +1250,14 @@ def _make_group_rows(bits: int, cols: int):
                         builder.store(_dot_quads(builder, builder.load(slot), field, inputs), slot)
 
             def field_dots(column: list) -> ir.Value:
-                # field i's chains hold 2^(i bits) times its dots: shifted back exactly
-                dots = _total(builder, column[:parities])
-                for i in range(1, per_byte):
+                # field i's chains hold 2^(i bits) (or 2^(8-bits)) times its dots: shifted
+                # back exactly
+                dots = ir.Constant(_QUADS, None)
+                for i in range(per_byte):
                     field = _total(builder, column[parities * i : parities * (i + 1)])
-                    shift = ir.Constant(_QUADS, [i * bits] * lanes)
-                    dots = builder.add(dots, builder.ashr(field, shift))
+                    power = i * bits if INPUT_OFFSET else 8 - bits
+                    field = builder.ashr(field, ir.Constant(_QUADS, [power] * lanes))
+                    dots = builder.add(dots, field)
                 return dots
 
             with cgutils.for_range(builder, groups) as group:
@@ -1204,8 +1283,10 @@ def _make_group_rows(bits: int, cols: int):
                     index = builder.add(sums_start, builder.mul(groups, const(c)))
                     total = builder.load(builder.gep(s_ptr, [builder.add(index, group.index)]))
                     total = _splat(builder, total, lanes)
-                    unsigned = builder.mul(total, ir.Constant(_QUADS, [2 ** (bits - 1)] * lanes))
-                    step = builder.mul(m, builder.sub(dot, unsigned))
+                    if INPUT_OFFSET:  # Σ q x = Σ u x - 2^(bits-1) S
+                        half = ir.Constant(_QUADS, [2 ** (bits - 1)] * lanes)
+                        dot = builder.sub(dot, builder.mul(total, half))
+                    step = builder.mul(m, dot)
                     step = builder.sub(step, builder.mul(o, total))
                     builder.store(builder.add(builder.load(acc_slot), step), acc_slot)
 

@@ -497,7 +497,7 @@ def test_linear_numba_bit_exact(n, k, o, zp_out, seed):
     np.testing.assert_array_equal(out, want)
     x4, weight4 = random_int8(rng, (n, 4 * k)), random_int8(rng, (o, 4 * k), low=-127)
     want = ref.linear_int8(x4, weight4, bias, multiplier, shift, zp_out, -100, 120)
-    rows = int8_rows_operand(weight4)
+    rows = int8_rows_operand(weight4, nk.INPUT_OFFSET)
     nk.linear_rows(x4, rows, bias, multiplier, shift, zp_out, -100, 120, out)
     np.testing.assert_array_equal(out, want)
 

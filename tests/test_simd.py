@@ -3,9 +3,11 @@ CPU's path and, compiled for other targets, on the paths other CPUs take."""
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import llvmlite.binding
 import numba
@@ -13,7 +15,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llvmlite import ir
 
+import tinyrt
+from tinyrt.converter import lowbit
 from tinyrt.kernels import numba_kernels, simd
 from tinyrt.kernels import reference as ref
 
@@ -150,7 +155,8 @@ OTHER_TARGET_CHECK = textwrap.dedent(
     import numpy as np
     import sys
     from tinyrt.kernels import numba_kernels as nk, reference as ref, simd
-    assert (simd.HAS_AVX2, simd.HAS_VNNI) == tuple(map(eval, sys.argv[1:])), sys.argv
+    flags = (simd.HAS_AVX2, simd.HAS_VNNI, simd.HAS_DOTPROD)
+    assert flags == tuple(map(eval, sys.argv[1:])), sys.argv
     rng = np.random.default_rng(0)
     from tinyrt.ops import int8_rows_operand
     cases = [(1, 16, 4), (3, 17, 9), (2, 45, 5), (5, 64, 8), (4, 33, 7), (9, 20, 17), (4, 64, 33)]
@@ -166,7 +172,8 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         assert (out == want).all(), (n, k, o)
         if k % 4 == 0:  # the 16-row blocks
             out[...] = 0
-            nk.linear_rows(x, int8_rows_operand(w), bias, mult, shift, 3, -128, 127, out)
+            rows = int8_rows_operand(w, nk.INPUT_OFFSET)
+            nk.linear_rows(x, rows, bias, mult, shift, 3, -128, 127, out)
             assert (out == want).all(), ("rows", n, k, o)
     from tinyrt.ops import fold_requantization, tile_operands
     for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
@@ -213,8 +220,8 @@ HOST_FEATURES = set(llvmlite.binding.get_host_cpu_features().flatten().split(","
 @pytest.mark.parametrize(
     "cpu,features,flags",
     [
-        ("generic", "", (False, False)),  # the portable IR every non-x86 CPU gets
-        ("haswell", "+avx2", (True, False)),  # vpmaddwd only: x86 without AVX-512 VNNI
+        ("generic", "", (False, False, False)),  # portable IR: ARM without sdot, say
+        ("haswell", "+avx2", (True, False, False)),  # vpmaddwd only: x86 without AVX-512 VNNI
     ],
 )
 def test_other_targets_are_bit_exact(tmp_path, cpu, features, flags):
@@ -233,6 +240,85 @@ def test_other_targets_are_bit_exact(tmp_path, cpu, features, flags):
     )
     assert result.returncode == 0, result.stderr
     assert "bit-exact" in result.stdout
+
+
+def _arm64_tree(root: Path) -> Path:
+    """A ``tinyrt`` package for the emulated Python, linked to this one's sources; of the
+    converter (whose package needs torch) only the module the check uses."""
+    package = root / "tinyrt"
+    package.mkdir(parents=True)
+    for source in Path(tinyrt.__file__).parent.iterdir():
+        if source.suffix == ".py":
+            (package / source.name).symlink_to(source)
+    (package / "kernels").symlink_to(Path(simd.__file__).parent)
+    (package / "converter").mkdir()
+    (package / "converter" / "__init__.py").touch()
+    (package / "converter" / "lowbit.py").symlink_to(lowbit.__file__)
+    return root
+
+
+ARM64_PYTHON = os.environ.get("TINYRT_ARM64_PYTHON")
+
+
+def test_aarch64_targets_are_bit_exact(tmp_path):
+    """The check above run by an aarch64 Python under qemu, as a Raspberry Pi 5 (Cortex-A76,
+    ``sdot``) and a Pi 4 (Cortex-A72, portable IR) compile it: the two side by side, each a few
+    minutes of Numba compiling under emulation. ``.ci/arm64-python`` builds that Python and CI
+    always runs this test."""
+    if not ARM64_PYTHON:
+        if os.environ.get("CI"):
+            pytest.fail("CI builds an emulated aarch64 Python: .ci/arm64-python")
+        pytest.skip("no emulated aarch64 Python in TINYRT_ARM64_PYTHON (.ci/arm64-python)")
+    tree = _arm64_tree(tmp_path / "src")
+    runs = {}
+    for cpu, dotprod in (("cortex-a76", True), ("cortex-a72", False)):
+        env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES="+neon",
+                   NUMBA_CACHE_DIR=str(tmp_path / cpu), PYTHONPATH=str(tree))  # fmt: skip
+        flags = ["False", "False", str(dotprod)]
+        runs[cpu] = subprocess.Popen(
+            [ARM64_PYTHON, "-c", OTHER_TARGET_CHECK, *flags],
+            cwd=tree,  # not the repository, whose tinyrt/ lacks the kernels
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    for cpu, run in runs.items():
+        out, err = run.communicate(timeout=1200)
+        assert run.returncode == 0, (cpu, err)
+        assert "bit-exact" in out, cpu
+
+
+def test_has_dotprod_asks_llvm():
+    """ARM's dot products are found by the CPU LLVM compiles for, though its feature string
+    does not list them: a Raspberry Pi 5's Cortex-A76 has them, a Pi 4's Cortex-A72 not."""
+    arm = "aarch64-unknown-linux-gnu"
+    assert simd.has_dotprod(arm, "cortex-a76", "+neon")
+    assert simd.has_dotprod(arm, "generic", "+neon,+dotprod")
+    assert not simd.has_dotprod(arm, "cortex-a72", "+neon")
+    assert not simd.has_dotprod(arm, "cortex-a76", "-dotprod")
+    assert not simd.has_dotprod("x86_64-unknown-linux-gnu", "znver4", "+avx512vnni")
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_dot_quads_is_sdot_on_arm(monkeypatch, lanes):
+    """With ARM's dot products a block's quad dot products are ``sdot`` alone, one per 128-bit
+    register: compiled here for a Cortex-A76 and read in the assembly."""
+    monkeypatch.setattr(simd, "HAS_VNNI", False)
+    monkeypatch.setattr(simd, "HAS_DOTPROD", True)
+    module = ir.Module()
+    sums, quads = ir.VectorType(ir.IntType(32), lanes), ir.VectorType(ir.IntType(8), 4 * lanes)
+    function = ir.Function(module, ir.FunctionType(sums, [sums, quads, quads]), "dot_quads")
+    builder = ir.IRBuilder(function.append_basic_block())
+    builder.ret(simd._dot_quads(builder, *function.args))
+    arm = "aarch64-unknown-linux-gnu"
+    machine = llvmlite.binding.Target.from_triple(arm).create_target_machine("cortex-a76")
+    compiled = llvmlite.binding.parse_assembly(str(module))
+    compiled.triple = arm
+    asm = machine.emit_assembly(compiled)
+    instructions = re.findall(r"^\s+([a-z][a-z0-9.]*)\s", asm, re.MULTILINE)
+    assert instructions.count("sdot") == lanes // 4, asm
+    assert not {"mul", "smull", "smlal", "add", "addp"} & set(instructions), asm
 
 
 def test_kernel_cache_sees_simd_changes():

@@ -122,21 +122,20 @@ def _conv_kernel(k_len: int, stride: int) -> str:
     return "direct" if k_len < LANES else "gemm"
 
 
-def pack_conv_words(weight: np.ndarray, per_word: int) -> np.ndarray:
+def pack_conv_words(weight: np.ndarray, per_word: int, input_offset: int) -> np.ndarray:
     """``[O, C, KH, KW]`` int8 as :func:`numba_kernels.conv2d_tiles_int8` reads it: int32
     ``[O, words + 1]``. Each row holds the ``K = C * KH * KW`` weights in the order of
     :func:`conv_offsets` (taps major, channels fastest), in words of ``per_word``
-    (``numba_kernels.CHANNELS_PER_WORD``): 2 as int16, or 4 as int8 for ``vpdpbusd``, 0 past
-    ``K``. The last entry is what the blocks subtract from their sums: 0, or for 4-element
-    words ``128 * Σ w`` (they multiply ``x + 128``)."""
+    (``numba_kernels.CHANNELS_PER_WORD``): 2 as int16, or 4 as int8 for ``vpdpbusd`` or
+    ``sdot``, 0 past ``K``. The last entry is what the blocks subtract from their sums:
+    ``input_offset * Σ w`` (``numba_kernels.INPUT_OFFSET``: 128 where they multiply ``x +
+    128``, else 0)."""
     o = weight.shape[0]
     flat = weight.transpose(0, 2, 3, 1).reshape(o, -1)
     words = -(-flat.shape[1] // per_word)
     packed = np.zeros((o, words * per_word), dtype={2: "<i2", 4: "i1"}[per_word])
     packed[:, : flat.shape[1]] = flat
-    correction = 128 * flat.astype(np.int64).sum(axis=1, keepdims=True)
-    if per_word == 2:
-        correction[:] = 0
+    correction = input_offset * flat.astype(np.int64).sum(axis=1, keepdims=True)
     return np.concatenate([packed.view("<i4"), correction], axis=1, dtype=np.int32)
 
 
@@ -161,7 +160,8 @@ def tile_operands(
     _, rows, columns = padded_shape
     steps = (rows * columns, dilation[0] * columns, dilation[1])
     per_word = nk.CHANNELS_PER_WORD
-    return pack_conv_words(weight, per_word), conv_offsets(c, kh, kw, steps, per_word)
+    words = pack_conv_words(weight, per_word, nk.INPUT_OFFSET)
+    return words, conv_offsets(c, kh, kw, steps, per_word)
 
 
 GATHER_BLOCK = 16  # outputs per block of numba_kernels.gather_conv_int8
@@ -371,14 +371,15 @@ def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
     return ref.group_weight(weight) if isinstance(weight, GroupWeight) else weight
 
 
-def int8_rows_operand(weight: np.ndarray) -> tuple:
+def int8_rows_operand(weight: np.ndarray, input_offset: int) -> tuple:
     """An int8 weight ``[O, K]`` (``K`` a multiple of 4) as
     :func:`numba_kernels.linear_rows` reads it: ``(blocked, words, correction, rows)`` with
     ``blocked`` ``[blocks, K/4, 16, 4]`` (blocks of 16 rows, the last padded with zero rows: a
-    word of 4 weights of 16 rows is one 64-byte load) and ``correction = 128 * Σ_k w`` per
-    row (int32, padded)."""
+    word of 4 weights of 16 rows is one 64-byte load) and ``correction = input_offset * Σ_k
+    w`` per row (int32, padded; ``numba_kernels.INPUT_OFFSET``)."""
     rows, k_len = weight.shape
-    correction = (128 * weight.astype(np.int64).sum(axis=1, keepdims=True)).astype(np.int32)
+    correction = input_offset * weight.astype(np.int64).sum(axis=1, keepdims=True)
+    correction = correction.astype(np.int32)
     return _row_blocks(weight, 4), k_len // 4, _row_blocks(correction, 1), rows
 
 
@@ -503,7 +504,7 @@ def bind_op(
             requant = (bias, mult, shift, zp_out, qmin, qmax)
             return nk.bound(nk.linear_group, x, group, *requant, y)
         if nk and weight.shape[1] % 4 == 0:  # blocks of 16 rows x 4 inputs per load
-            rows = kernel_layout(weight, int8_rows_operand)
+            rows = kernel_layout(weight, lambda w: int8_rows_operand(w, nk.INPUT_OFFSET))
             requant = (bias, mult, shift, zp_out, qmin, qmax)
             if threads is not None and x.size * weight.shape[0] >= PARALLEL_MACS:
                 return _rows_in_parallel(nk, nk.linear_rows, x, (rows, *requant), y, threads)
