@@ -52,6 +52,10 @@ from benchmarks.suite_models import BEST_GEMM, BY_NAME, MODELS, SuiteModel  # no
 CACHE = ROOT / "out" / "suite"
 RESULTS = ROOT / "benchmarks" / "results"
 ROUNDS = 10  # timed chunks per runtime, interleaved across runtimes
+# pause before each chunk of a multi-threaded row: ONNX Runtime's pool threads spin about 40
+# ms after a call and PyTorch's OpenMP threads about 10 ms (CPU time of an idle process after
+# one 2-thread GEMM), which would take the next runtime's second core
+SETTLE_S = 0.06
 RELEVANT_FLAGS = re.compile(
     r"^(sse4_2|avx|avx2|fma|f16c|avx512\w*|avx_vnni\w*|amx\w*|asimd\w*|i8mm|sve\w*|dotprod)$"
 )
@@ -210,6 +214,8 @@ def measure_config(
             share = counts[name] // ROUNDS + (counts[name] % ROUNDS if r == 0 else 0)
             try:
                 runners[name].activate(threads)
+                if threads > 1:
+                    time.sleep(SETTLE_S)  # until the last runtime's threads stop spinning
                 call()
                 call()  # re-warm after the other runtimes' chunks
                 samples[name] += _timed(call, share)
