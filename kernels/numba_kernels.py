@@ -62,7 +62,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD, INPUT_OFFSET: for tinyrt
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "da7acba7a947722c"
+SIMD_SOURCE_SHA256 = "23b0ee5990ccf844"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")

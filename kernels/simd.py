@@ -20,7 +20,9 @@ Each step loads every row once and multiplies it with every column, one accumula
   lanes, no saturation). The ``a`` rows go in as ``a + 128`` (a bit flip, ``a ^ 0x80``), so
   each column's ``128 * Σ b`` (one more ``vpdpbusd`` per column, shared by every row) is
   subtracted at the end: ``Σ a b = Σ (a + 128) b - 128 Σ b``, exact in wrapping int32;
-- then 16-element steps (all of them without VNNI): int8 sign-extended to int16 and
+- on ARM with dot products, 16-element steps first: ``llvm.aarch64.neon.sdot`` (``sdot``: 16
+  multiplies of signed bytes, summed in fours into 4 int32 lanes), no flip (:func:`_dot_quads`);
+- then 16-element steps (all of them without VNNI or sdot): int8 sign-extended to int16 and
   multiplied in pairs into 8 int32 lanes, with ``llvm.x86.avx2.pmadd.wd`` (``vpmaddwd``: 16
   multiplies and 8 adds; ``vpdpwssd`` adds them too under VNNI) on x86 with AVX2, elsewhere
   (ARM, older x86) in portable vector IR (widen, multiply, add even and odd lanes) that every
@@ -151,7 +153,7 @@ def _accumulate_pairs(builder: ir.IRBuilder, acc: ir.Value, x: ir.Value, y: ir.V
     multiplied in pairs into the int32 vector ``acc``."""
     if HAS_VNNI:
         return _llvm_call(builder, "llvm.x86.avx512.vpdpwssd.256", _SUMS, acc,
-                    builder.bitcast(x, _SUMS), builder.bitcast(y, _SUMS))  # fmt: skip
+                          builder.bitcast(x, _SUMS), builder.bitcast(y, _SUMS))  # fmt: skip
     if HAS_AVX2:
         return builder.add(acc, _llvm_call(builder, "llvm.x86.avx2.pmadd.wd", _SUMS, x, y))
     for first in (0, 1):
@@ -235,25 +237,27 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
 
     done = ir.Constant(i64, 0)
     totals = []
-    if HAS_VNNI:
-        chunk_bytes = ir.VectorType(_I8, _CHUNK)
-        bytes_128 = ir.Constant(chunk_bytes, [-128] * _CHUNK)  # unsigned 128 in every byte
-        quads = _zeroed_slots(builder, rows * cols, _QUADS)
-        corrections = _zeroed_slots(builder, cols, _QUADS)
-        chunks = builder.sdiv(k_total, ir.Constant(i64, _CHUNK))
+    if HAS_VNNI or HAS_DOTPROD:
+        chunk = _CHUNK if HAS_VNNI else LANES  # one zmm register; one NEON register
+        chunk_bytes = ir.VectorType(_I8, chunk)
+        bytes_128 = ir.Constant(chunk_bytes, [-128] * chunk)  # unsigned 128 in every byte
+        quads = _zeroed_slots(builder, rows * cols, ir.VectorType(_I32, chunk // 4))
+        corrections = _zeroed_slots(builder, cols, quads[0].type.pointee)
+        chunks = builder.sdiv(k_total, ir.Constant(i64, chunk))
         with cgutils.for_range(builder, chunks) as loop:
-            k = builder.mul(loop.index, ir.Constant(i64, _CHUNK))
-            a_vecs = [
-                _plus_128(builder, load(a_ptr, builder.add(s, k), chunk_bytes)) for s in a_rows
-            ]
+            k = builder.mul(loop.index, ir.Constant(i64, chunk))
+            a_vecs = [load(a_ptr, builder.add(s, k), chunk_bytes) for s in a_rows]
+            if INPUT_OFFSET:
+                a_vecs = [_plus_128(builder, v) for v in a_vecs]
             b_vecs = [load(b_ptr, builder.add(s, k), chunk_bytes) for s in b_rows]
             for c, bv in enumerate(b_vecs):
-                correction = _dpbusd(builder, builder.load(corrections[c]), bytes_128, bv)
-                builder.store(correction, corrections[c])
+                if INPUT_OFFSET:
+                    correction = _dot_quads(builder, builder.load(corrections[c]), bytes_128, bv)
+                    builder.store(correction, corrections[c])
                 for r, av in enumerate(a_vecs):
                     slot = quads[r * cols + c]
-                    builder.store(_dpbusd(builder, builder.load(slot), av, bv), slot)
-        done = builder.mul(chunks, ir.Constant(i64, _CHUNK))
+                    builder.store(_dot_quads(builder, builder.load(slot), av, bv), slot)
+        done = builder.mul(chunks, ir.Constant(i64, chunk))
         totals = [
             builder.sub(builder.load(quads[r * cols + c]), builder.load(corrections[c]))
             for r in range(rows)
@@ -285,17 +289,20 @@ def _dot_sums(context, builder, signature, args, rows: int, cols: int) -> ir.Val
         keep = builder.icmp_signed(">=", index, _splat(builder, counted, LANES))
         accumulate(builder.sub(k_total, lanes), keep)
     sums = [builder.load(slot) for slot in pairs]
-    if totals:  # the 8 lanes of the pair sums join the 16 of the chunk sums
-        wide = ir.Constant(ir.VectorType(_I32, _CHUNK // 4), list(range(_CHUNK // 4)))
-        zero = ir.Constant(_SUMS, None)
+    wide = bool(totals) and totals[0].type.count > LANES // 2
+    if totals:  # the 8 lanes of the pair sums and the 16 (or 4) of the chunk sums join
+        narrow, broad = (sums, totals) if wide else (totals, sums)
+        n = broad[0].type.count
+        lanes = ir.Constant(ir.VectorType(_I32, n), list(range(n)))
+        zero = ir.Constant(narrow[0].type, None)
         sums = [
-            builder.add(builder.shuffle_vector(x, zero, wide), y)
-            for x, y in zip(sums, totals, strict=True)
+            builder.add(builder.shuffle_vector(x, zero, lanes), y)
+            for x, y in zip(narrow, broad, strict=True)
         ]
     sums += [ir.Constant(sums[0].type, None)] * (LANES // 2 - len(sums))
     while len(sums) > 1:  # pairwise lane sums: 8 accumulators -> 8 (or 16) lanes, in order
         sums = [_add_pairs(builder, x, y) for x, y in zip(sums[::2], sums[1::2], strict=True)]
-    if totals:  # lanes 2i and 2i + 1 hold halves of accumulator i
+    if wide:  # lanes 2i and 2i + 1 hold halves of accumulator i
         undef = ir.Constant(sums[0].type, None)
         halves = [ir.Constant(_SUMS, list(range(first, _CHUNK // 4, 2))) for first in (0, 1)]
         return builder.add(*(builder.shuffle_vector(sums[0], undef, h) for h in halves))
