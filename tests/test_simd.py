@@ -220,7 +220,7 @@ HOST_FEATURES = set(llvmlite.binding.get_host_cpu_features().flatten().split(","
 @pytest.mark.parametrize(
     "cpu,features,flags",
     [
-        ("generic", "", (False, False, False)),  # portable IR: ARM without sdot, say
+        ("generic", "", (False, False, False)),  # portable IR, as ARM CPUs without sdot get
         ("haswell", "+avx2", (True, False, False)),  # vpmaddwd only: x86 without AVX-512 VNNI
     ],
 )
