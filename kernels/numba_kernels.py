@@ -383,10 +383,10 @@ def conv2d_tiles_int8(
     args = (offsets, words, weight_words, bias, multiplier, shift, folded)
     tail = (zp_out, qmin, qmax, flat)
     # nothing to pad (pointwise layers, unpadded strided ones): the blocks read the input
-    flat = pad_top == 0 and pad_left == 0 and (hp, wp) == x.shape[2:]
+    unpadded = pad_top == 0 and pad_left == 0 and (hp, wp) == x.shape[2:]
     for n in range(n_batch):
-        source = x[n] if flat else padded
-        if not flat:
+        source = x[n] if unpadded else padded
+        if not unpadded:
             _pad_input(x[n], zp_in, pad_top, pad_left, padded, False)
         for p in range(oh):
             q = 0
