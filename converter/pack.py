@@ -29,7 +29,7 @@ from tinyrt.converter.quantize import (
 from tinyrt.errors import ConversionError
 from tinyrt.format import Tensor
 from tinyrt.kernels.reference import activation_table
-from tinyrt.packing import GroupWeight
+from tinyrt.packing import ROW_BLOCKS_LAYOUT, GroupWeight, RowBlocks
 
 WEIGHTED_KINDS = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
 TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
@@ -50,10 +50,14 @@ class TensorTable:
         self.tensors.append(tensor)
         return len(self.tensors) - 1
 
-    def weight_rows(self, name: str, weight: np.ndarray, scale: np.ndarray) -> tuple[int, int]:
+    def weight_rows(
+        self, name: str, weight: np.ndarray, scale: np.ndarray, blocked: bool = False
+    ) -> tuple[int, int]:
         """Add the int8 weight ``name`` quantized per row (axis 0) and its float32 scales
         ``s_w``, tensor ``name + "_scale"``, which the weight's per_channel quantization record
-        (docs/format.md) points at; return the indices of the weight and of the scales."""
+        (docs/format.md) points at; return the indices of the weight and of the scales.
+        ``blocked``: store the weight in the ``rows16x4`` layout its kernel reads
+        (:class:`~tinyrt.packing.RowBlocks`; ``[O, K]`` with ``K`` a multiple of 4)."""
         index = self.add(Tensor(f"{name}_scale", "float32", scale.shape, scale))
         record = {
             "scheme": "per_channel",
@@ -64,7 +68,12 @@ class TensorTable:
             "scale": index,
             "zero_point": None,
         }
-        return self.add(Tensor(name, "int8", weight.shape, weight, record)), index
+        if blocked:
+            blocks = RowBlocks.pack(weight).blocks
+            tensor = Tensor(name, "int8", weight.shape, blocks, record, ROW_BLOCKS_LAYOUT)
+        else:
+            tensor = Tensor(name, "int8", weight.shape, weight, record)
+        return self.add(tensor), index
 
     def group_rows(self, name: str, weight: GroupWeight, scale: np.ndarray, bits: int) -> int:
         """Add the low-bit weight ``name`` (docs/lowbit.md) with its per_group quantization
@@ -124,12 +133,16 @@ class _Packer(TensorTable):
             s_out,
             self.spec.for_layer(node.name),
         )
-        return self.rows(node.name, q), self.clamp(node)
+        return self.rows(node.name, q, blocked=node.kind == "linear"), self.clamp(node)
 
-    def rows(self, name: str, q: QuantizedLayer, suffix: str = "") -> dict[str, int]:
+    def rows(
+        self, name: str, q: QuantizedLayer, suffix: str = "", blocked: bool = False
+    ) -> dict[str, int]:
         """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
         None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index. Records the
-        weight's bits and reconstruction error for the file's provenance."""
+        weight's bits and reconstruction error for the file's provenance. ``blocked``: an
+        int8 weight whose rows are a multiple of 4 long is stored in blocks of 16 rows, as
+        ``numba_kernels.linear_rows`` reads it (docs/format.md, layout ``rows16x4``)."""
         weight_name = f"{name}.weight{suffix}"
         spec = self.spec.for_layer(name)
         if isinstance(q.weight, GroupWeight):
@@ -142,7 +155,8 @@ class _Packer(TensorTable):
                 "error": q.error,
             }
         else:
-            weight, _ = self.weight_rows(weight_name, q.weight, q.scale)
+            blocked = blocked and q.weight.shape[1] % 4 == 0
+            weight, _ = self.weight_rows(weight_name, q.weight, q.scale, blocked)
             self.weight_errors[weight_name] = {"bits": 8, "error": q.error}
         tensors = {f"weight{suffix}": weight}
         for key, array in (("bias", q.bias), ("multiplier", q.multiplier), ("shift", q.shift)):

@@ -92,8 +92,9 @@ def test_dequantized_weights_match_the_folded_float_weights(cnn, cnn_file):
             continue
         weight = file.tensors[op["tensors"]["weight"]]
         scale = file.tensors[weight.quant["scale"]].data.astype(np.float64)
-        shape = (-1,) + (1,) * (weight.data.ndim - 1)
-        error = np.abs(weight.data * scale.reshape(shape) - folded[op["name"]])
+        values = weight.values()
+        shape = (-1,) + (1,) * (values.ndim - 1)
+        error = np.abs(values * scale.reshape(shape) - folded[op["name"]])
         assert (error <= scale.reshape(shape) / 2 * (1 + 1e-6)).all(), op["name"]
         checked += 1
     assert checked == 5  # stem (with its BatchNorm), dw, pw, branch, fc

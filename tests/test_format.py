@@ -29,7 +29,7 @@ from tinyrt.format import (
     serialize,
     write_model_file,
 )
-from tinyrt.packing import pack_bits, unpack_bits
+from tinyrt.packing import RowBlocks, pack_bits, unpack_bits
 
 # The header as docs/format.md specifies it, written out independently of tinyrt.format.
 HEADER = struct.Struct("<8sHHIQQQQIIII")
@@ -142,6 +142,7 @@ def _assert_same_model(model: ModelFile, tensors: list[Tensor]) -> None:
         )
         assert read.data.dtype == written.data.dtype and read.data.shape == written.data.shape
         np.testing.assert_array_equal(read.data, written.data)
+        np.testing.assert_array_equal(read.values(), _values(written))
 
 
 def _root(array: np.ndarray) -> object:
@@ -255,7 +256,7 @@ def test_header_and_sections_follow_the_spec() -> None:
     blob = _valid()
     header = _header(blob)
     assert header["magic"] == MAGIC == b"\x89TINYRT\n"
-    assert (header["major"], header["minor"]) == FORMAT_VERSION == (1, 1)
+    assert (header["major"], header["minor"]) == FORMAT_VERSION == (1, 2)
     assert header["header_size"] == header["metadata_offset"] == 64
     assert header["flags"] == 0
     assert header["header_crc"] == zlib.crc32(blob[:60])
@@ -403,7 +404,7 @@ def test_newer_minor_version_is_accepted() -> None:
 def test_unknown_keys_are_ignored() -> None:
     def add_keys(meta: dict) -> None:
         meta["future_section"] = {"anything": [1, 2]}
-        meta["tensors"][0]["layout"] = "blocked"
+        meta["tensors"][0]["comment"] = "re-exported"
         meta["tensors"][0]["quant"]["method"] = "hqq"
 
     model = read_model_file(_edit(add_keys)(_valid()))
@@ -516,14 +517,15 @@ CORPUS = {
     "wrong-magic": (lambda b: b"PK\x03\x04zip!" + b[8:], "magic"),
     "text-mode-transfer": (lambda b: b.replace(b"\n", b"\r\n", 1), "transfer"),
     "high-bit-stripped": (lambda b: bytes([b[0] & 0x7F]) + b[1:], "transfer"),
-    "unknown-major": (_header_field(major=2), "version 2.1 is not supported"),
-    "major-zero": (_header_field(major=0), "version 0.1 is not supported"),
+    "unknown-major": (_header_field(major=2), "version 2.2 is not supported"),
+    "major-zero": (_header_field(major=0), "version 0.2 is not supported"),
     "bad-header-crc": (
         _header_field(data_nbytes=1, header_crc=lambda h: h["header_crc"]),
         "header crc32",
     ),
     "header-size": (_header_field(header_size=128), "header_size"),
-    "unknown-flags": (_header_field(flags=1), "flags"),
+    "unknown-flags": (_header_field(flags=2), "bits 0x00000002 name features"),
+    "layouts-flag-without-layouts": (_header_field(flags=1), "flag 0x1 must be clear"),
     "metadata-offset": (_header_field(metadata_offset=128), "metadata_offset"),
     "metadata-nbytes-huge": (_header_field(metadata_nbytes=2**62), "metadata_nbytes"),
     "metadata-nbytes-max": (_header_field(metadata_nbytes=2**64 - 1), "metadata_nbytes"),
@@ -677,6 +679,83 @@ def test_huge_size_fields_fail_fast_without_allocating(mutate: Callable[[bytes],
     finally:
         tracemalloc.stop()
     assert peak < 2**20
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel layouts (1.2): rows16x4
+
+
+def _blocked_model(rows: int = 20, k: int = 8) -> tuple[np.ndarray, bytes]:
+    """An int8 ``[rows, k]`` weight stored as rows16x4, next to a plain tensor."""
+    weight = np.random.default_rng(1).integers(-128, 128, size=(rows, k), dtype=np.int8)
+    blocks = RowBlocks.pack(weight).blocks
+    tensors = [
+        Tensor("bias", "int32", (rows,), np.arange(rows, dtype=np.int32)),
+        Tensor("fc.weight", "int8", (rows, k), blocks, None, "rows16x4"),
+    ]
+    return weight, serialize(GRAPH, tensors, PROVENANCE)
+
+
+def test_rows16x4_bytes_follow_the_spec() -> None:
+    """Byte ``((b * K/4 + j) * 16 + r) * 4 + i`` of the tensor is ``w[16 b + r, 4 j + i]``, rows
+    past ``O`` are zero, and the header's flag 0x1 tells readers that some tensor has a layout
+    (1.0 and 1.1 readers refuse any flag, rather than misread the bytes)."""
+    weight, blob = _blocked_model(rows=20, k=8)
+    header, entry = _header(blob), _metadata(blob)["tensors"][1]
+    assert header["flags"] == 1
+    assert (entry["layout"], entry["shape"], entry["nbytes"]) == ("rows16x4", [20, 8], 2 * 16 * 8)
+    start = header["data_offset"] + entry["offset"]
+    stored = blob[start : start + entry["nbytes"]]
+    for b in range(2):
+        for j in range(2):
+            for r in range(16):
+                for i in range(4):
+                    expected = weight[16 * b + r, 4 * j + i] if 16 * b + r < 20 else 0
+                    byte = stored[((b * 2 + j) * 16 + r) * 4 + i]
+                    assert np.int8(np.uint8(byte)) == expected
+    assert "layout" not in _metadata(blob)["tensors"][0]
+
+
+def test_rows16x4_round_trips_as_its_blocks() -> None:
+    weight, blob = _blocked_model(rows=33, k=12)
+    model = read_model_file(blob)
+    _assert_zero_copy(model, blob)
+    tensor = model.tensors[1]
+    assert (tensor.layout, tensor.shape, tensor.data.shape) == ("rows16x4", (33, 12), (3, 3, 16, 4))
+    np.testing.assert_array_equal(tensor.values(), weight)
+
+
+def _layout(layout: object, **fields: object) -> Callable[[bytes], bytes]:
+    return _entry(1, layout=layout, **fields)
+
+
+LAYOUT_CORPUS = {
+    "unknown-layout": (_layout("rows8x8"), "layout must be null or 'rows16x4'"),
+    "layout-not-str": (_layout(1), "layout must be null"),
+    "layout-on-int32": (_entry(0, layout="rows16x4"), "holds an int8 tensor [O, K]"),
+    "layout-k-not-multiple-of-4": (
+        _layout("rows16x4", shape=[20, 6], nbytes=320),
+        "K a multiple of 4",
+    ),
+    "layout-rank-3": (_layout("rows16x4", shape=[2, 10, 8]), "holds an int8 tensor [O, K]"),
+    "layout-unpadded-nbytes": (_layout("rows16x4", nbytes=160), "takes 256 bytes"),
+    "layout-without-flag": (_header_field(flags=0), "flag 0x1 must be set"),
+    "layout-removed-flag-kept": (_layout(DELETE, nbytes=160), "flag 0x1 must be clear"),
+}
+
+
+@pytest.mark.parametrize(("mutate", "word"), list(LAYOUT_CORPUS.values()), ids=list(LAYOUT_CORPUS))
+def test_malformed_layouts_are_rejected(mutate: Callable[[bytes], bytes], word: str) -> None:
+    blob = _blocked_model()[1]
+    with pytest.raises(FormatError) as info:
+        read_model_file(mutate(blob))
+    assert word in str(info.value)
+
+
+def test_writer_wants_a_layouts_blocks() -> None:
+    weight = np.zeros((20, 8), np.int8)
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 16, 4\), got int8 with shape \(20, 8\)"):
+        serialize({}, [Tensor("w", "int8", (20, 8), weight, None, "rows16x4")], {})
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
-"""Tests of int4/int2 bit packing (tinyrt.packing)."""
+"""Tests of int4/int2 bit packing and int8 row blocks (tinyrt.packing)."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyrt.packing import pack_bits, packed_nbytes, unpack_bits
+from tinyrt.packing import RowBlocks, pack_bits, packed_nbytes, unpack_bits
 
 
 def _range(bits: int) -> tuple[int, int]:
@@ -95,3 +95,26 @@ def test_unpack_checks_its_input() -> None:
         unpack_bits(np.zeros((2, 1), dtype=np.uint8), 4, 4)
     with pytest.raises(ValueError, match="count must be >= 0"):
         unpack_bits(np.zeros(0, dtype=np.uint8), 4, -1)
+
+
+@given(rows=st.integers(1, 50), words=st.integers(1, 9), seed=st.integers(0, 2**32 - 1))
+def test_row_blocks_round_trip_and_row_sums(rows: int, words: int, seed: int) -> None:
+    """Blocks of 16 rows for any row count (a partial last block, zero padded) and any row
+    length that is a multiple of 4; the rows come back, and the sums are per row."""
+    weight = np.random.default_rng(seed).integers(-128, 128, (rows, 4 * words), dtype=np.int8)
+    blocks = RowBlocks.pack(weight)
+    assert blocks.blocks.shape == (-(-rows // 16), words, 16, 4) and blocks.ndim == 2
+    np.testing.assert_array_equal(blocks.rows(), weight)
+    sums = blocks.row_sums()
+    assert sums.shape == (16 * -(-rows // 16),) and not sums[rows:].any()
+    np.testing.assert_array_equal(sums[:rows], weight.sum(axis=1, dtype=np.int64))
+    magnitudes = np.abs(weight.astype(np.int64)).sum(axis=1)
+    np.testing.assert_array_equal(blocks.row_bounds(), magnitudes)
+
+
+@pytest.mark.parametrize(
+    "weight", [np.zeros((3, 6), np.int8), np.zeros((3, 8), np.int16), np.zeros(8, np.int8)]
+)
+def test_row_blocks_want_int8_rows_of_whole_words(weight: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="K a multiple of 4"):
+        RowBlocks.pack(weight)

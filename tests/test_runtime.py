@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import threading
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -17,6 +19,7 @@ import tinyrt
 from tinyrt.errors import FormatError, InputError, UnsupportedOpError
 from tinyrt.format import serialize
 from tinyrt.kernels import reference as ref
+from tinyrt.packing import ROW_BLOCKS_LAYOUT, RowBlocks
 from tinyrt.plan import plan_arena
 
 
@@ -356,4 +359,81 @@ def test_weights_that_could_overflow_int32_are_refused_at_load():
     g.op("linear", [x], y, tensors, qmin=-128, qmax=127)
     g.output(y)
     with pytest.raises(FormatError, match="could overflow"):
+        tinyrt.load(g.serialize())
+
+
+# ------------------------------------------------------------------------------------------
+# Linear weights stored in the kernel's layout (format 1.2, rows16x4)
+
+
+def _mlp(blocked: bool, widths=(12, 20, 33, 7)) -> GraphBuilder:
+    """Linear layers ``widths[i] -> widths[i + 1]``; ``blocked``: each weight whose rows are a
+    multiple of 4 long stored as rows16x4, as the converter writes them (here 20 x 12 and 33 x
+    20, partial last blocks; 7 x 33 stays in rows: its kernel is linear_int8)."""
+    g = GraphBuilder(seed=3)
+    v = g.input([1, widths[0]], 0.05, 3)
+    for i, (k, o) in enumerate(itertools.pairwise(widths)):
+        y = g.value([1, o], 0.05, -2)
+        tensors = g.layer_tensors(f"fc{i}", (o, k), 0.05 * 0.005 / 0.05)
+        t = g.tensors[tensors["weight"]]
+        if blocked and k % 4 == 0:
+            blocks = RowBlocks.pack(t.data).blocks
+            g.tensors[tensors["weight"]] = replace(t, data=blocks, layout=ROW_BLOCKS_LAYOUT)
+        g.op("linear", [v], y, tensors, qmin=-128, qmax=127)
+        v = y
+    g.output(v)
+    return g
+
+
+@pytest.mark.parametrize("batch", [1, 4, 13])
+def test_blocked_linear_weights_compute_what_rows_do(batch):
+    """A file with rows16x4 weights gives the same outputs as the same weights in rows, on
+    both backends (8, 4 and single input rows per block: batch 13 takes all three)."""
+    blocked, plain = _mlp(blocked=True), _mlp(blocked=False)
+    layouts = [t.layout for t in blocked.tensors if t.layout]
+    assert layouts == [ROW_BLOCKS_LAYOUT] * 2
+    x = np.random.default_rng(batch).uniform(-3, 3, (batch, 12)).astype(np.float32)
+    want = tinyrt.load(plain.serialize(), backend="reference").run({"x": x})
+    for backend in ("reference", "numba"):
+        got = tinyrt.load(blocked.serialize(), backend=backend).run({"x": x})
+        np.testing.assert_array_equal(got["y"], want["y"])
+
+
+def test_blocked_linear_weights_are_read_in_place(tmp_path):
+    """A model loaded from a file whose linear weights are rows16x4 keeps no copy of them: the
+    kernel reads the memory map. (The same weights in rows are copied into blocks at load.)"""
+    width = 512  # a 512 x 512 weight: 256 KiB
+    kept = {}
+    for blocked in (True, False):
+        path = tmp_path / f"blocked-{blocked}.tinyrt"
+        path.write_bytes(_mlp(blocked, widths=(width, width)).serialize())
+        x = {"x": np.ones((1, width), np.float32)}
+        tinyrt.load(path).run(x)  # compiles (or loads from the cache) the kernels first
+        tracemalloc.start()
+        try:
+            model = tinyrt.load(path)
+            model.run(x)  # plans the model for this input shape: binds the kernels
+            kept[blocked] = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    assert kept[True] < width * width // 4 < width * width <= kept[False], kept
+
+
+def test_blocked_weights_are_only_for_linear_layers():
+    g = GraphBuilder()
+    x = g.input([1, 8])
+    tokens = g.value([1, 3], 1.0, 0, name="tokens")
+    g.values[tokens]["dtype"] = "int32"
+    g.inputs[0] = {"name": "tokens", "value": tokens}
+    emb = g.value([1, 3, 8])
+    weight = g.rng.integers(-127, 128, (20, 8)).astype(np.int8)
+    blocks = RowBlocks.pack(weight).blocks
+    table = g.tensor("emb.weight", blocks)
+    g.tensors[table] = replace(g.tensors[table], shape=(20, 8), layout=ROW_BLOCKS_LAYOUT)
+    m = np.full(20, 2**30, np.int32)
+    roles = {"multiplier": g.tensor("m", m), "shift": g.tensor("s", np.zeros(20, np.int32))}
+    g.op("embedding", [tokens], emb, {"weight": table, **roles})
+    g.output(emb)
+    del x
+    with pytest.raises(FormatError, match="only a linear op's weight"):
         tinyrt.load(g.serialize())

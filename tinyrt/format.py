@@ -27,10 +27,20 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tinyrt.errors import FormatError
-from tinyrt.packing import packed_nbytes
+from tinyrt.packing import (
+    ROW_BLOCKS_LAYOUT,
+    ROWS_PER_BLOCK,
+    RowBlocks,
+    packed_nbytes,
+    unpack_bits,
+)
 
 MAGIC = b"\x89TINYRT\n"
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
+# Header flag bits: features a reader must understand to read the file right. A 1.x reader
+# refuses a file with a bit set that it does not know (1.0 and 1.1 readers know none).
+FLAG_LAYOUTS = 1  # 1.2: some tensor is stored in a kernel layout (its entry has "layout")
+KNOWN_FLAGS = FLAG_LAYOUTS
 ALIGNMENT = 64
 DTYPES = ("int8", "uint8", "int16", "int32", "float32", "int4", "int2")
 
@@ -69,6 +79,8 @@ class Tensor:
     ``int2`` it is the 1-D uint8 array of packed bytes (:mod:`tinyrt.packing`),
     ``ceil(numel * bits / 8)`` long. Read from a file, ``data`` is a read-only view into the
     file's buffer. ``quant`` is the quantization record of a weight (docs/format.md) or None.
+    ``layout`` None is C order; ``"rows16x4"`` (``shape`` ``[O, K]``, int8, ``K`` a multiple
+    of 4) is :class:`tinyrt.packing.RowBlocks`, and ``data`` its ``blocks``.
     """
 
     name: str
@@ -76,6 +88,17 @@ class Tensor:
     shape: tuple[int, ...]
     data: np.ndarray
     quant: dict | None = None
+    layout: str | None = None
+
+    def values(self) -> np.ndarray:
+        """The values with the logical ``shape``: ``data`` itself, or a copy of it unblocked
+        (a layout) or unpacked (int4, int2)."""
+        if self.layout is not None:
+            return RowBlocks(self.data, self.shape).rows()
+        if self.dtype in _PACKED_BITS:
+            count = math.prod(self.shape)
+            return unpack_bits(self.data, _PACKED_BITS[self.dtype], count).reshape(self.shape)
+        return self.data
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,7 @@ class _Entry(NamedTuple):
     offset: int
     nbytes: int
     quant: dict | None
+    layout: str | None
 
 
 def _is_int(value: object) -> bool:
@@ -120,8 +144,11 @@ def _json_kind(value: object) -> str:
     return kinds.get(type(value), "a number" if isinstance(value, int | float) else "unknown")
 
 
-def _check_declaration(index: int, name: object, dtype: object, shape: object) -> tuple[str, int]:
-    """Check a tensor's name, dtype and shape; return the message prefix and its exact nbytes."""
+def _check_declaration(
+    index: int, name: object, dtype: object, shape: object, layout: object
+) -> tuple[str, int]:
+    """Check a tensor's name, dtype, shape and layout; return the message prefix and its exact
+    nbytes."""
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH:
         raise FormatError(
             f"tensor {index}: name must be a string of 1 to {MAX_NAME_LENGTH} characters, "
@@ -147,9 +174,34 @@ def _check_declaration(index: int, name: object, dtype: object, shape: object) -
         raise FormatError(
             f"{where}: shape {shape} has {numel} elements, more than the limit of 2**40"
         )
+    if layout is not None:
+        return where, _layout_nbytes(where, dtype, shape, layout)
     if dtype in _PACKED_BITS:
         return where, packed_nbytes(numel, _PACKED_BITS[dtype])
     return where, numel * _NUMPY_DTYPES[dtype].itemsize
+
+
+def _layout_nbytes(where: str, dtype: str, shape: list[int], layout: object) -> int:
+    """The bytes of a tensor stored in ``layout`` (only ``rows16x4`` exists: int8 ``[O, K]``,
+    ``K`` a multiple of 4, in blocks of 16 rows, the last one padded)."""
+    if layout != ROW_BLOCKS_LAYOUT:
+        raise FormatError(
+            f"{where}: layout must be null or {ROW_BLOCKS_LAYOUT!r}, found {_show(layout)}"
+        )
+    if dtype != "int8" or len(shape) != 2 or shape[1] % 4:
+        raise FormatError(
+            f"{where}: layout {layout} holds an int8 tensor [O, K] with K a multiple of 4, "
+            f"found {dtype} with shape {shape}"
+        )
+    return -(-shape[0] // ROWS_PER_BLOCK) * ROWS_PER_BLOCK * shape[1]
+
+
+def _storage_shape(entry: _Entry) -> tuple[int, ...]:
+    """The shape of a numeric tensor's ``data``: its shape, or its layout's blocks."""
+    if entry.layout == ROW_BLOCKS_LAYOUT:
+        rows, k_len = entry.shape
+        return (-(-rows // ROWS_PER_BLOCK), k_len // 4, ROWS_PER_BLOCK, 4)
+    return entry.shape
 
 
 def _check_reference(
@@ -280,7 +332,8 @@ def _check_table(entries: list[_Entry]) -> None:
 
 
 def _tensor_bytes(where: str, tensor: Tensor, shape: tuple[int, ...], nbytes: int) -> np.ndarray:
-    """Check ``tensor.data`` against the declared dtype and shape; return its bytes in C order."""
+    """Check ``tensor.data`` against the declared dtype and storage shape (:func:`_storage_shape`);
+    return its bytes in C order."""
     data = tensor.data
     if not isinstance(data, np.ndarray):
         raise ValueError(f"{where}: data must be a numpy array, got {type(data).__name__}")
@@ -299,6 +352,15 @@ def _tensor_bytes(where: str, tensor: Tensor, shape: tuple[int, ...], nbytes: in
     return np.ascontiguousarray(data).reshape(-1).view(np.uint8)
 
 
+def _table_entry(entry: _Entry) -> dict:
+    """An entry as the file's JSON holds it (keys sorted on output); ``layout`` only where a
+    tensor has one, so a file without layouts is the same as a 1.1 writer's."""
+    fields = {**entry._asdict(), "shape": list(entry.shape)}
+    if entry.layout is None:
+        del fields["layout"]
+    return fields
+
+
 def serialize(graph: dict, tensors: Sequence[Tensor], provenance: dict) -> bytes:
     """Return the bytes of a model file holding ``graph``, ``tensors`` and ``provenance``.
 
@@ -315,16 +377,15 @@ def serialize(graph: dict, tensors: Sequence[Tensor], provenance: dict) -> bytes
         if not isinstance(tensor, Tensor):
             raise ValueError(f"tensor {index}: expected a Tensor, got {type(tensor).__name__}")
         dims = [int(d) if isinstance(d, np.integer) else d for d in tensor.shape]
-        where, nbytes = _check_declaration(index, tensor.name, tensor.dtype, dims)
-        shape = tuple(dims)
-        arrays.append(_tensor_bytes(where, tensor, shape, nbytes))
-        entries.append(_Entry(tensor.name, tensor.dtype, shape, offset, nbytes, tensor.quant))
+        where, nbytes = _check_declaration(index, tensor.name, tensor.dtype, dims, tensor.layout)
+        quant, layout = tensor.quant, tensor.layout
+        entry = _Entry(tensor.name, tensor.dtype, tuple(dims), offset, nbytes, quant, layout)
+        arrays.append(_tensor_bytes(where, tensor, _storage_shape(entry), nbytes))
+        entries.append(entry)
         offset = _align(offset + nbytes)
     _check_table(entries)
-    table = [
-        {**entry._asdict(), "shape": list(entry.shape)}  # JSON keys are sorted on output
-        for entry in entries
-    ]
+    table = [_table_entry(entry) for entry in entries]
+    flags = FLAG_LAYOUTS if any(entry.layout for entry in entries) else 0
     try:
         metadata = json.dumps(
             {"tensors": table, "graph": graph, "provenance": provenance}, **_JSON_OPTIONS
@@ -356,7 +417,7 @@ def serialize(graph: dict, tensors: Sequence[Tensor], provenance: dict) -> bytes
         data_nbytes,
         zlib.crc32(metadata),
         zlib.crc32(out[data_offset:]),
-        0,
+        flags,
     )
     header = fields + _CRC.pack(zlib.crc32(fields))
     out[:HEADER_SIZE] = np.frombuffer(header, dtype=np.uint8)
@@ -491,8 +552,8 @@ def _check_entry(index: int, entry: object, data_nbytes: int) -> _Entry:
     for key in _ENTRY_KEYS:
         if key not in entry:
             raise FormatError(f"tensor {index}: table entry has no {key!r} field")
-    name, dtype, shape = entry["name"], entry["dtype"], entry["shape"]
-    where, expected = _check_declaration(index, name, dtype, shape)
+    name, dtype, shape, layout = entry["name"], entry["dtype"], entry["shape"], entry.get("layout")
+    where, expected = _check_declaration(index, name, dtype, shape, layout)
     offset, nbytes, quant = entry["offset"], entry["nbytes"], entry["quant"]
     if not _is_int(nbytes) or nbytes != expected:
         raise FormatError(
@@ -508,7 +569,7 @@ def _check_entry(index: int, entry: object, data_nbytes: int) -> _Entry:
             f"{where}: offset {offset} + nbytes {nbytes} runs past the data section "
             f"({data_nbytes} bytes)"
         )
-    return _Entry(name, dtype, tuple(shape), offset, nbytes, quant)
+    return _Entry(name, dtype, tuple(shape), offset, nbytes, quant, layout)
 
 
 def _checked_crc(field: str, section: np.ndarray, stored: int) -> None:
@@ -555,8 +616,12 @@ def read_model_file(
     _checked_crc("header crc32 (bytes 0..59)", buf[:60], header_crc)
     if header_size != HEADER_SIZE:
         raise FormatError(f"header_size is {header_size}, expected {HEADER_SIZE}")
-    if flags != 0:
-        raise FormatError(f"flags are 0x{flags:08x}, expected 0 (no flags are defined in 1.x)")
+    if flags & ~KNOWN_FLAGS:
+        raise FormatError(
+            f"flags are 0x{flags:08x}: bits 0x{flags & ~KNOWN_FLAGS:08x} name features this "
+            f"tinyrt does not know (it reads format {FORMAT_VERSION[0]}.{FORMAT_VERSION[1]}, "
+            f"flags 0x{KNOWN_FLAGS:08x}); upgrade tinyrt"
+        )
     if meta_offset != HEADER_SIZE:
         raise FormatError(f"metadata_offset is {meta_offset}, expected {HEADER_SIZE}")
     if meta_nbytes > MAX_METADATA_NBYTES:
@@ -598,10 +663,15 @@ def read_model_file(
         )
     entries = [_check_entry(index, entry, data_nbytes) for index, entry in enumerate(table)]
     _check_table(entries)
+    has_layouts = any(entry.layout for entry in entries)
+    if has_layouts != bool(flags & FLAG_LAYOUTS):
+        found = "some tensors have a layout" if has_layouts else "no tensor has a layout"
+        expected = "set" if has_layouts else "clear"
+        raise FormatError(f"flags are 0x{flags:08x}, but {found}: flag 0x1 must be {expected}")
     tensors = []
     for entry in entries:
         raw = data[entry.offset : entry.offset + entry.nbytes]
         if entry.dtype not in _PACKED_BITS:
-            raw = raw.view(_NUMPY_DTYPES[entry.dtype]).reshape(entry.shape)
-        tensors.append(Tensor(entry.name, entry.dtype, entry.shape, raw, entry.quant))
+            raw = raw.view(_NUMPY_DTYPES[entry.dtype]).reshape(_storage_shape(entry))
+        tensors.append(Tensor(entry.name, entry.dtype, entry.shape, raw, entry.quant, entry.layout))
     return ModelFile((major, minor), meta["graph"], meta["provenance"], tensors)

@@ -23,7 +23,7 @@ import numpy as np
 from tinyrt.graph import Op, Value
 from tinyrt.kernels import LANES
 from tinyrt.kernels import reference as ref
-from tinyrt.packing import GroupWeight, pack_bits, unpack_bits
+from tinyrt.packing import GroupWeight, RowBlocks, pack_bits, pack_row_blocks, unpack_bits
 
 Step = Callable[[], None]
 
@@ -364,36 +364,25 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
 
 
-def _integer(weight: np.ndarray | GroupWeight) -> np.ndarray:
+def _integer(weight: np.ndarray | GroupWeight | RowBlocks) -> np.ndarray:
     """A layer weight as the integers the reference kernels take: a low-bit weight expanded
-    (``reference.group_weight``, on every call: nothing full-size is kept), others as they
-    are."""
-    return ref.group_weight(weight) if isinstance(weight, GroupWeight) else weight
+    (``reference.group_weight``) and blocked rows unblocked, on every call (nothing
+    full-size is kept); others as they are."""
+    if isinstance(weight, GroupWeight):
+        return ref.group_weight(weight)
+    return weight.rows() if isinstance(weight, RowBlocks) else weight
 
 
-def int8_rows_operand(weight: np.ndarray, input_offset: int) -> tuple:
-    """An int8 weight ``[O, K]`` (``K`` a multiple of 4) as
-    :func:`numba_kernels.linear_rows` reads it: ``(blocked, words, correction, rows)`` with
-    ``blocked`` ``[blocks, K/4, 16, 4]`` (blocks of 16 rows, the last padded with zero rows: a
-    word of 4 weights of 16 rows is one 64-byte load) and ``correction = input_offset * Σ_k
-    w`` per row (int32, padded; ``numba_kernels.INPUT_OFFSET``)."""
-    rows, k_len = weight.shape
-    correction = input_offset * weight.astype(np.int64).sum(axis=1, keepdims=True)
-    correction = correction.astype(np.int32)
-    return _row_blocks(weight, 4), k_len // 4, _row_blocks(correction, 1), rows
-
-
-def _row_blocks(a: np.ndarray, width: int) -> np.ndarray:
-    """``a`` ``[O, n * width]`` in blocks of 16 rows (zero rows pad the last): flat
-    ``[blocks, n, 16, width]``, each ``width``-wide slice of a block's 16 rows side by side.
-    With ``width`` 4 a slice is one 64-byte load of int8 words; with ``width`` 1 (per-row or
-    per-group parameters) 16 lanes of the block."""
-    rows = a.shape[0]
-    blocks = -(-rows // _GROUP_ROWS)
-    padded = np.zeros((blocks * _GROUP_ROWS, a.shape[1]), a.dtype)
-    padded[:rows] = a
-    split = padded.reshape(blocks, _GROUP_ROWS, -1, width).transpose(0, 2, 1, 3)
-    return np.ascontiguousarray(split).reshape(-1)
+def int8_rows_operand(weight: np.ndarray | RowBlocks, input_offset: int) -> tuple:
+    """An int8 weight ``[O, K]`` (``K`` a multiple of 4) as :func:`numba_kernels.linear_rows`
+    reads it: ``(blocked, words, correction, rows)``, with ``blocked`` the flat
+    :class:`~tinyrt.packing.RowBlocks` (the file's own bytes when the converter stored them
+    so, else a copy) and ``correction = input_offset * Σ_k w`` per row of the blocks (int32;
+    ``numba_kernels.INPUT_OFFSET``)."""
+    blocks = weight if isinstance(weight, RowBlocks) else RowBlocks.pack(weight)
+    rows, k_len = blocks.shape
+    correction = (input_offset * blocks.row_sums()).astype(np.int32)
+    return blocks.blocks.reshape(-1), k_len // 4, correction, rows
 
 
 def group_row_operand(weight: GroupWeight) -> tuple:
@@ -402,9 +391,6 @@ def group_row_operand(weight: GroupWeight) -> tuple:
     group parameters, and int32 scratch for one row's integers."""
     taps = np.zeros(math.prod(weight.shape[1:]), np.int32)
     return weight.packed, weight.bits, weight.group_size, weight.group_scale, weight.offsets(), taps
-
-
-_GROUP_ROWS = 16  # rows per block of simd.group_rows_* (one int32 lane each)
 
 
 def group_operand(weight: GroupWeight, columns: int) -> tuple:
@@ -464,9 +450,9 @@ def group_layout(weight: GroupWeight) -> tuple:
     values = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
     q = np.zeros((rows, source.size), np.int8)
     q[:, source >= 0] = values[:, source[source >= 0]]
-    blocked = _row_blocks(pack_bits(q, bits).reshape(rows, -1), 4)
-    group_scale = _row_blocks(weight.group_scale, 1)
-    offset = _row_blocks(weight.offsets(), 1)
+    blocked = pack_row_blocks(pack_bits(q, bits).reshape(rows, -1), 4).reshape(-1)
+    group_scale = pack_row_blocks(weight.group_scale, 1).reshape(-1)
+    offset = pack_row_blocks(weight.offsets(), 1).reshape(-1)
     return blocked, bits, rows, group_size, group_words, group_scale, offset
 
 

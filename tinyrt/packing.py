@@ -1,6 +1,7 @@
-"""Bit packing of int4 and int2 tensors, as stored in a ``.tinyrt`` file.
+"""The packed forms of weights in a ``.tinyrt`` file: bit-packed int4 and int2 values, and
+int8 rows in blocks of 16 (:class:`RowBlocks`).
 
-Layout (the one definition; docs/format.md refers here): values are signed two's complement
+Bit packing (the one definition; docs/format.md refers here): values are signed two's complement
 integers in ``[-2^(bits-1), 2^(bits-1) - 1]`` (int4: [-8, 7], int2: [-2, 1]), taken in C order
 and packed little end first. With ``k = 8 // bits`` values per byte, value ``k*i + j`` occupies
 bits ``j*bits .. j*bits + bits - 1`` of byte ``i``: for int4, value ``2i`` is the low nibble of
@@ -118,3 +119,61 @@ class GroupWeight:
         if self.offset is not None:
             per_value += np.abs(self.offset.astype(np.int64))
         return per_value @ lengths
+
+
+ROWS_PER_BLOCK = 16  # rows of a block: one int32 lane each of a 512-bit register
+ROW_BLOCKS_LAYOUT = "rows16x4"  # the file's name for the layout of RowBlocks (docs/format.md)
+
+
+def pack_row_blocks(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` ``[O, n * width]`` in blocks of 16 rows (zero rows pad the last one), C-ordered
+    ``[ceil(O / 16), n, 16, width]``: element ``[b, j, r, i]`` is ``a[16 b + r, width j + i]``,
+    each ``width``-wide slice of a block's 16 rows side by side. With int8 and ``width`` 4 a
+    slice is one 64-byte load of 4-byte words (the ``rows16x4`` layout of docs/format.md); with
+    ``width`` 1 (per-row parameters) it is the 16 lanes of the block."""
+    rows = a.shape[0]
+    blocks = -(-rows // ROWS_PER_BLOCK)
+    padded = np.zeros((blocks * ROWS_PER_BLOCK, a.shape[1]), a.dtype)
+    padded[:rows] = a
+    split = padded.reshape(blocks, ROWS_PER_BLOCK, -1, width).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(split)
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """An int8 weight of logical ``shape`` ``[O, K]`` (``K`` a multiple of 4) stored as
+    ``blocks``, :func:`pack_row_blocks` with ``width`` 4: int8 ``[ceil(O / 16), K / 4, 16,
+    4]``. This is the order in which ``numba_kernels.linear_rows`` reads a linear layer's
+    weights, so a file that stores them so (``"layout": "rows16x4"``) is read in place from
+    the memory map. The rows past ``O`` (padding of the last block) are ignored."""
+
+    blocks: np.ndarray
+    shape: tuple[int, int]
+
+    @classmethod
+    def pack(cls, weight: np.ndarray) -> RowBlocks:
+        """``weight`` int8 ``[O, K]`` in blocks (a copy)."""
+        if weight.dtype != np.int8 or weight.ndim != 2 or weight.shape[1] % 4:
+            raise ValueError(
+                "row blocks hold an int8 [O, K] weight with K a multiple of 4, got "
+                f"{weight.dtype} with shape {weight.shape}"
+            )
+        return cls(pack_row_blocks(weight, 4), weight.shape)
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def rows(self) -> np.ndarray:
+        """The weight as int8 ``[O, K]`` (a copy, for the reference kernels)."""
+        rows, k_len = self.shape
+        return self.blocks.transpose(0, 2, 1, 3).reshape(-1, k_len)[:rows]
+
+    def row_sums(self) -> np.ndarray:
+        """int64 ``[16 * blocks]``: ``sum_k w`` of every row, the padding's (0) included."""
+        return self.blocks.sum(axis=(1, 3), dtype=np.int64).reshape(-1)
+
+    def row_bounds(self) -> np.ndarray:
+        """int64 ``[O]``: ``sum_k |w|`` of every row (as :meth:`GroupWeight.row_bounds`)."""
+        magnitudes = np.abs(self.blocks.astype(np.int16))
+        return magnitudes.sum(axis=(1, 3), dtype=np.int64).reshape(-1)[: self.shape[0]]
