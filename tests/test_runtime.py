@@ -348,14 +348,19 @@ def test_file_round_trip_through_a_path(tmp_path, every_op, models):
     assert json.dumps(model.provenance)
 
 
-def test_weights_that_could_overflow_int32_are_refused_at_load():
+@pytest.mark.parametrize("blocked", [False, True])
+def test_weights_that_could_overflow_int32_are_refused_at_load(blocked):
     g = GraphBuilder()
     k = 140_000  # 127 * 128 * k > 2^31 - 1
     x = g.input([1, k])
     y = g.value([1, 1])
     tensors = g.layer_tensors("fc", (1, k), 1e-6)
-    weight = tensors["weight"]
-    g.tensors[weight] = replace(g.tensors[weight], data=np.full((1, k), 127, np.int8))
+    weight, data = tensors["weight"], np.full((1, k), 127, np.int8)
+    if blocked:
+        layout = {"data": RowBlocks.pack(data).blocks, "layout": ROW_BLOCKS_LAYOUT}
+    else:
+        layout = {"data": data}
+    g.tensors[weight] = replace(g.tensors[weight], **layout)
     g.op("linear", [x], y, tensors, qmin=-128, qmax=127)
     g.output(y)
     with pytest.raises(FormatError, match="could overflow"):

@@ -171,9 +171,16 @@ class RowBlocks:
 
     def row_sums(self) -> np.ndarray:
         """int64 ``[16 * blocks]``: ``sum_k w`` of every row, the padding's (0) included."""
-        return self.blocks.sum(axis=(1, 3), dtype=np.int64).reshape(-1)
+        return self._per_row(self.blocks)
 
     def row_bounds(self) -> np.ndarray:
         """int64 ``[O]``: ``sum_k |w|`` of every row (as :meth:`GroupWeight.row_bounds`)."""
-        magnitudes = np.abs(self.blocks.astype(np.int16))
-        return magnitudes.sum(axis=(1, 3), dtype=np.int64).reshape(-1)[: self.shape[0]]
+        return self._per_row(np.abs(self.blocks.astype(np.int16)))[: self.shape[0]]
+
+    def _per_row(self, values: np.ndarray) -> np.ndarray:
+        """Row sums of ``values`` (of the blocks' shape), over the words first: that adds
+        whole 64-byte rows of the array, several times faster than summing two axes at once
+        (an 8350 x 256 weight: 1.7 against 10 ms)."""
+        blocks, words = self.blocks.shape[:2]
+        lanes = values.reshape(blocks, words, 64).sum(axis=1, dtype=np.int64)
+        return lanes.reshape(-1, 4).sum(axis=1)
