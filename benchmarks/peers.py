@@ -98,7 +98,7 @@ def _batches(calibration: np.ndarray, size: int = CALIBRATION_BATCH) -> Iterator
         yield calibration[start : start + size]
 
 
-def _quantize(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+def quantize_input(x: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
     info = np.iinfo(dtype)
     q = np.round(x / scale) + zero_point
     return np.clip(q, info.min, info.max).astype(dtype)
@@ -162,7 +162,7 @@ class TinyrtRunner(Runner):
     def _input(self, x: np.ndarray) -> np.ndarray:
         spec = self.rt.inputs[0]
         if self.model.kind == "kernel":
-            return _quantize(x, spec.scale, spec.zero_point, spec.quantized_dtype)
+            return quantize_input(x, spec.scale, spec.zero_point, spec.quantized_dtype)
         return np.ascontiguousarray(x, dtype=spec.dtype)
 
     def bind(self, x: np.ndarray, threads: int) -> Callable[[], Any]:
@@ -525,7 +525,7 @@ class OrtRunner(Runner):
             zeros = np.zeros((lstm.num_layers, len(x), lstm.hidden_size), np.float32)
             return {"tokens": x.astype(np.int64), "h": zeros, "c": zeros.copy()}
         if self.quantized_input is not None:
-            return {"x": _quantize(x, *self.quantized_input)}
+            return {"x": quantize_input(x, *self.quantized_input)}
         return {"x": np.ascontiguousarray(x, dtype=np.float32)}
 
     def bind(self, x: np.ndarray, threads: int) -> Callable[[], Any]:
