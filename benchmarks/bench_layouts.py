@@ -7,20 +7,23 @@ which the runtime reorders into a copy when it plans the model).
 Models from the suite (benchmarks/suite_models.py), converted once here: the word language
 model (its 33,278 x 256 decoder is 8.5 MB of int8), the MLPerf Tiny autoencoder and the
 1024 x 1024 GEMM layer. The converter writes the blocked file; the portable twin is the same
-file with those tensors unblocked (``Tensor.values()``) and no layout. Each variant runs in
-``--processes`` fresh processes, alternating, with a warm Numba cache: each times
-``tinyrt.load`` and the first call (which plans the model: reorders weights, binds kernels),
-reads its resident memory (``/proc/self/status``: anonymous, i.e. private copies, and
-file-backed, i.e. the map) after that call, then times the p50 of the model's steady calls.
-Medians over processes. In this process, the work the plan does on those weights
-(``tinyrt.ops.int8_rows_operand``: blocks and corrections from rows, or corrections only from
-the file's blocks), best of 5. Prints a markdown table and writes it, with the raw numbers, to
-benchmarks/results/layouts.{md,json}.
+file with those tensors unblocked (``Tensor.values()``) and no layout.
+
+Each variant runs in ``--processes`` fresh processes, alternating, with a warm Numba cache:
+each times ``tinyrt.load`` and the first call (which plans the model: reorders weights, binds
+kernels) and reads its resident memory after it (``/proc/self/status``: anonymous, i.e.
+private copies, and file-backed, i.e. the map); medians over processes. In this process: the
+work the plan does on those weights (``tinyrt.ops.int8_rows_operand``: blocks and
+corrections from rows, or corrections only from the file's blocks), best of 5; and the
+steady calls of both variants in turns, ``--rounds`` times (a process's own speed varies by
+up to 1.5x on this shared machine, so steady calls are compared within one process). Prints
+a markdown table and writes it, with the raw numbers, to benchmarks/results/layouts.{md,json}.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import timeit
+from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import tinyrt  # noqa: E402
+from benchmarks.lowbit_latency import interleaved  # noqa: E402
 from benchmarks.machine import cpu_name, git_commit  # noqa: E402
 from benchmarks.peers import quantize_input  # noqa: E402
 from benchmarks.suite_models import MODELS  # noqa: E402
@@ -50,33 +55,39 @@ from tinyrt.packing import RowBlocks  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 ROWS = ("word_lm_step", "fc_autoencoder", "gemm_256x1024x1024")
 
-# A fresh interpreter: argv = model path, input .npy, kind, timed calls.
-CHILD = r"""
+
+def model_call(model: tinyrt.Model, data: np.ndarray, kind: str) -> Callable[[], object]:
+    """One call of ``model`` as the suite times it (int8 in for kernels, state carried for
+    the LM step). The child processes run this function's source."""
+    if kind == "kernel":
+        feeds = {model.inputs[0].name: data}
+        return lambda: model.run_quantized(feeds)
+    if kind == "lm_step":
+        state = model.new_state(batch=len(data))
+        return lambda: model(data, state=state)
+    return lambda: model(data)
+
+
+# A fresh interpreter: argv = model path, input .npy, kind. Times load and the first call,
+# then reads the resident memory.
+CHILD = f"""
+from __future__ import annotations
 import json, sys, time
+from collections.abc import Callable
 import numpy as np
 import tinyrt
-from tinyrt.bench import measure_latency
 
-path, data, kind, runs = sys.argv[1], np.load(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+{inspect.getsource(model_call)}
+path, data, kind = sys.argv[1], np.load(sys.argv[2]), sys.argv[3]
 start = time.perf_counter()
 model = tinyrt.load(path, backend="numba")
 loaded = time.perf_counter()
-if kind == "kernel":
-    feeds = {model.inputs[0].name: data}
-    call = lambda: model.run_quantized(feeds)
-elif kind == "lm_step":
-    state = model.new_state(batch=len(data))
-    call = lambda: model(data, state=state)
-else:
-    call = lambda: model(data)
-call()
+model_call(model, data, kind)()
 first = time.perf_counter()
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
-kib = {key: int(status[key].split()[0]) for key in ("RssAnon", "RssFile")}
-latency = measure_latency(call, runs=runs, warmup=max(10, runs // 10))
-print(json.dumps({"load_s": loaded - start, "first_call_s": first - loaded,
-                  "rss_anon_kib": kib["RssAnon"], "rss_file_kib": kib["RssFile"],
-                  "p50_us": latency["p50"]}))
+kib = {{key: int(status[key].split()[0]) for key in ("RssAnon", "RssFile")}}
+print(json.dumps({{"load_s": loaded - start, "first_call_s": first - loaded,
+                  "rss_anon_kib": kib["RssAnon"], "rss_file_kib": kib["RssFile"]}}))
 """
 
 
@@ -127,8 +138,8 @@ def operand_time(blocked: Path) -> dict[str, float]:
     return seconds
 
 
-def run_child(path: Path, inputs: Path, kind: str, runs: int) -> dict:
-    command = [sys.executable, "-c", CHILD, str(path), str(inputs), kind, str(runs)]
+def run_child(path: Path, inputs: Path, kind: str) -> dict:
+    command = [sys.executable, "-c", CHILD, str(path), str(inputs), kind]
     env = dict(os.environ, NUMBA_NUM_THREADS="1")
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -136,41 +147,66 @@ def run_child(path: Path, inputs: Path, kind: str, runs: int) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def bench(name: str, work: Path, processes: int, runs: int) -> dict:
+def steady_calls(variants: dict[str, Path], x: np.ndarray, kind: str, rounds: int) -> dict:
+    """In this process: each variant's p50 of 40 calls, the variants in turns, ``rounds``
+    times; the median p50 and the quartiles of blocked / rows within a round."""
+    calls = {label: model_call(tinyrt.load(path), x, kind) for label, path in variants.items()}
+    samples = interleaved(calls, rounds, burst=40)
+    blocked, rows = (np.array(samples[label]) for label in variants)
+    return {
+        "p50_us": {label: float(np.median(values)) for label, values in samples.items()},
+        "ratio_quartiles": np.quantile(blocked / rows, [0.25, 0.5, 0.75]).tolist(),
+        "samples": samples,
+    }
+
+
+def bench(name: str, work: Path, processes: int, rounds: int) -> dict:
     blocked, x, kind = convert_blocked(name, work)
     portable, nbytes = portable_twin(blocked, work / f"{blocked.stem}-rows.tinyrt")
     inputs = work / f"{name}.npy"
     np.save(inputs, x)
     variants = {"rows16x4 (convert time)": blocked, "rows (reordered at load)": portable}
     for path in variants.values():
-        run_child(path, inputs, kind, 20)  # fills Numba's cache for this signature
+        run_child(path, inputs, kind)  # fills Numba's cache for this signature
     raw = {label: [] for label in variants}
     for _ in range(processes):
         for label, path in variants.items():
-            raw[label].append(run_child(path, inputs, kind, runs))
+            raw[label].append(run_child(path, inputs, kind))
     medians = {
         label: {key: statistics.median(r[key] for r in results) for key in results[0]}
         for label, results in raw.items()
     }
     for label, seconds in operand_time(blocked).items():
         medians[label]["operand_s"] = seconds
-    return {"model": name, "blocked_bytes": nbytes, "medians": medians, "runs": raw}
+    steady = steady_calls(variants, x, kind, rounds)
+    for label, us in steady["p50_us"].items():
+        medians[label]["p50_us"] = us
+    return {
+        "model": name,
+        "blocked_bytes": nbytes,
+        "medians": medians,
+        "ratio_quartiles": steady["ratio_quartiles"],
+        "runs": raw,
+        "steady_samples": steady["samples"],
+    }
 
 
 def table(rows: list[dict]) -> str:
     lines = [
         "| model | blocked weights | variant | load | first call | of which the weights' "
-        "operands | RSS anonymous | RSS file-backed | p50 per call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "operands | RSS anonymous | RSS file-backed | p50 per call | blocked / rows |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
+        low, median, high = row["ratio_quartiles"]
         for label, m in row["medians"].items():
+            ratio = f"{median:.2f} [{low:.2f}, {high:.2f}]" if label.startswith("rows16") else ""
             lines.append(
                 f"| {row['model']} | {row['blocked_bytes'] / 2**20:.2f} MiB | {label} | "
                 f"{m['load_s'] * 1e3:.1f} ms | {m['first_call_s'] * 1e3:.1f} ms | "
                 f"{m['operand_s'] * 1e3:.2f} ms | "
                 f"{m['rss_anon_kib'] / 1024:.1f} MiB | {m['rss_file_kib'] / 1024:.1f} MiB | "
-                f"{m['p50_us']:.1f} us |"
+                f"{m['p50_us']:.1f} us | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -178,14 +214,19 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, default=5, help="processes per variant")
-    parser.add_argument("--runs", type=int, default=300, help="timed calls per process")
+    parser.add_argument("--rounds", type=int, default=25, help="turns of steady calls")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        rows = [bench(name, Path(work), args.processes, args.runs) for name in ROWS]
+        rows = [bench(name, Path(work), args.processes, args.rounds) for name in ROWS]
     report = (
-        "Measured with `python benchmarks/bench_layouts.py` "
-        f"({args.processes} processes per variant, medians; 1 thread; batch 1, the GEMM 256) "
-        f"on {cpu_name()}, commit {git_commit()}.\n\n" + table(rows) + "\n"
+        "Measured with `python benchmarks/bench_layouts.py` on "
+        f"{cpu_name()}, commit {git_commit()}; 1 thread, batch 1 (the GEMM: 256). Load, first "
+        f"call and RSS: medians of {args.processes} fresh processes per variant, alternating, "
+        "warm Numba cache; the weights' operands: in process, best of 5. p50 per call: "
+        f"{args.rounds} rounds in one process of each variant's p50 of 40 calls, in turns; "
+        "median over rounds, and blocked / rows within a round, median [quartiles].\n\n"
+        + table(rows)
+        + "\n"
     )
     print(report)
     RESULTS.mkdir(exist_ok=True)
