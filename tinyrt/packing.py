@@ -170,7 +170,8 @@ class RowBlocks:
         return self.blocks.transpose(0, 2, 1, 3).reshape(-1, k_len)[:rows]
 
     def row_sums(self) -> np.ndarray:
-        """int64 ``[16 * blocks]``: ``sum_k w`` of every row, the padding's (0) included."""
+        """int64 ``[16 * blocks]``: ``sum_k w`` of every row of the blocks, the padding rows
+        included (the kernel masks their lanes)."""
         return self._per_row(self.blocks)
 
     def row_bounds(self) -> np.ndarray:
