@@ -29,7 +29,7 @@ from tinyrt.converter.quantize import (
 from tinyrt.errors import ConversionError
 from tinyrt.format import Tensor
 from tinyrt.kernels.reference import activation_table
-from tinyrt.packing import ROW_BLOCKS_LAYOUT, GroupWeight, RowBlocks
+from tinyrt.packing import ROW_BLOCKS_LAYOUT, ROWS_PER_BLOCK, GroupWeight, RowBlocks
 
 WEIGHTED_KINDS = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
 TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
@@ -141,8 +141,8 @@ class _Packer(TensorTable):
         """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
         None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index. Records the
         weight's bits and reconstruction error for the file's provenance. ``blocked``: an
-        int8 weight whose rows are a multiple of 4 long is stored in blocks of 16 rows, as
-        ``numba_kernels.linear_rows`` reads it (docs/format.md, layout ``rows16x4``)."""
+        int8 weight is stored in blocks of 16 rows, as ``numba_kernels.linear_rows`` reads it
+        (docs/format.md, layout ``rows16x4``), where :func:`_worth_blocking`."""
         weight_name = f"{name}.weight{suffix}"
         spec = self.spec.for_layer(name)
         if isinstance(q.weight, GroupWeight):
@@ -155,7 +155,7 @@ class _Packer(TensorTable):
                 "error": q.error,
             }
         else:
-            blocked = blocked and q.weight.shape[1] % 4 == 0
+            blocked = blocked and _worth_blocking(q.weight.shape)
             weight, _ = self.weight_rows(weight_name, q.weight, q.scale, blocked)
             self.weight_errors[weight_name] = {"bits": 8, "error": q.error}
         tensors = {f"weight{suffix}": weight}
@@ -168,6 +168,15 @@ class _Packer(TensorTable):
     def clamp(self, node: Node) -> dict:
         qmin, qmax = clamp_bounds(node.attrs["bounds"], *self.params[node.output])
         return {"qmin": qmin, "qmax": qmax}
+
+
+def _worth_blocking(shape: tuple[int, int]) -> bool:
+    """Whether an int8 linear weight ``[O, K]`` is stored in blocks of 16 rows: ``K`` a
+    multiple of 4 (the kernel's words), and the zero rows that pad its last block at most
+    1/16 of ``O``. A 10-class head stays in rows: blocked it would take 60 % more bytes on
+    disk (16 rows), to save a copy of a few kilobytes at load."""
+    rows, k_len = shape
+    return k_len % 4 == 0 and 16 * (-rows % ROWS_PER_BLOCK) <= rows
 
 
 def _conv(p: _Packer, node: Node) -> tuple[dict, dict]:
