@@ -152,13 +152,17 @@ class RowBlocks:
 
     @classmethod
     def pack(cls, weight: np.ndarray) -> RowBlocks:
-        """``weight`` int8 ``[O, K]`` in blocks (a copy)."""
+        """``weight`` int8 ``[O, K]`` in blocks (a copy, read-only like a file's blocks: Numba
+        compiles a kernel once per argument type, and read-only is part of the type, so a
+        model with both kinds of blocks would otherwise load two copies of the kernel)."""
         if weight.dtype != np.int8 or weight.ndim != 2 or weight.shape[1] % 4:
             raise ValueError(
                 "row blocks hold an int8 [O, K] weight with K a multiple of 4, got "
                 f"{weight.dtype} with shape {weight.shape}"
             )
-        return cls(pack_row_blocks(weight, 4), weight.shape)
+        blocks = pack_row_blocks(weight, 4)
+        blocks.flags.writeable = False
+        return cls(blocks, weight.shape)
 
     @property
     def ndim(self) -> int:
