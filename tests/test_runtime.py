@@ -424,21 +424,27 @@ def test_blocked_linear_weights_are_read_in_place(tmp_path):
     assert kept[True] < width * width // 4 < width * width <= kept[False], kept
 
 
-def test_blocked_weights_are_only_for_linear_layers():
+def _embedding(blocked: bool) -> bytes:
+    """One embedding op whose int8 table ``[20, 8]`` is, if ``blocked``, stored as rows16x4."""
     g = GraphBuilder()
-    x = g.input([1, 8])
     tokens = g.value([1, 3], 1.0, 0, name="tokens")
     g.values[tokens]["dtype"] = "int32"
-    g.inputs[0] = {"name": "tokens", "value": tokens}
+    g.inputs.append({"name": "tokens", "value": tokens})
     emb = g.value([1, 3, 8])
     weight = g.rng.integers(-127, 128, (20, 8)).astype(np.int8)
-    blocks = RowBlocks.pack(weight).blocks
-    table = g.tensor("emb.weight", blocks)
-    g.tensors[table] = replace(g.tensors[table], shape=(20, 8), layout=ROW_BLOCKS_LAYOUT)
+    table = g.tensor("emb.weight", weight)
+    if blocked:
+        blocks = RowBlocks.pack(weight).blocks
+        g.tensors[table] = replace(g.tensors[table], data=blocks, layout=ROW_BLOCKS_LAYOUT)
     m = np.full(20, 2**30, np.int32)
     roles = {"multiplier": g.tensor("m", m), "shift": g.tensor("s", np.zeros(20, np.int32))}
     g.op("embedding", [tokens], emb, {"weight": table, **roles})
     g.output(emb)
-    del x
+    return g.serialize()
+
+
+def test_blocked_weights_are_only_for_linear_layers():
+    tokens = np.array([[0, 19, 7]], np.int32)
+    assert tinyrt.load(_embedding(blocked=False))(tokens).shape == (1, 3, 8)
     with pytest.raises(FormatError, match="only a linear op's weight"):
-        tinyrt.load(g.serialize())
+        tinyrt.load(_embedding(blocked=True))
