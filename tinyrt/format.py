@@ -29,9 +29,9 @@ import numpy as np
 from tinyrt.errors import FormatError
 from tinyrt.packing import (
     ROW_BLOCKS_LAYOUT,
-    ROWS_PER_BLOCK,
     RowBlocks,
     packed_nbytes,
+    row_blocks_shape,
     unpack_bits,
 )
 
@@ -193,15 +193,12 @@ def _layout_nbytes(where: str, dtype: str, shape: list[int], layout: object) -> 
             f"{where}: layout {layout} holds an int8 tensor [O, K] with K a multiple of 4, "
             f"found {dtype} with shape {shape}"
         )
-    return -(-shape[0] // ROWS_PER_BLOCK) * ROWS_PER_BLOCK * shape[1]
+    return math.prod(row_blocks_shape(*shape))
 
 
 def _storage_shape(entry: _Entry) -> tuple[int, ...]:
     """The shape of a numeric tensor's ``data``: its shape, or its layout's blocks."""
-    if entry.layout == ROW_BLOCKS_LAYOUT:
-        rows, k_len = entry.shape
-        return (-(-rows // ROWS_PER_BLOCK), k_len // 4, ROWS_PER_BLOCK, 4)
-    return entry.shape
+    return row_blocks_shape(*entry.shape) if entry.layout == ROW_BLOCKS_LAYOUT else entry.shape
 
 
 def _check_reference(

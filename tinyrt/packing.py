@@ -125,17 +125,22 @@ ROWS_PER_BLOCK = 16  # rows of a block: one int32 lane each of a 512-bit registe
 ROW_BLOCKS_LAYOUT = "rows16x4"  # the file's name for the layout of RowBlocks (docs/format.md)
 
 
+def row_blocks_shape(rows: int, columns: int, width: int = 4) -> tuple[int, int, int, int]:
+    """The shape of :func:`pack_row_blocks` of ``[rows, columns]``: ``[ceil(rows / 16),
+    columns / width, 16, width]``."""
+    return -(-rows // ROWS_PER_BLOCK), columns // width, ROWS_PER_BLOCK, width
+
+
 def pack_row_blocks(a: np.ndarray, width: int) -> np.ndarray:
     """``a`` ``[O, n * width]`` in blocks of 16 rows (zero rows pad the last one), C-ordered
     ``[ceil(O / 16), n, 16, width]``: element ``[b, j, r, i]`` is ``a[16 b + r, width j + i]``,
     each ``width``-wide slice of a block's 16 rows side by side. With int8 and ``width`` 4 a
     slice is one 64-byte load of 4-byte words (the ``rows16x4`` layout of docs/format.md); with
     ``width`` 1 (per-row parameters) it is the 16 lanes of the block."""
-    rows = a.shape[0]
-    blocks = -(-rows // ROWS_PER_BLOCK)
+    blocks, words, _, _ = row_blocks_shape(*a.shape, width)
     padded = np.zeros((blocks * ROWS_PER_BLOCK, a.shape[1]), a.dtype)
-    padded[:rows] = a
-    split = padded.reshape(blocks, ROWS_PER_BLOCK, -1, width).transpose(0, 2, 1, 3)
+    padded[: a.shape[0]] = a
+    split = padded.reshape(blocks, ROWS_PER_BLOCK, words, width).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(split)
 
 
