@@ -37,6 +37,7 @@ from tinyrt.ops import (  # noqa: E402
     int8_rows_operand,
     tile_operands,
 )
+from tinyrt.packing import ConvRows  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 # (label, C, O, H, W, KH/KW, stride, padding, groups): layers of the suite's models
@@ -94,9 +95,10 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     # the blocks read an unpadded input itself, laid out as tinyrt.ops does (the image's shape)
     tile_padded = x[0] if pad == 0 else padded_chw
     # weights packed and scratch made once, as tinyrt does at load: only the kernels are timed
-    flat, words = weight.reshape(o, -1), tile_operands(weight, tile_padded.shape, (1, 1), nk)
+    rows = ConvRows.pack(weight)
+    flat, words = weight.reshape(o, -1), tile_operands(rows, tile_padded.shape, (1, 1), nk)
     row_acc = np.empty(ow, np.int32)
-    tile_folded = fold_requantization(bias, words[0][:, -1], multiplier, shift, -2)
+    tile_folded = fold_requantization(bias, words[1], multiplier, shift, -2)
     kernels = {
         "tiles": lambda: nk.conv2d_tiles_int8(
             x, *words, *common[:3], tile_folded, *common[3:], groups, -128, 127, tile_padded, out
@@ -110,10 +112,10 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     gather = chosen_gather = None  # wherever its blocks fit; where tinyrt.ops runs it
     if nk.HAS_VBMI:
         window = (k, k, stride, stride, pad, pad, 1, 1)
-        gather = gather_operands(weight, x.shape[2:], (oh, ow), window)
-        chosen_gather = gathered_operands(weight, x.shape[2:], (oh, ow), window)
+        gather = gather_operands(rows, x.shape[2:], (oh, ow), window)
+        chosen_gather = gathered_operands(rows, x.shape[2:], (oh, ow), window)
     if gather is not None:
-        gather_folded = fold_requantization(bias, gather[0][:, -1], multiplier, shift, -2)
+        gather_folded = fold_requantization(bias, gather[1], multiplier, shift, -2)
         kernels["gather"] = lambda: nk.gather_conv_int8(
             x, *gather, bias, multiplier, shift, gather_folded, 3, -2, groups, -128, 127, out
         )

@@ -29,7 +29,14 @@ from tinyrt.converter.quantize import (
 from tinyrt.errors import ConversionError
 from tinyrt.format import Tensor
 from tinyrt.kernels.reference import activation_table
-from tinyrt.packing import ROW_BLOCKS_LAYOUT, ROWS_PER_BLOCK, GroupWeight, RowBlocks
+from tinyrt.packing import (
+    CONV_ROWS_LAYOUT,
+    ROW_BLOCKS_LAYOUT,
+    ROWS_PER_BLOCK,
+    ConvRows,
+    GroupWeight,
+    RowBlocks,
+)
 
 WEIGHTED_KINDS = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
 TOKEN_PARAMS = (1.0, 0)  # scale and zero point of an int32 token-id value
@@ -51,13 +58,14 @@ class TensorTable:
         return len(self.tensors) - 1
 
     def weight_rows(
-        self, name: str, weight: np.ndarray, scale: np.ndarray, blocked: bool = False
+        self, name: str, weight: np.ndarray, scale: np.ndarray, layout: str | None = None
     ) -> tuple[int, int]:
         """Add the int8 weight ``name`` quantized per row (axis 0) and its float32 scales
         ``s_w``, tensor ``name + "_scale"``, which the weight's per_channel quantization record
         (docs/format.md) points at; return the indices of the weight and of the scales.
-        ``blocked``: store the weight in the ``rows16x4`` layout its kernel reads
-        (:class:`~tinyrt.packing.RowBlocks`; ``[O, K]`` with ``K`` a multiple of 4)."""
+        ``layout``: store the weight in that kernel layout, ``rows16x4``
+        (:class:`~tinyrt.packing.RowBlocks`; ``[O, K]`` with ``K`` a multiple of 4) or
+        ``ohwi4`` (:class:`~tinyrt.packing.ConvRows`; a convolution's ``[O, C, *taps]``)."""
         index = self.add(Tensor(f"{name}_scale", "float32", scale.shape, scale))
         record = {
             "scheme": "per_channel",
@@ -68,12 +76,12 @@ class TensorTable:
             "scale": index,
             "zero_point": None,
         }
-        if blocked:
-            blocks = RowBlocks.pack(weight).blocks
-            tensor = Tensor(name, "int8", weight.shape, blocks, record, ROW_BLOCKS_LAYOUT)
-        else:
-            tensor = Tensor(name, "int8", weight.shape, weight, record)
-        return self.add(tensor), index
+        stored = {
+            None: lambda: weight,
+            ROW_BLOCKS_LAYOUT: lambda: RowBlocks.pack(weight).blocks,
+            CONV_ROWS_LAYOUT: lambda: ConvRows.pack(weight).rows,
+        }[layout]()
+        return self.add(Tensor(name, "int8", weight.shape, stored, record, layout)), index
 
     def group_rows(self, name: str, weight: GroupWeight, scale: np.ndarray, bits: int) -> int:
         """Add the low-bit weight ``name`` (docs/lowbit.md) with its per_group quantization
@@ -133,16 +141,18 @@ class _Packer(TensorTable):
             s_out,
             self.spec.for_layer(node.name),
         )
-        return self.rows(node.name, q, blocked=node.kind == "linear"), self.clamp(node)
+        layout = ROW_BLOCKS_LAYOUT if node.kind == "linear" else CONV_ROWS_LAYOUT
+        return self.rows(node.name, q, layout=layout), self.clamp(node)
 
     def rows(
-        self, name: str, q: QuantizedLayer, suffix: str = "", blocked: bool = False
+        self, name: str, q: QuantizedLayer, suffix: str = "", layout: str | None = None
     ) -> dict[str, int]:
         """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
         None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index. Records the
-        weight's bits and reconstruction error for the file's provenance. ``blocked``: an
-        int8 weight is stored in blocks of 16 rows, as ``numba_kernels.linear_rows`` reads it
-        (docs/format.md, layout ``rows16x4``), where :func:`_worth_blocking`."""
+        weight's bits and reconstruction error for the file's provenance. ``layout``: the
+        kernel layout of an int8 weight (docs/format.md): ``ohwi4`` for a convolution's, read
+        in place by ``numba_kernels.conv2d_tiles_int8``; ``rows16x4`` for a linear layer's,
+        read in place by ``numba_kernels.linear_rows``, where :func:`_worth_blocking`."""
         weight_name = f"{name}.weight{suffix}"
         spec = self.spec.for_layer(name)
         if isinstance(q.weight, GroupWeight):
@@ -155,8 +165,9 @@ class _Packer(TensorTable):
                 "error": q.error,
             }
         else:
-            blocked = blocked and _worth_blocking(q.weight.shape)
-            weight, _ = self.weight_rows(weight_name, q.weight, q.scale, blocked)
+            if layout == ROW_BLOCKS_LAYOUT and not _worth_blocking(q.weight.shape):
+                layout = None
+            weight, _ = self.weight_rows(weight_name, q.weight, q.scale, layout)
             self.weight_errors[weight_name] = {"bits": 8, "error": q.error}
         tensors = {f"weight{suffix}": weight}
         for key, array in (("bias", q.bias), ("multiplier", q.multiplier), ("shift", q.shift)):

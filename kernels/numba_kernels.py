@@ -62,7 +62,7 @@ from tinyrt.kernels.simd import (  # CHANNELS_PER_WORD, INPUT_OFFSET: for tinyrt
 # Numba's on-disk cache is keyed by this file's timestamp, not by the files it imports: when
 # simd.py changes, this line must change too, or caches keep the old machine code
 # (tests/test_simd.py checks it).
-SIMD_SOURCE_SHA256 = "23b0ee5990ccf844"
+SIMD_SOURCE_SHA256 = "ae8bf435b310f1a1"
 
 _jit = numba.njit(cache=True, nogil=True)
 _inline = numba.njit(cache=True, nogil=True, inline="always")
@@ -332,6 +332,7 @@ def conv2d_int8(
 def conv2d_tiles_int8(
     x,
     weight_words,
+    correction,
     offsets,
     bias,
     multiplier,
@@ -360,27 +361,27 @@ def conv2d_tiles_int8(
     a depthwise layer's channels 8 groups at a time (``conv_tile_dw8``), the last
     ``groups % 8`` one at a time. Each block is requantized and stored as it is summed.
 
-    ``weight_words`` and ``offsets`` are ``tinyrt.ops.tile_operands``: the weights in words
-    and where a group's window reads ``padded`` (so ``kh``, ``kw``, ``dh``, ``dw``, taken
-    like every convolution kernel's, are already in them); ``folded`` is
-    ``tinyrt.ops.fold_requantization`` of the layer (the blocks' fast requantization, or no
-    rows). Scratch: ``padded`` ``[C, HP, WP]`` (:func:`_pad_input`) with at least 32 bytes of
-    buffer after it (the last block of a row reads past its end, never storing what it read);
-    an unpadded layer whose ``padded`` has the image's shape reads ``x`` itself, which then
-    needs those bytes after it (``tinyrt.plan`` ends every arena in spare bytes). ``out`` is
-    ``[N, O, OH, OW]``.
+    ``weight_words``, ``correction`` and ``offsets`` are ``tinyrt.ops.tile_operands``: the
+    weights in words, what their sums subtract and where a group's window reads ``padded``
+    (so ``kh``, ``kw``, ``dh``, ``dw``, taken like every convolution kernel's, are already in
+    them); ``folded`` is ``tinyrt.ops.fold_requantization`` of the layer (the blocks' fast
+    requantization, or no rows). Scratch: ``padded`` ``[C, HP, WP]`` (:func:`_pad_input`)
+    with at least 32 bytes of buffer after it (the last block of a row reads past its end,
+    never storing what it read); an unpadded layer whose ``padded`` has the image's shape
+    reads ``x`` itself, which then needs those bytes after it (``tinyrt.plan`` ends every
+    arena in spare bytes). ``out`` is ``[N, O, OH, OW]``.
     """
     n_batch, channels = x.shape[0], x.shape[1]
     _, o_total, oh, ow = out.shape
     _, hp, wp = padded.shape
     c_per_group, o_per_group = channels // groups, o_total // groups
-    words = weight_words.shape[1] - 1
+    words = weight_words.shape[1]
     plane, positions = hp * wp, oh * ow
     tiled = o_per_group - o_per_group % 8
     # depthwise (one input and one output channel per group): 8 groups per block
     paired = groups - groups % 8 if c_per_group == o_per_group == 1 else 0
     flat = out.reshape(out.size)
-    args = (offsets, words, weight_words, bias, multiplier, shift, folded)
+    args = (offsets, words, weight_words, correction, bias, multiplier, shift, folded)
     tail = (zp_out, qmin, qmax, flat)
     # nothing to pad (pointwise layers, unpadded strided ones): the blocks read the input
     unpadded = pad_top == 0 and pad_left == 0 and (hp, wp) == x.shape[2:]
@@ -414,15 +415,16 @@ def conv2d_tiles_int8(
 
 @_jit
 def gather_conv_int8(
-    x, weight_words, starts, index, padding, window, bias, multiplier, shift, folded, zp_in,
-    zp_out, groups, qmin, qmax, out,
+    x, weight_words, correction, starts, index, padding, window, bias, multiplier, shift, folded,
+    zp_in, zp_out, groups, qmin, qmax, out,
 ):  # fmt: skip
     """``reference.conv2d_int8`` by :func:`simd.gather_conv_8_128` and its kin, from the
     unpadded input: each group's output channels 8 at a time, the last ``O/groups % 8`` one at
     a time (one call per group, or for a whole layer with one output per group: the calls'
     set-up cost more than a small plane's blocks), in blocks of 16 outputs gathered from
     ``window`` (128 or 256) bytes of each of the group's input channels. ``weight_words``,
-    ``starts``, ``index``, ``padding`` and ``window`` are ``tinyrt.ops.gather_operands`` (the
+    ``correction``, ``starts``, ``index``, ``padding`` and ``window`` are
+    ``tinyrt.ops.gather_operands`` (the
     convolution's window, stride, padding and dilation are in them), ``folded``
     ``tinyrt.ops.fold_requantization``. ``x`` ``[N, C, H, W]``, ``out`` ``[N, O, OH, OW]``.
     Needs :data:`simd.HAS_VBMI`."""
@@ -431,20 +433,21 @@ def gather_conv_int8(
     channels = c_total // groups  # input channels per group
     per_group = o_total // groups
     eights = per_group - per_group % 8
-    words = (weight_words.shape[1] - 1) // channels  # per input channel
+    words = weight_words.shape[1] // channels  # per input channel
     source, flat = x.reshape(x.size), out.reshape(out.size)
     for n in range(n_batch):
         if per_group == 1:  # one output channel per group (depthwise): all groups in one call
             _gather_blocks(source, n * c_total * h * w, starts, index, padding, words, channels,
-                          h * w, weight_words, 0, groups, channels * h * w, bias, multiplier,
-                          shift, folded, zp_in, zp_out, qmin, qmax, flat, n * o_total * positions,
-                          positions, 1, window)  # fmt: skip
+                          h * w, weight_words, correction, 0, groups, channels * h * w, bias,
+                          multiplier, shift, folded, zp_in, zp_out, qmin, qmax, flat,
+                          n * o_total * positions, positions, 1, window)  # fmt: skip
             continue
         for g in range(groups):
             x_start = (n * c_total + g * channels) * h * w
             first = g * per_group
             # the group's blocks of 8 output channels in one call, then the rest one at a time
-            args = (source, x_start, starts, index, padding, words, channels, h * w, weight_words)
+            args = (source, x_start, starts, index, padding, words, channels, h * w, weight_words,
+                    correction)  # fmt: skip
             tail = (bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, flat)
             if eights:
                 _gather_blocks(*args, first, eights // 8, 0, *tail,
@@ -455,13 +458,13 @@ def gather_conv_int8(
 
 
 @_jit
-def _gather_blocks(x, x_start, starts, index, padding, words, channels, plane, weights, o, count,
-                  in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out,
-                  out_start, positions, outputs, window):  # fmt: skip
+def _gather_blocks(x, x_start, starts, index, padding, words, channels, plane, weights,
+                  correction, o, count, in_step, bias, multiplier, shift, folded, zp_in, zp_out,
+                  qmin, qmax, out, out_start, positions, outputs, window):  # fmt: skip
     """The ``simd.gather_conv_{outputs}_{window}`` for ``outputs`` (1 or 8) and ``window``."""
-    args = (x, x_start, x.size, starts, index, padding, words, channels, plane, weights, o,
-            count, in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out,
-            out_start, positions)  # fmt: skip
+    args = (x, x_start, x.size, starts, index, padding, words, channels, plane, weights,
+            correction, o, count, in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin,
+            qmax, out, out_start, positions)  # fmt: skip
     if outputs == 1:
         if window > 128:
             gather_conv_1_256(*args)

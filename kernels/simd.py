@@ -589,7 +589,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     at its offset from the columns' windows, interleaves them so each int32 lane holds one
     column's word, and multiplies them by each output channel's weight word, broadcast: two
     int16 elements (``vpmaddwd``), or four int8 ones (:func:`_dot_quads`: ``vpdpbusd`` with
-    inputs ``x + 128``, or ``sdot``), the weight row's last entry (``INPUT_OFFSET * Σ w``)
+    inputs ``x + 128``, or ``sdot``), the row's ``correction`` (``INPUT_OFFSET * Σ w``)
     subtracted at the end as in the GEMM. Words mix channels and taps freely, so a 1-channel
     layer wastes no lanes.
 
@@ -597,28 +597,29 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
     with at least ``columns * stride`` readable bytes after the last row), ``x_start``
     (offset of the block's first window), ``in_step``, ``offsets`` (int64
     ``[words * CHANNELS_PER_WORD]``: each element's offset from a window's start, from
-    ``tinyrt.ops.conv_offsets``), ``words``, ``weights`` (int32 ``[O, words + 1]``, from
-    ``tinyrt.ops.pack_conv_words``), ``bias``, ``multiplier``, ``shift``, ``folded`` (the
-    same requantization from ``tinyrt.ops.fold_requantization``: :func:`_requantize_folded`
-    where it has rows, ``_requantize_lanes`` where it has none), ``o`` (the block's first
-    output channel), ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``,
-    ``out_step`` (``OH * OW``), ``valid`` (columns to store, 1 to ``columns``). Columns are
-    ``stride`` apart in the input (1 or 2). Lanes past ``valid`` read inputs beyond the row,
-    never stored."""
+    ``tinyrt.ops.conv_offsets``), ``words``, ``weights`` (int32 ``[O, words]``) and
+    ``correction`` (int32 ``[O]``), both from ``tinyrt.ops.tile_operands``, ``bias``,
+    ``multiplier``, ``shift``, ``folded`` (the same requantization from
+    ``tinyrt.ops.fold_requantization``: :func:`_requantize_folded` where it has rows,
+    ``_requantize_lanes`` where it has none), ``o`` (the block's first output channel),
+    ``zp_out``, ``qmin``, ``qmax``, ``out`` (flat), ``out_start``, ``out_step`` (``OH * OW``),
+    ``valid`` (columns to store, 1 to ``columns``). Columns are ``stride`` apart in the input
+    (1 or 2). Lanes past ``valid`` read inputs beyond the row, never stored."""
     lanes = columns
     per_word = CHANNELS_PER_WORD
     sums_type = ir.VectorType(_I32, lanes)
 
     @intrinsic
-    def tile(typingctx, padded, x_start, in_step, offsets, words, weights, bias, multiplier,
-             shift, folded, o, zp_out, qmin, qmax, out, out_start, out_step, valid):  # fmt: skip
-        sig = types.void(padded, x_start, in_step, offsets, words, weights, bias, multiplier,
-                         shift, folded, o, zp_out, qmin, qmax, out, out_start, out_step,
-                         valid)  # fmt: skip
+    def tile(typingctx, padded, x_start, in_step, offsets, words, weights, correction, bias,
+             multiplier, shift, folded, o, zp_out, qmin, qmax, out, out_start, out_step,
+             valid):  # fmt: skip
+        sig = types.void(padded, x_start, in_step, offsets, words, weights, correction, bias,
+                         multiplier, shift, folded, o, zp_out, qmin, qmax, out, out_start,
+                         out_step, valid)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (padded, x_start, in_step, offsets, words, weights, bias, multiplier, shift, folded,
-             o, zp, qmin, qmax, out, out_start, out_step, valid) = _as_int64(
+            (padded, x_start, in_step, offsets, words, weights, correction, bias, multiplier,
+             shift, folded, o, zp, qmin, qmax, out, out_start, out_step, valid) = _as_int64(
                 context, builder, args, signature)  # fmt: skip
             i64 = x_start.type
 
@@ -629,9 +630,8 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                 return array(position, value).data
 
             x_ptr, offsets_ptr = data(0, padded), data(3, offsets)
-            w_ptr, out_ptr = data(5, weights), data(14, out)
+            w_ptr, out_ptr = data(5, weights), data(15, out)
             slots = _zeroed_slots(builder, channels, sums_type)
-            w_stride = builder.add(words, ir.Constant(i64, 1))
 
             def load_inputs(offset: ir.Value) -> ir.Value:
                 """The block's inputs at ``offset``, ``stride`` apart, as int8 lanes."""
@@ -683,7 +683,7 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                         base = builder.add(x_start, builder.mul(in_step, ir.Constant(i64, c)))
                         inputs = word_inputs(base, elements)
                     row = builder.add(o, ir.Constant(i64, c))
-                    offset = builder.add(builder.mul(row, w_stride), word_loop.index)
+                    offset = builder.add(builder.mul(row, words), word_loop.index)
                     word = _splat(builder, builder.load(builder.gep(w_ptr, [offset])), lanes)
                     if per_word == 4:
                         sums = _dot_quads(builder, builder.load(slot), inputs, word)
@@ -703,19 +703,18 @@ def _make_conv_tile(channels: int, stride: int, depthwise: bool = False, columns
                     row = builder.add(o, ir.Constant(i64, c))
                     params = [
                         _splat(builder, builder.load(builder.gep(data(k, arr), [row])), lanes)
-                        for k, arr in ((6, bias), (7, multiplier), (8, shift))
+                        for k, arr in ((6, correction), (7, bias), (8, multiplier), (9, shift))
                     ]
-                    at = builder.add(builder.mul(row, w_stride), words)
-                    correction = _splat(builder, builder.load(builder.gep(w_ptr, [at])), lanes)
-                    sums = builder.sub(builder.load(slot), correction)
+                    sums = builder.sub(builder.load(slot), params.pop(0))
                     store(c, _requantize_lanes(builder, sums, *params, *splats))
 
             def fast() -> None:
                 for c, slot in enumerate(slots):
-                    row = _folded_row(builder, data(9, folded), builder.add(o, ir.Constant(i64, c)))
-                    store(c, _requantize_folded(builder, builder.load(slot), row, qmin, qmax))
+                    row = builder.add(o, ir.Constant(i64, c))
+                    constants = _folded_row(builder, data(10, folded), row)
+                    store(c, _requantize_folded(builder, builder.load(slot), constants, qmin, qmax))
 
-            _when_folded(builder, builder.extract_value(array(9, folded).shape, 0), fast, generic)
+            _when_folded(builder, builder.extract_value(array(10, folded).shape, 0), fast, generic)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -743,29 +742,31 @@ def _make_gather_conv(outputs: int, window: int):
     - ``vpdpbusd`` multiplies them by each output channel's weight word for ``(c, w)``
       (``weights[o + k, c * words + w]``, int8 taps).
 
-    A row's last entry, ``128 * Σ w``, is subtracted at the end (as in the GEMM); each output
+    The row's ``correction``, ``128 * Σ w``, is subtracted at the end (as in the GEMM); each output
     channel's 16 sums are requantized in vector lanes (by :func:`_requantize_folded` where
     ``folded``, from ``tinyrt.ops.fold_requantization``, has rows) and stored at
     ``out[out_start + (g outputs + k) positions + 16 b:]`` (masked to the plane's positions).
 
-    ``starts``, ``index``, ``padding`` and ``weights`` come from ``tinyrt.ops.gather_operands``;
+    ``starts``, ``index``, ``padding``, ``weights`` and ``correction`` come from
+    ``tinyrt.ops.gather_operands``;
     no padded copy of the input is made. Needs AVX-512 VBMI and VNNI (:data:`HAS_VBMI`)."""
     halves = window // (2 * _CHUNK)  # 128-byte halves, one vpermi2b each
 
     @intrinsic
     def gather(typingctx, x, x_start, x_end, starts, index, padding, words, channels, plane,
-               weights, o, count, in_step, bias, multiplier, shift, folded, zp_in, zp_out,
-               qmin, qmax, out, out_start, positions):  # fmt: skip
+               weights, correction, o, count, in_step, bias, multiplier, shift, folded, zp_in,
+               zp_out, qmin, qmax, out, out_start, positions):  # fmt: skip
         if not HAS_VBMI:
             raise numba.core.errors.TypingError("the gathered convolution needs AVX-512 VBMI")
         sig = types.void(x, x_start, x_end, starts, index, padding, words, channels, plane,
-                         weights, o, count, in_step, bias, multiplier, shift, folded, zp_in,
-                         zp_out, qmin, qmax, out, out_start, positions)  # fmt: skip
+                         weights, correction, o, count, in_step, bias, multiplier, shift, folded,
+                         zp_in, zp_out, qmin, qmax, out, out_start, positions)  # fmt: skip
 
         def codegen(context, builder, signature, args):
-            (x, x_start, x_end, starts, index, padding, words, channels, plane, weights, o, count,
-             in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin, qmax, out, out_start,
-             positions) = _as_int64(context, builder, args, signature)  # fmt: skip
+            (x, x_start, x_end, starts, index, padding, words, channels, plane, weights,
+             correction, o, count, in_step, bias, multiplier, shift, folded, zp_in, zp_out, qmin,
+             qmax, out, out_start, positions) = _as_int64(
+                context, builder, args, signature)  # fmt: skip
             i64 = x_start.type
 
             def array(position: int, value: ir.Value):
@@ -778,10 +779,9 @@ def _make_gather_conv(outputs: int, window: int):
                 return ir.Constant(i64, value)
 
             x_ptr, starts_ptr, index_ptr = data(0, x), data(3, starts), data(4, index)
-            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(21, out)
+            padding_ptr, w_ptr, out_ptr = data(5, padding), data(9, weights), data(22, out)
             chunk = ir.VectorType(_I8, _CHUNK)
             row_words = builder.mul(channels, words)
-            w_stride = builder.add(row_words, const(1))
             zp_flipped = _plus_128(builder, _splat(builder, builder.trunc(zp_in, _I8), _CHUNK))
             splats = [_splat(builder, builder.trunc(v, _I32), 16) for v in (zp_out, qmin, qmax)]
             slots = _zeroed_slots(builder, outputs, _QUADS)
@@ -879,33 +879,27 @@ def _make_gather_conv(outputs: int, window: int):
             def group(first: ir.Value, x_start: ir.Value, out_start: ir.Value, fast: bool):
                 """Output channels ``first ..`` of a group, every block of the plane."""
                 channels_of = [builder.add(first, const(k)) for k in range(outputs)]
-                rows = [builder.mul(channel, w_stride) for channel in channels_of]
+                rows = [builder.mul(channel, row_words) for channel in channels_of]
                 if fast:
-                    constants = [_folded_row(builder, data(16, folded), c) for c in channels_of]
+                    constants = [_folded_row(builder, data(17, folded), c) for c in channels_of]
 
                     def requantize(k: int, sums: ir.Value) -> ir.Value:
                         return _requantize_folded(builder, sums, constants[k], qmin, qmax)
 
                 else:
+                    per_row = ((10, correction), (14, bias), (15, multiplier), (16, shift))
                     params = [
                         [
                             _splat(builder, builder.load(builder.gep(data(a, arr), [c])), 16)
-                            for a, arr in ((13, bias), (14, multiplier), (15, shift))
+                            for a, arr in per_row
                         ]
                         for c in channels_of
                     ]
-                    corrections = [
-                        _splat(
-                            builder,
-                            builder.load(builder.gep(w_ptr, [builder.add(r, row_words)])),
-                            16,
-                        )
-                        for r in rows
-                    ]
 
                     def requantize(k: int, sums: ir.Value) -> ir.Value:
-                        sums = builder.sub(sums, corrections[k])
-                        return _requantize_lanes(builder, sums, *params[k], *splats)
+                        subtract, *requant = params[k]
+                        return _requantize_lanes(builder, builder.sub(sums, subtract), *requant,
+                                                 *splats)  # fmt: skip
 
                 blocks = builder.sdiv(builder.add(positions, const(15)), const(16))
                 with cgutils.for_range(builder, blocks) as block_loop:
@@ -919,7 +913,7 @@ def _make_gather_conv(outputs: int, window: int):
                           builder.add(x_start, builder.mul(g, in_step)),
                           builder.add(out_start, builder.mul(g, out_step)), fast)  # fmt: skip
 
-            _when_folded(builder, builder.extract_value(array(16, folded).shape, 0),
+            _when_folded(builder, builder.extract_value(array(17, folded).shape, 0),
                          lambda: groups(True), lambda: groups(False))  # fmt: skip
             return context.get_dummy_value()
 

@@ -163,11 +163,12 @@ def test_one_dimensional_model(tmp_path):
         assert np.abs(g - e.detach().numpy()).max() <= 8 * scale
 
 
-def test_linear_weights_are_blocked_where_the_padding_is_small(tmp_path):
+def test_weights_are_stored_in_their_kernels_layouts(tmp_path):
     """Linear weights go into the file in their kernel's blocks of 16 rows (format 1.2,
     rows16x4) unless padding the last block would add more than 1/16 of the rows (the
-    10-class head) or the rows are not whole words (K = 6); the convolution keeps OIHW.
-    Both backends compute the same outputs from them."""
+    10-class head) or the rows are not whole words (K = 6); the convolution's in OHWI rows
+    padded to words of 4 (format 1.3, ohwi4). Both backends compute the same outputs from
+    them."""
     torch.manual_seed(2)
     model = nn.Sequential(
         nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 6), nn.ReLU(),
@@ -180,8 +181,8 @@ def test_linear_weights_are_blocked_where_the_padding_is_small(tmp_path):
     layouts = [file.tensors[index].layout for index in weights]
     # 12 -> 6: 10 padding rows for 6; 6 -> 32: K = 6; 32 -> 48: 48 rows, no padding; 48 -> 10:
     # 6 padding rows for 10.
-    assert layouts == [None, None, None, "rows16x4", None], layouts
-    assert file.version == (1, 2)
+    assert layouts == ["ohwi4", None, None, "rows16x4", None], layouts
+    assert file.version == (1, 3)
     got = {b: tinyrt.load(out, backend=b)(x[:9]) for b in ("reference", "numba")}
     np.testing.assert_array_equal(got["numba"], got["reference"])
     assert np.abs(got["numba"] - model(torch.from_numpy(x[:9])).detach().numpy()).max() < 0.5

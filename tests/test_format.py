@@ -29,7 +29,7 @@ from tinyrt.format import (
     serialize,
     write_model_file,
 )
-from tinyrt.packing import RowBlocks, pack_bits, unpack_bits
+from tinyrt.packing import ConvRows, RowBlocks, pack_bits, unpack_bits
 
 # The header as docs/format.md specifies it, written out independently of tinyrt.format.
 HEADER = struct.Struct("<8sHHIQQQQIIII")
@@ -256,7 +256,7 @@ def test_header_and_sections_follow_the_spec() -> None:
     blob = _valid()
     header = _header(blob)
     assert header["magic"] == MAGIC == b"\x89TINYRT\n"
-    assert (header["major"], header["minor"]) == FORMAT_VERSION == (1, 2)
+    assert (header["major"], header["minor"]) == FORMAT_VERSION == (1, 3)
     assert header["header_size"] == header["metadata_offset"] == 64
     assert header["flags"] == 0
     assert header["header_crc"] == zlib.crc32(blob[:60])
@@ -517,14 +517,14 @@ CORPUS = {
     "wrong-magic": (lambda b: b"PK\x03\x04zip!" + b[8:], "magic"),
     "text-mode-transfer": (lambda b: b.replace(b"\n", b"\r\n", 1), "transfer"),
     "high-bit-stripped": (lambda b: bytes([b[0] & 0x7F]) + b[1:], "transfer"),
-    "unknown-major": (_header_field(major=2), "version 2.2 is not supported"),
-    "major-zero": (_header_field(major=0), "version 0.2 is not supported"),
+    "unknown-major": (_header_field(major=2), "version 2.3 is not supported"),
+    "major-zero": (_header_field(major=0), "version 0.3 is not supported"),
     "bad-header-crc": (
         _header_field(data_nbytes=1, header_crc=lambda h: h["header_crc"]),
         "header crc32",
     ),
     "header-size": (_header_field(header_size=128), "header_size"),
-    "unknown-flags": (_header_field(flags=2), "bits 0x00000002 name features"),
+    "unknown-flags": (_header_field(flags=4), "bits 0x00000004 name features"),
     "layouts-flag-without-layouts": (_header_field(flags=1), "flag 0x1 must be clear"),
     "metadata-offset": (_header_field(metadata_offset=128), "metadata_offset"),
     "metadata-nbytes-huge": (_header_field(metadata_nbytes=2**62), "metadata_nbytes"),
@@ -730,7 +730,7 @@ def _layout(layout: object, **fields: object) -> Callable[[bytes], bytes]:
 
 
 LAYOUT_CORPUS = {
-    "unknown-layout": (_layout("rows8x8"), "layout must be null or 'rows16x4'"),
+    "unknown-layout": (_layout("rows8x8"), "layout must be null, 'rows16x4' or 'ohwi4'"),
     "layout-not-str": (_layout(1), "layout must be null"),
     "layout-on-int32": (_entry(0, layout="rows16x4"), "holds an int8 tensor [O, K]"),
     "layout-k-not-multiple-of-4": (
@@ -756,6 +756,83 @@ def test_writer_wants_a_layouts_blocks() -> None:
     weight = np.zeros((20, 8), np.int8)
     with pytest.raises(ValueError, match=r"shape \(2, 2, 16, 4\), got int8 with shape \(20, 8\)"):
         serialize({}, [Tensor("w", "int8", (20, 8), weight, None, "rows16x4")], {})
+    weight = np.zeros((4, 3, 3, 3), np.int8)
+    with pytest.raises(ValueError, match=r"shape \(4, 28\), got int8 with shape \(4, 3, 3, 3\)"):
+        serialize({}, [Tensor("w", "int8", (4, 3, 3, 3), weight, None, "ohwi4")], {})
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel layouts (1.3): ohwi4
+
+
+def _conv_rows_model(shape: tuple[int, ...] = (5, 3, 2, 3)) -> tuple[np.ndarray, bytes]:
+    """An int8 convolution weight of ``shape`` stored as ohwi4, next to a plain tensor."""
+    weight = np.random.default_rng(2).integers(-128, 128, size=shape, dtype=np.int8)
+    tensors = [
+        Tensor("bias", "int32", shape[:1], np.arange(shape[0], dtype=np.int32)),
+        Tensor("conv.weight", "int8", shape, ConvRows.pack(weight).rows, None, "ohwi4"),
+    ]
+    return weight, serialize(GRAPH, tensors, PROVENANCE)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 2, 3), (4, 2, 3)], ids=["conv2d", "conv1d"])
+def test_ohwi4_bytes_follow_the_spec(shape: tuple[int, ...]) -> None:
+    """Byte ``o * 4 ceil(K / 4) + (i KW + j) C + c`` of the tensor is ``w[o, c, i, j]``
+    (``[o, c, j]`` in 1-D), the bytes after ``K`` of a row are zero, and the header sets flag
+    0x2 (which a 1.2 reader does not know, so it refuses the file) with flag 0x1."""
+    weight, blob = _conv_rows_model(shape)
+    header, entry = _header(blob), _metadata(blob)["tensors"][1]
+    o, c, *taps = shape
+    k_len = c * int(np.prod(taps))
+    width = -(-k_len // 4) * 4
+    assert header["flags"] == 3
+    assert (entry["layout"], entry["shape"], entry["nbytes"]) == ("ohwi4", list(shape), o * width)
+    start = header["data_offset"] + entry["offset"]
+    stored = np.frombuffer(blob[start : start + entry["nbytes"]], np.int8).reshape(o, width)
+    kh, kw = ([1] + taps)[-2:]
+    for out, channel, i, j in np.ndindex(o, c, kh, kw):
+        value = weight[out, channel, i, j] if len(shape) == 4 else weight[out, channel, j]
+        assert stored[out, (i * kw + j) * c + channel] == value
+    assert not stored[:, k_len:].any()
+
+
+def test_ohwi4_round_trips_as_its_rows() -> None:
+    weight, blob = _conv_rows_model()
+    model = read_model_file(blob)
+    _assert_zero_copy(model, blob)
+    tensor = model.tensors[1]
+    assert (tensor.layout, tensor.shape, tensor.data.shape) == ("ohwi4", (5, 3, 2, 3), (5, 20))
+    np.testing.assert_array_equal(tensor.values(), weight)
+
+
+CONV_ROWS_CORPUS = {
+    "ohwi4-on-int32": (_entry(0, layout="ohwi4"), "holds an int8 tensor [O, C, KW]"),
+    "ohwi4-rank-2": (_layout("ohwi4", shape=[5, 20]), "holds an int8 tensor [O, C, KW]"),
+    "ohwi4-unpadded-nbytes": (_layout("ohwi4", nbytes=90), "takes 100 bytes"),
+    "ohwi4-without-its-flag": (_header_field(flags=1), "flag 0x2 must be set"),
+    "ohwi4-without-any-flag": (_header_field(flags=0), "flag 0x1 must be set"),
+    "ohwi4-removed-flag-kept": (_layout(DELETE, nbytes=90), "flag 0x1 must be clear"),
+    "ohwi4-as-rows16x4": (_layout("rows16x4"), "holds an int8 tensor [O, K]"),
+}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "word"), list(CONV_ROWS_CORPUS.values()), ids=list(CONV_ROWS_CORPUS)
+)
+def test_malformed_conv_rows_are_rejected(mutate: Callable[[bytes], bytes], word: str) -> None:
+    blob = _conv_rows_model()[1]
+    with pytest.raises(FormatError) as info:
+        read_model_file(mutate(blob))
+    assert word in str(info.value)
+
+
+def test_rows16x4_alone_does_not_set_the_ohwi4_flag() -> None:
+    """A file whose only layout is rows16x4 sets flag 0x1 alone, so 1.2 readers still read it;
+    the reader refuses flag 0x2 there."""
+    blob = _blocked_model()[1]
+    assert _header(blob)["flags"] == 1
+    with pytest.raises(FormatError, match="no tensor has layout ohwi4: flag 0x2 must be clear"):
+        read_model_file(_header_field(flags=3)(blob))
 
 
 # ------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from tinyrt.ops import (
     int8_rows_operand,
     tile_operands,
 )
+from tinyrt.packing import ConvRows
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -300,14 +301,14 @@ def test_conv2d_numba_bit_exact(p):
             reach = x.shape[2:]
         slack = np.empty(x.shape[1] * reach[0] * reach[1] + 32, dtype=np.int8)
         padded = slack[: x.shape[1] * reach[0] * reach[1]].reshape((x.shape[1],) + reach)
-        operands = tile_operands(weight, padded.shape, (dh, dw), nk)  # words, offsets
-        kernels[nk.conv2d_tiles_int8] = (operands, padded, None)
+        operands = tile_operands(ConvRows.pack(weight), padded.shape, (dh, dw), nk)
+        kernels[nk.conv2d_tiles_int8] = (operands, padded, None)  # words, correction, offsets
     for kernel, (layout, padded, work) in kernels.items():  # every shape through each
         out = np.empty_like(want)
         folded = ()  # the blocks' requantization constants, folded where they can be
         if kernel is nk.conv2d_tiles_int8:
             work = ()
-            folded = (fold_requantization(bias, layout[0][:, -1], multiplier, shift, p["zp_out"]),)
+            folded = (fold_requantization(bias, layout[1], multiplier, shift, p["zp_out"]),)
         else:
             work = (work,)
         if not isinstance(layout, tuple):
@@ -415,21 +416,43 @@ def test_gather_conv_bit_exact(p):
     reference wherever its blocks fit; where they do not (tinyrt then takes the column
     blocks), their reach proves it."""
     x, weight, args, want = _gather_case(p)
-    operands = gather_operands(weight, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
+    rows = ConvRows.pack(weight)
+    operands = gather_operands(rows, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
     if operands is None:
         assert _widest_block(p, *want.shape[2:]) >= 256
         return
     assert (operands[-1] == 128) == (_widest_block(p, *want.shape[2:]) < 128)
     out = np.full_like(want, 99)
-    folded = fold_requantization(*args[:1], operands[0][:, -1], *args[1:3], p["zp_out"])
+    folded = fold_requantization(*args[:1], operands[1], *args[1:3], p["zp_out"])
     nk.gather_conv_int8(x, *operands, *args[:3], folded, *args[3:], out)
     np.testing.assert_array_equal(out, want)
+
+
+def test_kernels_read_conv_rows_in_place():
+    """The column blocks' words under VNNI or sdot, and the gathered kernel's with one input
+    channel, are the rows themselves (a file's ohwi4 bytes, never copied); the int16 pairs of
+    the portable blocks and the gathered kernel's words for several channels are copies. The
+    corrections are ``offset * Σ w`` either way."""
+    weight = np.random.default_rng(3).integers(-128, 128, (8, 5, 3, 3), dtype=np.int8)
+    depthwise = ConvRows.pack(weight[:, :1])
+    rows = ConvRows.pack(weight)
+    sums = weight.reshape(8, -1).sum(axis=1)
+    words, correction, offsets = tile_operands(rows, (5, 9, 9), (1, 1), nk)
+    per_word = nk.CHANNELS_PER_WORD
+    assert np.shares_memory(words, rows.rows) == (per_word == 4)
+    assert words.shape == (8, -(-45 // per_word)) and len(offsets) == words.shape[1] * per_word
+    np.testing.assert_array_equal(correction, nk.INPUT_OFFSET * sums)
+    window = (3, 3, 1, 1, 1, 1, 1, 1)
+    for conv, in_place in ((depthwise, True), (rows, False)):
+        gather_words, gather_correction = gather_operands(conv, (9, 9), (9, 9), window)[:2]
+        assert np.shares_memory(gather_words, conv.rows) == in_place
+        np.testing.assert_array_equal(gather_correction, 128 * conv.row_sums())
 
 
 def test_depthwise_gather_fits_the_suite_layers():
     """The depthwise layers of DS-CNN and MobileNet fit the 128- or 256-byte window; a
     stride-2 layer on rows of 160 does not (its blocks reach 2 rows of 320 bytes)."""
-    depthwise = np.ones((4, 1, 3, 3), np.int8)
+    depthwise = ConvRows.pack(np.ones((4, 1, 3, 3), np.int8))
     fits = [((25, 5), (25, 5), 1, 128), ((12, 12), (6, 6), 2, 128), ((48, 48), (48, 48), 1, 128)]
     fits.append(((96, 96), (48, 48), 2, 256))
     for image, output, stride, reach in fits:
@@ -442,6 +465,7 @@ GUARD_PAGE_CHECK = """
 import ctypes, mmap, numpy as np
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.ops import gather_operands
+from tinyrt.packing import ConvRows
 libc = ctypes.CDLL(None)
 page = mmap.PAGESIZE
 memory = mmap.mmap(-1, 2 * page)
@@ -449,7 +473,7 @@ base = ctypes.addressof(ctypes.c_char.from_buffer(memory))
 assert libc.mprotect(ctypes.c_void_p(base + page), page, 0) == 0  # PROT_NONE
 for c, h, w, stride in [(3, 5, 7, 1), (2, 6, 60, 2)]:  # windows of 128 and 256 bytes
     x = np.frombuffer(memory, np.int8, c * h * w, page - c * h * w).reshape(1, c, h, w)
-    weight = np.ones((c, 1, 3, 3), np.int8)
+    weight = ConvRows.pack(np.ones((c, 1, 3, 3), np.int8))
     oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
     window = (3, 3, stride, stride, 1, 1, 1, 1)
     operands = gather_operands(weight, (h, w), (oh, ow), window)

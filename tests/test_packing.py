@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyrt.packing import RowBlocks, pack_bits, packed_nbytes, unpack_bits
+from tinyrt.packing import ConvRows, RowBlocks, pack_bits, packed_nbytes, unpack_bits
 
 
 def _range(bits: int) -> tuple[int, int]:
@@ -118,3 +118,37 @@ def test_row_blocks_round_trip_and_row_sums(rows: int, words: int, seed: int) ->
 def test_row_blocks_want_int8_rows_of_whole_words(weight: np.ndarray) -> None:
     with pytest.raises(ValueError, match="K a multiple of 4"):
         RowBlocks.pack(weight)
+
+
+@given(
+    shape=st.tuples(st.integers(1, 9), st.integers(1, 7), st.integers(1, 4), st.integers(1, 5))
+    | st.tuples(st.integers(1, 9), st.integers(1, 7), st.integers(1, 5)),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_conv_rows_hold_ohwi_in_whole_words(shape: tuple[int, ...], seed: int) -> None:
+    """Convolution rows of any 1-D or 2-D weight: each row the taps row-major with a tap's
+    channels side by side, zeros up to a multiple of 4, seen as int32 words in place; the
+    weight, its row sums and bounds come back."""
+    weight = np.random.default_rng(seed).integers(-128, 128, shape, dtype=np.int8)
+    rows = ConvRows.pack(weight)
+    o, c, *taps = shape
+    k_len = c * int(np.prod(taps))
+    assert rows.rows.shape == (o, -(-k_len // 4) * 4) and rows.ndim == len(shape)
+    for index in np.ndindex(*shape):  # [o, c, (i,) j]: the flat tap index, then the channel
+        tap = np.ravel_multi_index(index[2:], taps)
+        assert rows.rows[index[0], tap * c + index[1]] == weight[index]
+    assert not rows.rows[:, k_len:].any() and not rows.rows.flags.writeable
+    words = rows.words()
+    assert words.dtype == np.int32 and np.shares_memory(words, rows.rows)
+    np.testing.assert_array_equal(rows.values(), weight)
+    flat = weight.reshape(o, -1).astype(np.int64)
+    np.testing.assert_array_equal(rows.row_sums(), flat.sum(axis=1))
+    np.testing.assert_array_equal(rows.row_bounds(), np.abs(flat).sum(axis=1))
+
+
+@pytest.mark.parametrize(
+    "weight", [np.zeros((3, 6), np.int8), np.zeros((3, 2, 3), np.int16), np.zeros(8, np.int8)]
+)
+def test_conv_rows_want_an_int8_convolution_weight(weight: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"int8 \[O, C, KW\] or \[O, C, KH, KW\]"):
+        ConvRows.pack(weight)

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 import tinyrt
 from tinyrt.errors import FormatError, InputError, UnsupportedOpError
 from tinyrt.format import serialize
+from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
-from tinyrt.packing import ROW_BLOCKS_LAYOUT, RowBlocks
+from tinyrt.packing import CONV_ROWS_LAYOUT, ROW_BLOCKS_LAYOUT, ConvRows, RowBlocks
 from tinyrt.plan import plan_arena
 
 
@@ -446,5 +447,99 @@ def _embedding(blocked: bool) -> bytes:
 def test_blocked_weights_are_only_for_linear_layers():
     tokens = np.array([[0, 19, 7]], np.int32)
     assert tinyrt.load(_embedding(blocked=False))(tokens).shape == (1, 3, 8)
-    with pytest.raises(FormatError, match="only a linear op's weight"):
+    with pytest.raises(FormatError, match="only the weight of a linear op"):
         tinyrt.load(_embedding(blocked=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Convolution weights stored in the kernel's layout (format 1.3, ohwi4)
+
+
+def _in_conv_rows(g: GraphBuilder) -> GraphBuilder:
+    """``g`` with every convolution weight stored as ohwi4, as the converter writes them."""
+    for op in g.ops:
+        if op["op"] in ("conv1d", "conv2d"):
+            t = g.tensors[op["tensors"]["weight"]]
+            rows = ConvRows.pack(t.data).rows
+            g.tensors[op["tensors"]["weight"]] = replace(t, data=rows, layout=CONV_ROWS_LAYOUT)
+    return g
+
+
+def _convolutions(
+    c: int, o: int, image: tuple[int, int], stride: int, padding: int
+) -> GraphBuilder:
+    """One 3x3 convolution ``c -> o`` over ``image``, then a 1x1 ``o -> 5`` of stride 3: its
+    kernel is im2col + GEMM for rows of 16 weights or more, else direct dot products
+    (``ops._conv_kernel``)."""
+    g = GraphBuilder(seed=c)
+    h, w = image
+    x = g.input([1, c, h, w], 0.02, -5)
+    oh, ow = ((n + 2 * padding - 3) // stride + 1 for n in image)
+    y = g.value([1, o, oh, ow], 0.05, 4)
+    conv = {"dilation": [1, 1], "groups": 1, "qmin": -128, "qmax": 127}
+    tensors = g.layer_tensors("c1", (o, c, 3, 3), 0.02 * 0.01 / 0.05)
+    g.op("conv2d", [x], y, tensors, stride=[stride] * 2, padding=[padding] * 4, **conv)
+    z = g.value([1, 5, (oh - 1) // 3 + 1, (ow - 1) // 3 + 1], 0.05, -3)
+    tensors = g.layer_tensors("c2", (5, o, 1, 1), 0.05 * 0.01 / 0.05)
+    g.op("conv2d", [y], z, tensors, stride=[3, 3], padding=[0] * 4, **conv)
+    g.output(z)
+    return g
+
+
+@pytest.mark.parametrize(
+    "graph",
+    [
+        lambda: every_op_graph(),  # 3x3 with 3 channels (K = 27), depthwise, grouped conv1d
+        lambda: _convolutions(8, 16, (11, 11), 3, 0),  # im2col + GEMM twice (K = 72, 16)
+        lambda: _convolutions(5, 9, (6, 21), 1, 1),  # column blocks (K = 45), direct (K = 9)
+    ],
+    ids=["every-op", "stride-3", "tiles"],
+)
+def test_conv_rows_compute_what_oihw_does(graph):
+    """A file with ohwi4 convolution weights gives the same outputs as the same weights in
+    OIHW, on both backends and through every convolution kernel (the column blocks read the
+    rows in place; the others copy them into their order)."""
+    plain, rows = graph().serialize(), _in_conv_rows(graph()).serialize()
+    x_shape = tinyrt.load(plain).inputs[0].shape
+    x = np.random.default_rng(7).integers(-128, 128, (2,) + x_shape[1:]).astype(np.int8)
+    want = tinyrt.load(plain, backend="reference").run_quantized({"x": x})
+    for backend in ("reference", "numba"):
+        got = tinyrt.load(rows, backend=backend).run_quantized({"x": x})
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_conv_rows_are_read_in_place(tmp_path):
+    """A model loaded from a file whose convolution weight is ohwi4 keeps no copy of it: the
+    column blocks read the memory map (under VNNI or sdot; the int16 pairs of the portable
+    kernel are a copy). The same weight in OIHW is copied into rows at load."""
+    c = o = 256  # a 256 x 256 x 3 x 3 weight: 576 KiB
+    nbytes = c * o * 9
+    kept = {}
+    for stored in ("ohwi4", "oihw"):
+        g = _convolutions(c, o, (4, 20), 1, 1)
+        path = tmp_path / f"{stored}.tinyrt"
+        path.write_bytes((_in_conv_rows(g) if stored == "ohwi4" else g).serialize())
+        x = {"x": np.ones((1, c, 4, 20), np.float32)}
+        tinyrt.load(path).run(x)  # compiles (or loads from the cache) the kernels first
+        tracemalloc.start()
+        try:
+            model = tinyrt.load(path)
+            model.run(x)  # plans the model for this input shape: binds the kernels
+            kept[stored] = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+    if nk.CHANNELS_PER_WORD == 4:
+        assert kept["ohwi4"] < nbytes // 4 < nbytes <= kept["oihw"], kept
+    else:
+        assert kept["ohwi4"] >= nbytes, kept
+
+
+def test_conv_rows_are_only_for_convolutions():
+    g = _mlp(blocked=False)
+    t = g.tensors[g.ops[0]["tensors"]["weight"]]
+    g.tensors[g.ops[0]["tensors"]["weight"]] = replace(
+        t, data=t.data.copy(), layout=CONV_ROWS_LAYOUT, shape=(20, 3, 4)
+    )
+    with pytest.raises(FormatError, match="only the weight of a conv1d or conv2d op"):
+        tinyrt.load(g.serialize())

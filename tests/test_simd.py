@@ -88,6 +88,7 @@ def test_16_lane_requantization_matches_reference(folded):
     right, biases to 2^29, a random zero point and a narrower clamp; generic: left shifts
     that saturate too (they cannot be folded)."""
     from tinyrt.ops import fold_requantization, gather_operands
+    from tinyrt.packing import ConvRows
 
     rng = np.random.default_rng(1)
     channels = 20_000
@@ -103,11 +104,11 @@ def test_16_lane_requantization_matches_reference(folded):
         shift[2000:2500] = rng.integers(1, 31, 500)  # saturating left shifts
     zp, qmin, qmax = (int(rng.integers(-128, 128)), -100, 90) if folded else (5, -128, 127)
     x = rng.integers(-128, 128, (1, channels, 4, 4)).astype(np.int8)
-    weight = np.ones((channels, 1, 1, 1), np.int8)
+    weight = ConvRows.pack(np.ones((channels, 1, 1, 1), np.int8))
     operands = gather_operands(weight, (4, 4), (4, 4), (1, 1, 1, 1, 0, 0, 1, 1))
     out = np.empty_like(x)
     params = [v.astype(np.int32) for v in (bias, multiplier, shift)]
-    constants = fold_requantization(*params[:1], operands[0][:, -1], *params[1:], zp)
+    constants = fold_requantization(*params[:1], operands[1], *params[1:], zp)
     assert len(constants) == (channels if folded else 0)
     numba_kernels.gather_conv_int8(x, *operands, *params, constants, 0, zp, channels, qmin,
                                    qmax, out)  # fmt: skip
@@ -176,6 +177,7 @@ OTHER_TARGET_CHECK = textwrap.dedent(
             nk.linear_rows(x, rows, bias, mult, shift, 3, -128, 127, out)
             assert (out == want).all(), ("rows", n, k, o)
     from tinyrt.ops import fold_requantization, tile_operands
+    from tinyrt.packing import ConvRows
     for c, o, sw in [(3, 9, 1), (4, 8, 2), (1, 3, 1)]:
         x = rng.integers(-128, 128, (1, c, 7, 19)).astype(np.int8)
         w = rng.integers(-127, 128, (o, c, 3, 3)).astype(np.int8)
@@ -188,8 +190,8 @@ OTHER_TARGET_CHECK = textwrap.dedent(
         buffer = np.empty(c * reach[0] * reach[1] + 32, np.int8)
         padded = buffer[: c * reach[0] * reach[1]].reshape((c,) + reach)
         out = np.empty_like(want)
-        operands = tile_operands(w, padded.shape, (1, 1), nk)
-        for folded in (fold_requantization(bias, operands[0][:, -1], mult, shift, -3),
+        operands = tile_operands(ConvRows.pack(w), padded.shape, (1, 1), nk)
+        for folded in (fold_requantization(bias, operands[1], mult, shift, -3),
                        np.zeros((0, 4), np.int64)):
             out[...] = 0
             nk.conv2d_tiles_int8(x, *operands, bias, mult, shift, folded, 5, -3, 3, 3, 1, sw,

@@ -12,9 +12,11 @@ it cannot produce a file the reader rejects.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import math
+import operator
 import os
 import secrets
 import stat
@@ -28,19 +30,28 @@ import numpy as np
 
 from tinyrt.errors import FormatError
 from tinyrt.packing import (
+    CONV_ROWS_LAYOUT,
     ROW_BLOCKS_LAYOUT,
+    ConvRows,
     RowBlocks,
+    conv_rows_shape,
     packed_nbytes,
     row_blocks_shape,
     unpack_bits,
 )
 
 MAGIC = b"\x89TINYRT\n"
-FORMAT_VERSION = (1, 2)
+FORMAT_VERSION = (1, 3)
 # Header flag bits: features a reader must understand to read the file right. A 1.x reader
 # refuses a file with a bit set that it does not know (1.0 and 1.1 readers know none).
 FLAG_LAYOUTS = 1  # 1.2: some tensor is stored in a kernel layout (its entry has "layout")
-KNOWN_FLAGS = FLAG_LAYOUTS
+FLAG_CONV_ROWS = 2  # 1.3: some tensor is stored in layout ohwi4 (which a 1.2 reader lacks)
+KNOWN_FLAGS = FLAG_LAYOUTS | FLAG_CONV_ROWS
+# The flags a file sets for a tensor in each kernel layout (docs/format.md).
+LAYOUT_FLAGS = {
+    ROW_BLOCKS_LAYOUT: FLAG_LAYOUTS,
+    CONV_ROWS_LAYOUT: FLAG_LAYOUTS | FLAG_CONV_ROWS,
+}
 ALIGNMENT = 64
 DTYPES = ("int8", "uint8", "int16", "int32", "float32", "int4", "int2")
 
@@ -80,7 +91,9 @@ class Tensor:
     ``ceil(numel * bits / 8)`` long. Read from a file, ``data`` is a read-only view into the
     file's buffer. ``quant`` is the quantization record of a weight (docs/format.md) or None.
     ``layout`` None is C order; ``"rows16x4"`` (``shape`` ``[O, K]``, int8, ``K`` a multiple
-    of 4) is :class:`tinyrt.packing.RowBlocks`, and ``data`` its ``blocks``.
+    of 4) is :class:`tinyrt.packing.RowBlocks`, and ``data`` its ``blocks``; ``"ohwi4"``
+    (``shape`` ``[O, C, KW]`` or ``[O, C, KH, KW]``, int8) is
+    :class:`tinyrt.packing.ConvRows`, and ``data`` its ``rows``.
     """
 
     name: str
@@ -93,8 +106,10 @@ class Tensor:
     def values(self) -> np.ndarray:
         """The values with the logical ``shape``: ``data`` itself, or a copy of it unblocked
         (a layout) or unpacked (int4, int2)."""
-        if self.layout is not None:
+        if self.layout == ROW_BLOCKS_LAYOUT:
             return RowBlocks(self.data, self.shape).rows()
+        if self.layout == CONV_ROWS_LAYOUT:
+            return ConvRows(self.data, self.shape).values()
         if self.dtype in _PACKED_BITS:
             count = math.prod(self.shape)
             return unpack_bits(self.data, _PACKED_BITS[self.dtype], count).reshape(self.shape)
@@ -182,23 +197,38 @@ def _check_declaration(
 
 
 def _layout_nbytes(where: str, dtype: str, shape: list[int], layout: object) -> int:
-    """The bytes of a tensor stored in ``layout`` (only ``rows16x4`` exists: int8 ``[O, K]``,
-    ``K`` a multiple of 4, in blocks of 16 rows, the last one padded)."""
-    if layout != ROW_BLOCKS_LAYOUT:
-        raise FormatError(
-            f"{where}: layout must be null or {ROW_BLOCKS_LAYOUT!r}, found {_show(layout)}"
-        )
-    if dtype != "int8" or len(shape) != 2 or shape[1] % 4:
+    """The bytes of a tensor stored in ``layout``: ``rows16x4``, int8 ``[O, K]`` with ``K`` a
+    multiple of 4 in blocks of 16 rows, the last one padded; ``ohwi4``, int8 ``[O, C, KW]``
+    or ``[O, C, KH, KW]`` in rows padded to multiples of 4."""
+    if layout not in LAYOUT_FLAGS:
+        names = " or ".join(repr(name) for name in LAYOUT_FLAGS)
+        raise FormatError(f"{where}: layout must be null, {names}, found {_show(layout)}")
+    if layout == ROW_BLOCKS_LAYOUT and (dtype != "int8" or len(shape) != 2 or shape[1] % 4):
         raise FormatError(
             f"{where}: layout {layout} holds an int8 tensor [O, K] with K a multiple of 4, "
             f"found {dtype} with shape {shape}"
         )
-    return math.prod(row_blocks_shape(*shape))
+    if layout == CONV_ROWS_LAYOUT and (dtype != "int8" or len(shape) not in (3, 4)):
+        raise FormatError(
+            f"{where}: layout {layout} holds an int8 tensor [O, C, KW] or [O, C, KH, KW], "
+            f"found {dtype} with shape {shape}"
+        )
+    return math.prod(_layout_shape(layout, tuple(shape)))
+
+
+def _layout_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the array a tensor of ``shape`` takes in ``layout``."""
+    return row_blocks_shape(*shape) if layout == ROW_BLOCKS_LAYOUT else conv_rows_shape(shape)
 
 
 def _storage_shape(entry: _Entry) -> tuple[int, ...]:
-    """The shape of a numeric tensor's ``data``: its shape, or its layout's blocks."""
-    return row_blocks_shape(*entry.shape) if entry.layout == ROW_BLOCKS_LAYOUT else entry.shape
+    """The shape of a numeric tensor's ``data``: its shape, or its layout's array."""
+    return entry.shape if entry.layout is None else _layout_shape(entry.layout, entry.shape)
+
+
+def _layout_flags(entries: list[_Entry]) -> int:
+    """The header flags that the entries' layouts need (:data:`LAYOUT_FLAGS`)."""
+    return functools.reduce(operator.or_, (LAYOUT_FLAGS.get(e.layout, 0) for e in entries), 0)
 
 
 def _check_reference(
@@ -382,7 +412,7 @@ def serialize(graph: dict, tensors: Sequence[Tensor], provenance: dict) -> bytes
         offset = _align(offset + nbytes)
     _check_table(entries)
     table = [_table_entry(entry) for entry in entries]
-    flags = FLAG_LAYOUTS if any(entry.layout for entry in entries) else 0
+    flags = _layout_flags(entries)
     try:
         metadata = json.dumps(
             {"tensors": table, "graph": graph, "provenance": provenance}, **_JSON_OPTIONS
@@ -660,11 +690,16 @@ def read_model_file(
         )
     entries = [_check_entry(index, entry, data_nbytes) for index, entry in enumerate(table)]
     _check_table(entries)
-    has_layouts = any(entry.layout for entry in entries)
-    if has_layouts != bool(flags & FLAG_LAYOUTS):
-        found = "some tensors have a layout" if has_layouts else "no tensor has a layout"
-        expected = "set" if has_layouts else "clear"
-        raise FormatError(f"flags are 0x{flags:08x}, but {found}: flag 0x1 must be {expected}")
+    needed = _layout_flags(entries)
+    for flag in (FLAG_LAYOUTS, FLAG_CONV_ROWS):
+        if (flags ^ needed) & flag:
+            found = "some tensors have" if needed & flag else "no tensor has"
+            layouts = "a layout" if flag == FLAG_LAYOUTS else f"layout {CONV_ROWS_LAYOUT}"
+            expected = "set" if needed & flag else "clear"
+            raise FormatError(
+                f"flags are 0x{flags:08x}, but {found} {layouts}: flag 0x{flag:x} must be "
+                f"{expected}"
+            )
     tensors = []
     for entry in entries:
         raw = data[entry.offset : entry.offset + entry.nbytes]

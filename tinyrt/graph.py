@@ -17,7 +17,7 @@ import numpy as np
 
 from tinyrt.errors import FormatError, UnsupportedOpError
 from tinyrt.format import Tensor
-from tinyrt.packing import GroupWeight, RowBlocks
+from tinyrt.packing import CONV_ROWS_LAYOUT, ROW_BLOCKS_LAYOUT, ConvRows, GroupWeight, RowBlocks
 
 MAX_VALUES = 100_000
 MAX_ELEMENTS_PER_VALUE = 2**28  # per batch item; a larger activation is not a small-device model
@@ -507,7 +507,7 @@ def _check_requantized_rows(op: Op, weight: str, bias: str, multiplier: str, shi
     # The converter's proof, checked again: every partial sum of an int32 accumulator is
     # bounded by |bias| + 128 * sum|w| (inputs and padding are int8), so both backends agree;
     # for a low-bit weight sum|w| is bounded from its group parameters.
-    if isinstance(w, GroupWeight | RowBlocks):
+    if isinstance(w, GroupWeight | RowBlocks | ConvRows):
         weight_sums = w.row_bounds()
     else:
         weight_sums = np.abs(w.reshape(w.shape[0], -1).astype(np.int16)).sum(axis=1, dtype=np.int64)
@@ -721,6 +721,8 @@ def _read_state_port(entry: dict, at: str, name: str, ops: list[Op]) -> Port:
 
 
 LOW_BIT_KINDS = frozenset({"linear", "conv1d", "conv2d", "embedding", "lstm", "gru"})
+# the ops whose weight may be stored in each kernel layout (the kernels that read it in place)
+_LAYOUT_KINDS = {ROW_BLOCKS_LAYOUT: ("linear",), CONV_ROWS_LAYOUT: ("conv1d", "conv2d")}
 LOW_BITS = {"int4": 4, "int2": 2}
 
 
@@ -782,13 +784,16 @@ def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor
         if role.startswith("weight") and kind in LOW_BIT_KINDS and tensor.dtype in LOW_BITS:
             bound[role] = _group_weight(tensor, tensors, f"{where}.tensors.{role}")
             continue
-        if tensor.layout is not None:  # the file checked it: rows16x4, int8 [O, K]
-            if (kind, role) != ("linear", "weight"):
+        if tensor.layout is not None:  # the file checked its dtype and shape
+            kinds = _LAYOUT_KINDS[tensor.layout]
+            if kind not in kinds or role != "weight":
                 raise FormatError(
                     f"{where}.tensors.{role}: tensor {index} ('{tensor.name}') is stored in "
-                    f"layout {tensor.layout}, which only a linear op's weight may use"
+                    f"layout {tensor.layout}, which only the weight of a {' or '.join(kinds)} "
+                    "op may use"
                 )
-            bound[role] = RowBlocks(tensor.data, tensor.shape)
+            form = RowBlocks if tensor.layout == ROW_BLOCKS_LAYOUT else ConvRows
+            bound[role] = form(tensor.data, tensor.shape)
             continue
         if tensor.dtype != dtype:
             raise FormatError(

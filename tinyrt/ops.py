@@ -17,13 +17,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 
 from tinyrt.graph import Op, Value
 from tinyrt.kernels import LANES
 from tinyrt.kernels import reference as ref
-from tinyrt.packing import GroupWeight, RowBlocks, pack_bits, pack_row_blocks, unpack_bits
+from tinyrt.packing import (
+    ConvRows,
+    GroupWeight,
+    RowBlocks,
+    pack_bits,
+    pack_row_blocks,
+    unpack_bits,
+)
 
 Step = Callable[[], None]
 
@@ -73,8 +81,8 @@ def _conv_geometry(
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
     if not isinstance(weight, GroupWeight):
-        planar = weight.reshape(weight.shape[0], weight.shape[1], kh, kw)
-        gather = gathered_operands(planar, image, (oh, ow), window) if byte_permute else None
+        rows = conv_rows(weight)
+        gather = gathered_operands(rows, image, (oh, ow), window) if byte_permute else None
         if gather is not None:
             return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,),
                     "work": 0}  # fmt: skip
@@ -90,13 +98,13 @@ def _conv_geometry(
         padded = (channels, rows, columns)
         return {"window": window, "padded": padded, "positions": positions, "kernel": kernel,
                 "work": work if kernel == "group" else 4 * ow}  # fmt: skip
-    kernel = _conv_kernel(weight[0].size, sw)
+    kernel = _conv_kernel(math.prod(weight.shape[1:]), sw)
     reads_input = kernel == "tiles" and not any(a2["padding"])  # no copy, no scratch
     if reads_input:
         rows, columns = (1, image[0] * image[1]) if _is_pointwise(op) else image
     work = {  # bytes
         "tiles": 0,  # the last block's loads past the padded input land in the arena's slack
-        "gemm": oh * ow * weight[0].size,  # im2col rows
+        "gemm": oh * ow * math.prod(weight.shape[1:]),  # im2col rows
         "direct": 4 * ow,  # int32 accumulators, one per output column
     }[kernel]
     return {
@@ -122,28 +130,18 @@ def _conv_kernel(k_len: int, stride: int) -> str:
     return "direct" if k_len < LANES else "gemm"
 
 
-def pack_conv_words(weight: np.ndarray, per_word: int, input_offset: int) -> np.ndarray:
-    """``[O, C, KH, KW]`` int8 as :func:`numba_kernels.conv2d_tiles_int8` reads it: int32
-    ``[O, words + 1]``. Each row holds the ``K = C * KH * KW`` weights in the order of
-    :func:`conv_offsets` (taps major, channels fastest), in words of ``per_word``
-    (``numba_kernels.CHANNELS_PER_WORD``): 2 as int16, or 4 as int8 for ``vpdpbusd`` or
-    ``sdot``, 0 past ``K``. The last entry is what the blocks subtract from their sums:
-    ``input_offset * Σ w`` (``numba_kernels.INPUT_OFFSET``: 128 where they multiply ``x +
-    128``, else 0)."""
-    o = weight.shape[0]
-    flat = weight.transpose(0, 2, 3, 1).reshape(o, -1)
-    words = -(-flat.shape[1] // per_word)
-    packed = np.zeros((o, words * per_word), dtype={2: "<i2", 4: "i1"}[per_word])
-    packed[:, : flat.shape[1]] = flat
-    correction = input_offset * flat.astype(np.int64).sum(axis=1, keepdims=True)
-    return np.concatenate([packed.view("<i4"), correction], axis=1, dtype=np.int32)
+def conv_rows(weight: np.ndarray | ConvRows) -> ConvRows:
+    """An int8 convolution weight as :class:`~tinyrt.packing.ConvRows`: the file's own rows
+    where the converter stored them so (layout ``ohwi4``), else a copy made once and shared by
+    the model's plans (:func:`kernel_layout`)."""
+    return weight if isinstance(weight, ConvRows) else kernel_layout(weight, ConvRows.pack)
 
 
 def conv_offsets(
     channels: int, kh: int, kw: int, steps: tuple[int, int, int], per_word: int
 ) -> np.ndarray:
     """Where each of a window's ``K = channels * KH * KW`` inputs lies from the window's start
-    in the padded input, in :func:`pack_conv_words`'s order, padded to whole words with 0
+    in the padded input, in :class:`~tinyrt.packing.ConvRows`' order, padded to whole words with 0
     (weight 0 there): int64, for ``steps = (channel, row, column)`` strides in elements."""
     channel_step, row_step, col_step = steps
     i, j, c = np.meshgrid(np.arange(kh), np.arange(kw), np.arange(channels), indexing="ij")
@@ -152,16 +150,28 @@ def conv_offsets(
 
 
 def tile_operands(
-    weight: np.ndarray, padded_shape: tuple[int, ...], dilation: tuple[int, int], nk: ModuleType
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`numba_kernels.conv2d_tiles_int8`'s weight words and window offsets for weights
-    ``[O, C/groups, KH, KW]`` over a padded input ``[C, HP, WP]``."""
-    _, c, kh, kw = weight.shape
+    weight: ConvRows, padded_shape: tuple[int, ...], dilation: tuple[int, int], nk: ModuleType
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`numba_kernels.conv2d_tiles_int8`'s weight words, their corrections and window
+    offsets for a weight ``[O, C/groups, KH, KW]`` over a padded input ``[C, HP, WP]``.
+
+    The words hold :class:`~tinyrt.packing.ConvRows`' order, ``nk.CHANNELS_PER_WORD`` weights
+    each: 4 int8 (``vpdpbusd``, ``sdot``) are the rows themselves, read in place; 2 int16
+    (``vpmaddwd``) a widened copy, int32 ``[O, ceil(K / 2)]``. The corrections, int32 ``[O]``,
+    are what the blocks subtract from their sums: ``nk.INPUT_OFFSET * Σ w`` (128 where they
+    multiply ``x + 128``, else 0)."""
+    _, c, *taps = weight.shape
+    kh, kw = (1,) * (2 - len(taps)) + tuple(taps)  # 1-D: height 1
     _, rows, columns = padded_shape
     steps = (rows * columns, dilation[0] * columns, dilation[1])
     per_word = nk.CHANNELS_PER_WORD
-    words = pack_conv_words(weight, per_word, nk.INPUT_OFFSET)
-    return words, conv_offsets(c, kh, kw, steps, per_word)
+    if per_word == 4:
+        words = weight.words()
+    else:
+        pairs = -(-c * kh * kw // 2) * 2
+        words = weight.rows[:, :pairs].astype("<i2").view("<i4")
+    correction = (nk.INPUT_OFFSET * weight.row_sums()).astype(np.int32)
+    return words, correction, conv_offsets(c, kh, kw, steps, per_word)
 
 
 GATHER_BLOCK = 16  # outputs per block of numba_kernels.gather_conv_int8
@@ -169,13 +179,14 @@ GATHER_WINDOW = 256  # the most input bytes a block may span (simd.gather_conv_*
 
 
 def gather_operands(
-    weight: np.ndarray,
+    weight: ConvRows,
     image: tuple[int, int],
     output: tuple[int, int],
     window: tuple[int, ...],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
-    """:func:`numba_kernels.gather_conv_int8`'s weight words, block starts, gather indices,
-    padding masks and window (128 or 256 bytes) for weights ``[O, C/groups, KH, KW]`` over
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """:func:`numba_kernels.gather_conv_int8`'s weight words and their corrections
+    (:func:`_gather_words`), block starts, gather indices, padding masks and window (128 or
+    256 bytes) for weights ``[O, C/groups, KH, KW]`` over
     unpadded ``[H, W]`` planes with output ``[OH, OW]`` and
     ``window = (kh, kw, sh, sw, pad_top, pad_left, dh, dw)``; None if some block of 16
     outputs reads inputs 256 bytes apart or more (the kernel reads four 64-byte vectors per
@@ -219,11 +230,11 @@ def gather_operands(
     index = np.ascontiguousarray(by_word(picks)).reshape(-1)
     padding = np.packbits(by_word(outside), axis=-1, bitorder="little").view("<u8").reshape(-1)
     reach = 128 if offsets.max() < 128 else GATHER_WINDOW
-    return _pack_gather_words(weight), starts.astype(np.int64), index, padding, reach
+    return *_gather_words(weight), starts.astype(np.int64), index, padding, reach
 
 
 def gathered_operands(
-    weight: np.ndarray, image: tuple[int, int], output: tuple[int, int], window: tuple[int, ...]
+    weight: ConvRows, image: tuple[int, int], output: tuple[int, int], window: tuple[int, ...]
 ) -> tuple | None:
     """:func:`gather_operands` where the gathered kernel runs a convolution (weights ``[O,
     C/groups, KH, KW]``), None where the column blocks do (docs/kernels.md has the
@@ -232,24 +243,27 @@ def gathered_operands(
     columns or fewer) or where few channels leave the blocks' words half empty (up to 4), and
     only for windows of 9 taps and more (3x3 wastes a quarter of each word of 4; 1x1 would
     waste three quarters). Its blocks must fit."""
-    channels, taps = weight.shape[1], weight[0, 0].size
+    channels, taps = weight.shape[1], math.prod(weight.shape[2:])
     narrow = window[3] > 1 or output[1] <= 8 or channels <= 4
     if channels > 1 and not (taps >= 9 and narrow):
         return None
     return gather_operands(weight, image, output, window)
 
 
-def _pack_gather_words(weight: np.ndarray) -> np.ndarray:
-    """``[O, C, KH, KW]`` int8 as the gathered kernel reads it: int32 ``[O, C * words + 1]``,
-    each input channel's taps (row-major) in words of 4 int8, 0 past the last tap, then
-    ``128 * Σ w`` (the kernel multiplies ``x + 128``)."""
-    o, c = weight.shape[:2]
-    taps = weight[0, 0].size
-    words = -(-taps // 4)
-    packed = np.zeros((o, c, words * 4), np.int8)
-    packed[:, :, :taps] = weight.reshape(o, c, taps)
-    correction = 128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1, keepdims=True)
-    return np.concatenate([packed.reshape(o, -1).view("<i4"), correction], axis=1, dtype=np.int32)
+def _gather_words(weight: ConvRows) -> tuple[np.ndarray, np.ndarray]:
+    """A weight ``[O, C, KH, KW]`` as the gathered kernel reads it: int32 ``[O, C * words]``,
+    each input channel's taps (row-major) in words of 4 int8, 0 past the last tap (with one
+    input channel, :class:`~tinyrt.packing.ConvRows`' own words, read in place; else a copy),
+    and the corrections, int32 ``128 * Σ w`` per row (the kernel multiplies ``x + 128``)."""
+    correction = (128 * weight.row_sums()).astype(np.int32)
+    o, c, *_ = weight.shape
+    if c == 1:
+        return weight.words(), correction
+    planar = weight.values().reshape(o, c, -1)
+    taps = planar.shape[2]
+    packed = np.zeros((o, c, -(-taps // 4) * 4), np.int8)
+    packed[:, :, :taps] = planar
+    return packed.reshape(o, -1).view("<i4"), correction
 
 
 def fold_requantization(
@@ -330,11 +344,11 @@ def _rows_in_parallel(
     return parallel
 
 
-def _folded(weight_words: np.ndarray, args: tuple) -> np.ndarray:
-    """:func:`fold_requantization` for a convolution kernel whose weight rows end in their
-    correction, from its ``args = (bias, multiplier, shift, zp_in, zp_out, ..)``."""
+def _folded(correction: np.ndarray, args: tuple) -> np.ndarray:
+    """:func:`fold_requantization` for a convolution kernel that subtracts ``correction``,
+    from its ``args = (bias, multiplier, shift, zp_in, zp_out, ..)``."""
     bias, multiplier, shift, _, zp_out = args[:5]
-    return fold_requantization(bias, weight_words[:, -1], multiplier, shift, zp_out)
+    return fold_requantization(bias, correction, multiplier, shift, zp_out)
 
 
 def add_table(args: tuple) -> np.ndarray:
@@ -364,13 +378,15 @@ def _aligned(nbytes: int) -> int:
     return -(-nbytes // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
 
 
-def _integer(weight: np.ndarray | GroupWeight | RowBlocks) -> np.ndarray:
+def _integer(weight: np.ndarray | GroupWeight | RowBlocks | ConvRows) -> np.ndarray:
     """A layer weight as the integers the reference kernels take: a low-bit weight expanded
-    (``reference.group_weight``) and blocked rows unblocked, on every call (nothing
-    full-size is kept); others as they are."""
+    (``reference.group_weight``), blocked and convolution rows in their logical order, on
+    every call (nothing full-size is kept); others as they are."""
     if isinstance(weight, GroupWeight):
         return ref.group_weight(weight)
-    return weight.rows() if isinstance(weight, RowBlocks) else weight
+    if isinstance(weight, RowBlocks):
+        return weight.rows()
+    return weight.values() if isinstance(weight, ConvRows) else weight
 
 
 def int8_rows_operand(weight: np.ndarray | RowBlocks, input_offset: int) -> tuple:
@@ -405,10 +421,11 @@ def group_operand(weight: GroupWeight, columns: int) -> tuple:
 
 
 # the kernels' layouts of weights, by id of the weight (see kernel_layout)
-_LAYOUTS: dict[int, tuple] = {}
+_LAYOUTS: dict[int, object] = {}
+Layout = TypeVar("Layout")
 
 
-def kernel_layout(weight: np.ndarray | GroupWeight, make: Callable[..., tuple]) -> tuple:
+def kernel_layout(weight: np.ndarray | GroupWeight, make: Callable[..., Layout]) -> Layout:
     """``make(weight)``: a kernel's reordered copy of a weight, made once and shared by every
     plan of the model (one per input shape and thread), dropped when the weight is."""
     key = id(weight)
@@ -516,7 +533,7 @@ def bind_op(
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
             if geometry["kernel"] == "gather":
                 gather = geometry["gather"]
-                folded = _folded(gather[0], args)
+                folded = _folded(gather[1], args)
                 gather_args = (*gather, *args[:3], folded, *args[3:], groups, qmin, qmax, y)
                 return nk.bound(nk.gather_conv_int8, x, *gather_args)
             args += geometry["window"]
@@ -528,19 +545,20 @@ def bind_op(
                 work = scratch[_aligned(padded_size) :]
             if isinstance(t["weight"], GroupWeight):
                 return _bind_low_bit_conv(t["weight"], geometry, args, a2, padded, work, x, y, nk)
-            weight = t["weight"].reshape(shape)
-            # weights in the order each kernel reads them (copies made once, at load)
-            if geometry["kernel"] == "tiles":
-                words, offsets = tile_operands(weight, padded.shape, a2["dilation"], nk)
-                tile_args = (*args[:3], _folded(words, args), *args[3:], groups, qmin, qmax)
-                return nk.bound(nk.conv2d_tiles_int8, x, words, offsets, *tile_args, padded, y)
+            rows = conv_rows(t["weight"])
+            if geometry["kernel"] == "tiles":  # the rows in place (words of 4) or pairs
+                operands = tile_operands(rows, padded.shape, a2["dilation"], nk)
+                tile_args = (*args[:3], _folded(operands[1], args), *args[3:], groups, qmin, qmax)
+                return nk.bound(nk.conv2d_tiles_int8, x, *operands, *tile_args, padded, y)
+            # the other kernels' orders, copied at load
+            k_len = math.prod(shape[1:])
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
-                ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)
+                ohwi = rows.rows[:, :k_len].copy()
                 columns = work.reshape(geometry["positions"], -1)
                 return nk.bound(
                     nk.conv2d_int8, x, ohwi, *args, groups, qmin, qmax, padded, columns, y
                 )
-            oihw, acc = weight.reshape(o, -1), work.view(np.int32)
+            oihw, acc = rows.values().reshape(o, -1), work.view(np.int32)
             direct = (x, oihw, *args, groups, qmin, qmax, padded, acc, y)
             return nk.bound(nk.conv2d_direct_int8, *direct)
         return lambda: np.copyto(

@@ -1,5 +1,5 @@
-"""The packed forms of weights in a ``.tinyrt`` file: bit-packed int4 and int2 values, and
-int8 rows in blocks of 16 (:class:`RowBlocks`).
+"""The packed forms of weights in a ``.tinyrt`` file: bit-packed int4 and int2 values, int8
+rows in blocks of 16 (:class:`RowBlocks`) and int8 convolution rows (:class:`ConvRows`).
 
 Bit packing (the one definition; docs/format.md refers here): values are signed two's complement
 integers in ``[-2^(bits-1), 2^(bits-1) - 1]`` (int4: [-8, 7], int2: [-2, 1]), taken in C order
@@ -194,3 +194,64 @@ class RowBlocks:
         blocks, words = self.blocks.shape[:2]
         lanes = values.reshape(blocks, words, 64).sum(axis=1, dtype=np.int64)
         return lanes.reshape(-1, 4).sum(axis=1)
+
+
+CONV_ROWS_LAYOUT = "ohwi4"  # the file's name for the layout of ConvRows (docs/format.md)
+
+
+def conv_rows_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """The shape of :class:`ConvRows`' ``rows`` for a weight of ``shape`` ``[O, C, *taps]``:
+    ``[O, 4 ceil(K / 4)]`` with ``K = C * prod(taps)``."""
+    return shape[0], -(-math.prod(shape[1:]) // 4) * 4
+
+
+@dataclass(frozen=True)
+class ConvRows:
+    """An int8 convolution weight of logical ``shape`` ``[O, C, KH, KW]`` (``[O, C, KW]`` for
+    1-D) stored as ``rows``, int8 :func:`conv_rows_shape` ``[O, 4 ceil(K / 4)]`` with ``K = C
+    KH KW``: row ``o`` holds ``w[o, c, i, j]`` at ``(i KW + j) C + c`` (taps row-major, the
+    channels of a tap side by side: OHWI), zeros after ``K``. Seen as int32 ``[O, words]``,
+    :meth:`words`, this is what ``numba_kernels.conv2d_tiles_int8`` multiplies with ``vpdpbusd``
+    or ``sdot``, four weights a word (and, with one input channel, the gathered kernel's words),
+    so a file that stores the weight so (``"layout": "ohwi4"``) is read in place."""
+
+    rows: np.ndarray
+    shape: tuple[int, ...]
+
+    @classmethod
+    def pack(cls, weight: np.ndarray) -> ConvRows:
+        """``weight`` int8 ``[O, C, *taps]`` as rows (a read-only copy, as
+        :meth:`RowBlocks.pack` says why)."""
+        if weight.dtype != np.int8 or weight.ndim not in (3, 4):
+            raise ValueError(
+                "convolution rows hold an int8 [O, C, KW] or [O, C, KH, KW] weight, got "
+                f"{weight.dtype} with shape {weight.shape}"
+            )
+        flat = np.moveaxis(weight, 1, -1).reshape(weight.shape[0], -1)
+        rows = np.zeros(conv_rows_shape(weight.shape), np.int8)
+        rows[:, : flat.shape[1]] = flat
+        rows.flags.writeable = False
+        return cls(rows, weight.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def values(self) -> np.ndarray:
+        """The weight as int8 of its logical ``shape`` (a copy, for the kernels that read
+        another order and the reference)."""
+        o, c, *taps = self.shape
+        ohwi = self.rows[:, : math.prod(self.shape[1:])].reshape(o, *taps, c)
+        return np.ascontiguousarray(np.moveaxis(ohwi, -1, 1))
+
+    def words(self) -> np.ndarray:
+        """int32 ``[O, words]``: each row's weights four to a word (a view of ``rows``)."""
+        return self.rows.view("<i4")
+
+    def row_sums(self) -> np.ndarray:
+        """int64 ``[O]``: ``sum_k w`` of every row."""
+        return self.rows.sum(axis=1, dtype=np.int64)
+
+    def row_bounds(self) -> np.ndarray:
+        """int64 ``[O]``: ``sum_k |w|`` of every row (as :meth:`GroupWeight.row_bounds`)."""
+        return np.abs(self.rows.astype(np.int16)).sum(axis=1, dtype=np.int64)
