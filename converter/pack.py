@@ -7,6 +7,7 @@ values, ops, outputs and inputs of either mode.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,11 +32,14 @@ from tinyrt.format import Tensor
 from tinyrt.kernels.reference import activation_table
 from tinyrt.packing import (
     CONV_ROWS_LAYOUT,
+    GROUP_BLOCKS_LAYOUT,
     ROW_BLOCKS_LAYOUT,
     ROWS_PER_BLOCK,
     ConvRows,
     GroupWeight,
     RowBlocks,
+    group_blocks_fit,
+    pack_group_blocks,
 )
 
 WEIGHTED_KINDS = frozenset({"conv1d", "conv2d", "linear", "embedding", "lstm", "gru"})
@@ -83,10 +87,19 @@ class TensorTable:
         }[layout]()
         return self.add(Tensor(name, "int8", weight.shape, stored, record, layout)), index
 
-    def group_rows(self, name: str, weight: GroupWeight, scale: np.ndarray, bits: int) -> int:
+    def group_rows(
+        self,
+        name: str,
+        weight: GroupWeight,
+        scale: np.ndarray,
+        bits: int,
+        layout: str | None = None,
+    ) -> int:
         """Add the low-bit weight ``name`` (docs/lowbit.md) with its per_group quantization
         record: row scales ``name_scale`` (float32), group scales ``name_group_scale`` (uint8)
-        and, unless symmetric, offsets ``name_zero_point`` (int16); return its index."""
+        and, unless symmetric, offsets ``name_zero_point`` (int16); return its index.
+        ``layout`` ``groups16x4``: the packed values in ``gemm_group``'s order
+        (:func:`~tinyrt.packing.pack_group_blocks`)."""
         record = {
             "scheme": "per_group",
             "axis": 0,
@@ -104,8 +117,11 @@ class TensorTable:
             record["zero_point"] = self.add(
                 Tensor(f"{name}_zero_point", "int16", offset.shape, offset)
             )
-        dtype = f"int{weight.bits}"
-        return self.add(Tensor(name, dtype, weight.shape, weight.packed, record))
+        dtype, packed = f"int{weight.bits}", weight.packed
+        if layout == GROUP_BLOCKS_LAYOUT:
+            q = weight.unpacked()
+            packed = pack_group_blocks(q, weight.group_size, weight.bits).reshape(-1)
+        return self.add(Tensor(name, dtype, weight.shape, packed, record, layout))
 
 
 @dataclass(kw_only=True)
@@ -141,8 +157,7 @@ class _Packer(TensorTable):
             s_out,
             self.spec.for_layer(node.name),
         )
-        layout = ROW_BLOCKS_LAYOUT if node.kind == "linear" else CONV_ROWS_LAYOUT
-        return self.rows(node.name, q, layout=layout), self.clamp(node)
+        return self.rows(node.name, q, layout=_kernel_layout(node, q.weight)), self.clamp(node)
 
     def rows(
         self, name: str, q: QuantizedLayer, suffix: str = "", layout: str | None = None
@@ -150,13 +165,11 @@ class _Packer(TensorTable):
         """Add requantized weight rows; return their tensor roles (``weight``, ``bias`` unless
         None, ``multiplier``, ``shift``, each with ``suffix``) -> tensor index. Records the
         weight's bits and reconstruction error for the file's provenance. ``layout``: the
-        kernel layout of an int8 weight (docs/format.md): ``ohwi4`` for a convolution's, read
-        in place by ``numba_kernels.conv2d_tiles_int8``; ``rows16x4`` for a linear layer's,
-        read in place by ``numba_kernels.linear_rows``, where :func:`_worth_blocking`."""
+        weight's kernel layout (:func:`_kernel_layout`), or None."""
         weight_name = f"{name}.weight{suffix}"
         spec = self.spec.for_layer(name)
         if isinstance(q.weight, GroupWeight):
-            weight = self.group_rows(weight_name, q.weight, q.scale, spec.bits)
+            weight = self.group_rows(weight_name, q.weight, q.scale, spec.bits, layout)
             self.weight_errors[weight_name] = {
                 "bits": spec.bits,
                 "group_size": spec.group_size,
@@ -165,8 +178,6 @@ class _Packer(TensorTable):
                 "error": q.error,
             }
         else:
-            if layout == ROW_BLOCKS_LAYOUT and not _worth_blocking(q.weight.shape):
-                layout = None
             weight, _ = self.weight_rows(weight_name, q.weight, q.scale, layout)
             self.weight_errors[weight_name] = {"bits": 8, "error": q.error}
         tensors = {f"weight{suffix}": weight}
@@ -181,13 +192,36 @@ class _Packer(TensorTable):
         return {"qmin": qmin, "qmax": qmax}
 
 
-def _worth_blocking(shape: tuple[int, int]) -> bool:
-    """Whether an int8 linear weight ``[O, K]`` is stored in blocks of 16 rows: ``K`` a
-    multiple of 4 (the kernel's words), and the zero rows that pad its last block at most
-    1/16 of ``O``. A 10-class head stays in rows: blocked it would take 60 % more bytes on
-    disk (16 rows), to save a copy of a few kilobytes at load."""
-    rows, k_len = shape
-    return k_len % 4 == 0 and 16 * (-rows % ROWS_PER_BLOCK) <= rows
+def _kernel_layout(node: Node, weight: np.ndarray | GroupWeight) -> str | None:
+    """The layout (docs/format.md) in which ``node``'s weight is stored, so that the kernel
+    that reads it takes the file's bytes as they are; None: C order (what the embedding, the
+    recurrent GEMM and dynamic mode read, and low-bit grouped convolutions unpack).
+
+    - int8 convolution: ``ohwi4``, the column blocks' words (at most 3 bytes of padding a
+      row);
+    - int8 linear ``[O, K]``: ``rows16x4``, blocks of 16 rows for ``linear_rows``, if ``K`` is
+      a multiple of 4 (the kernel's words) and :func:`_few_padding_rows`;
+    - below 8 bits (linear, lstm, gru, convolutions with one group): ``groups16x4``,
+      ``gemm_group``'s blocks, if no group needs padding values
+      (:func:`~tinyrt.packing.group_blocks_fit`) and :func:`_few_padding_rows`."""
+    rows, k_len = weight.shape[0], math.prod(weight.shape[1:])
+    if isinstance(weight, GroupWeight):
+        if node.kind == "embedding" or node.attrs.get("groups", 1) > 1:
+            return None
+        fits = group_blocks_fit(k_len, weight.group_size, weight.bits)
+        return GROUP_BLOCKS_LAYOUT if fits and _few_padding_rows(rows) else None
+    if node.kind in ("conv1d", "conv2d"):
+        return CONV_ROWS_LAYOUT
+    if node.kind == "linear" and k_len % 4 == 0 and _few_padding_rows(rows):
+        return ROW_BLOCKS_LAYOUT
+    return None
+
+
+def _few_padding_rows(rows: int) -> bool:
+    """Whether the zero rows that pad the last block of 16 are at most 1/16 of ``rows``. A
+    10-class head stays in rows: blocked it would take 60 % more bytes on disk (16 rows), to
+    save a copy of a few kilobytes at load."""
+    return 16 * (-rows % ROWS_PER_BLOCK) <= rows
 
 
 def _conv(p: _Packer, node: Node) -> tuple[dict, dict]:
@@ -217,7 +251,7 @@ def _concat(p: _Packer, node: Node) -> tuple[dict, dict]:
 def _embedding(p: _Packer, node: Node) -> tuple[dict, dict]:
     weight, s_out = node.params["weight"].numpy(), p.params[node.output][0]
     q = quantize_embedding(node.name, weight, s_out, p.spec.for_layer(node.name))
-    return p.rows(node.name, q), {}
+    return p.rows(node.name, q, layout=_kernel_layout(node, q.weight)), {}
 
 
 def _recurrent(p: _Packer, node: Node) -> tuple[dict, dict]:
@@ -232,7 +266,7 @@ def _recurrent(p: _Packer, node: Node) -> tuple[dict, dict]:
         q = quantize_gru(node.name, params, directions(node), x, h, spec)
     tensors = {}
     for suffix, gates in q.gates.items():
-        tensors |= p.rows(node.name, gates, suffix)
+        tensors |= p.rows(node.name, gates, suffix, _kernel_layout(node, gates.weight))
     tensors |= {f"{f}_table": p.table(f) for f in ("sigmoid", "tanh")}
     shape = {k: node.attrs[k] for k in ("hidden_size", "bidirectional")}
     return tensors, {**shape, **q.attrs}

@@ -48,7 +48,7 @@ import math
 
 import numpy as np
 
-from tinyrt.packing import GroupWeight, unpack_bits
+from tinyrt.packing import GroupWeight
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -217,8 +217,7 @@ def group_weight(weight: GroupWeight) -> np.ndarray:
     (``g = k // group_size`` along the flattened row; offset 0 when symmetric). The layer's
     real weights are ``scale[c] * W[c, k]``, so its kernels take ``W`` where an int8 layer
     takes its int8 weights."""
-    rows = weight.shape[0]
-    q = unpack_bits(weight.packed, weight.bits, math.prod(weight.shape)).reshape(rows, -1)
+    q = weight.unpacked()
     groups = np.arange(q.shape[1]) // weight.group_size
     w = weight.group_scale.astype(np.int32)[:, groups] * q
     if weight.offset is not None:

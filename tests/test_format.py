@@ -29,7 +29,7 @@ from tinyrt.format import (
     serialize,
     write_model_file,
 )
-from tinyrt.packing import ConvRows, RowBlocks, pack_bits, unpack_bits
+from tinyrt.packing import ConvRows, RowBlocks, pack_bits, pack_group_blocks, unpack_bits
 
 # The header as docs/format.md specifies it, written out independently of tinyrt.format.
 HEADER = struct.Struct("<8sHHIQQQQIIII")
@@ -524,7 +524,7 @@ CORPUS = {
         "header crc32",
     ),
     "header-size": (_header_field(header_size=128), "header_size"),
-    "unknown-flags": (_header_field(flags=4), "bits 0x00000004 name features"),
+    "unknown-flags": (_header_field(flags=8), "bits 0x00000008 name features"),
     "layouts-flag-without-layouts": (_header_field(flags=1), "flag 0x1 must be clear"),
     "metadata-offset": (_header_field(metadata_offset=128), "metadata_offset"),
     "metadata-nbytes-huge": (_header_field(metadata_nbytes=2**62), "metadata_nbytes"),
@@ -833,6 +833,66 @@ def test_rows16x4_alone_does_not_set_the_ohwi4_flag() -> None:
     assert _header(blob)["flags"] == 1
     with pytest.raises(FormatError, match="no tensor has layout ohwi4: flag 0x2 must be clear"):
         read_model_file(_header_field(flags=3)(blob))
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel layouts (1.3): groups16x4
+
+
+def _group_blocks_model(rows: int = 20, k: int = 16, group_size: int = 8) -> tuple:
+    """An int4 ``[rows, k]`` weight in groups of ``group_size`` stored as groups16x4, with its
+    row scales and integer group scales."""
+    rng = np.random.default_rng(4)
+    q = rng.integers(-8, 8, size=(rows, k), dtype=np.int8)
+    groups = -(-k // group_size)
+    record = _quant("per_group", 4, scale=1, group_size=group_size, group_scale=2)
+    blocks = pack_group_blocks(q, group_size, 4)
+    tensors = [
+        Tensor("fc.weight", "int4", (rows, k), blocks.reshape(-1), record, "groups16x4"),
+        Tensor("fc.weight_scale", "float32", (rows,), np.ones(rows, np.float32)),
+        Tensor("fc.weight_group_scale", "uint8", (rows, groups), np.ones((rows, groups), "u1")),
+    ]
+    return q, serialize(GRAPH, tensors, PROVENANCE)
+
+
+def test_groups16x4_round_trips_as_its_bytes() -> None:
+    """The bytes are ``pack_group_blocks``' (test_packing checks them against the spec's
+    formula), ``16 * ceil(O / 16) * K * bits / 8`` of them, and flag 0x4 is set with 0x1."""
+    q, blob = _group_blocks_model()
+    header, entry = _header(blob), _metadata(blob)["tensors"][0]
+    assert header["flags"] == 5
+    assert (entry["layout"], entry["nbytes"]) == ("groups16x4", 32 * 16 // 2)
+    model = read_model_file(blob)
+    _assert_zero_copy(model, blob)
+    tensor = model.tensors[0]
+    assert (tensor.layout, tensor.data.shape) == ("groups16x4", (256,))
+    np.testing.assert_array_equal(tensor.values(), q)
+
+
+GROUP_BLOCKS_CORPUS = {
+    "groups16x4-on-int8": (
+        _entry(0, dtype="int8", quant=None, nbytes=512),
+        "holds an int4 tensor [O, ...] with rows of a multiple of 8",
+    ),
+    "groups16x4-rows-not-words": (
+        _entry(0, shape=[20, 12], nbytes=192),
+        "holds an int4 tensor [O, ...] with rows of a multiple of 8",
+    ),
+    "groups16x4-unpadded-nbytes": (_entry(0, nbytes=160), "takes 256 bytes"),
+    "groups16x4-groups-not-words": (_quant_field(0, group_size=12), "groups of a multiple of 8"),
+    "groups16x4-without-record": (_entry(0, quant=None), "needs a per_group quant record"),
+    "groups16x4-without-its-flag": (_header_field(flags=1), "flag 0x4 must be set"),
+}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "word"), list(GROUP_BLOCKS_CORPUS.values()), ids=list(GROUP_BLOCKS_CORPUS)
+)
+def test_malformed_group_blocks_are_rejected(mutate: Callable[[bytes], bytes], word: str) -> None:
+    blob = _group_blocks_model()[1]
+    with pytest.raises(FormatError) as info:
+        read_model_file(mutate(blob))
+    assert word in str(info.value)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """Weights below 8 bits: the group form, the quantizers, the kernels and whole models."""
 
+import copy
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +20,7 @@ from tinyrt.format import Tensor, read_model_file, serialize, write_model_file
 from tinyrt.kernels import numba_kernels as nk
 from tinyrt.kernels import reference as ref
 from tinyrt.ops import group_operand, group_row_operand
-from tinyrt.packing import unpack_bits
+from tinyrt.packing import GROUP_BLOCKS_LAYOUT, pack_bits, pack_group_blocks, unpack_bits
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -131,15 +134,21 @@ def _product_operands(weight, rng, columns: int, largest_multiplier: float) -> t
 @given(group_layers(), st.integers(1, 11), st.integers(-128, 127))
 def test_linear_group_kernel_is_bit_exact(layer, batch, zp_out):
     """Batches up to 11: blocks of 4 columns and single ones, over more than one set of
-    ``GROUP_COLUMNS`` planes."""
+    ``GROUP_COLUMNS`` planes; the weight in packing order (reordered for the kernel) and in
+    the kernel's blocks (groups16x4, read as they are)."""
     weight, rng = layer
     x, bias, mult, shift = _product_operands(weight, rng, batch, largest_multiplier=2)
     rows = weight.shape[0]
     expected = ref.linear_int8(x, ref.group_weight(weight), bias, mult, shift, zp_out, -100, 120)
-    out = np.zeros((batch, rows), np.int8)
-    operand = group_operand(weight, nk.GROUP_COLUMNS)
-    nk.linear_group(x, operand, bias, mult, shift, zp_out, -100, 120, out)
-    assert np.array_equal(out, expected)
+    blocks = pack_group_blocks(weight.unpacked(), weight.group_size, weight.bits).reshape(-1)
+    blocked = replace(weight, packed=blocks, layout=GROUP_BLOCKS_LAYOUT)
+    np.testing.assert_array_equal(ref.group_weight(blocked), ref.group_weight(weight))
+    for form in (weight, blocked):
+        out = np.zeros((batch, rows), np.int8)
+        operand = group_operand(form, nk.GROUP_COLUMNS)
+        assert np.shares_memory(operand[0], blocks) == (form is blocked)
+        nk.linear_group(x, operand, bias, mult, shift, zp_out, -100, 120, out)
+        assert np.array_equal(out, expected)
 
 
 @SETTINGS
@@ -268,6 +277,51 @@ def test_low_bit_convolutions_match_between_backends(bits, tmp_path):
         q = ref.quantize(data, numba.inputs[0].scale, numba.inputs[0].zero_point)
         out = [m.run_quantized({name: q})[numba.outputs[0].name] for m in (numba, reference)]
         assert np.array_equal(*out)
+
+
+def test_low_bit_weights_are_stored_in_gemm_group_order(tmp_path):
+    """4-bit weights of linear layers and of convolutions with one group go into the file in
+    ``gemm_group``'s blocks (format 1.3, groups16x4) where no group needs padding values and
+    the zero rows padding the last block of 16 are at most 1/16 of the rows; the depthwise
+    layer (whose kernel unpacks rows in packing order) and the 10-class head keep the
+    packing order. The same file with every weight in packing order computes the same
+    outputs, on both backends."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 16, 3, padding=1, groups=16), torch.nn.ReLU(), torch.nn.Flatten(),
+        torch.nn.Linear(256, 48), torch.nn.ReLU(), torch.nn.Linear(48, 10),
+    ).eval()  # fmt: skip
+    x = np.random.default_rng(3).normal(size=(64, 8, 4, 4)).astype(np.float32)
+    path = tmp_path / "blocks.tinyrt"
+    spec = WeightSpec(bits=4, group_size=16)
+    convert(model, torch.from_numpy(x[:1]), path, x, progress=False, weight_spec=spec)
+    file = read_model_file(path)
+    weights = [op["tensors"]["weight"] for op in file.graph["ops"] if "weight" in op["tensors"]]
+    layouts = [file.tensors[index].layout for index in weights]
+    assert layouts == [GROUP_BLOCKS_LAYOUT, None, GROUP_BLOCKS_LAYOUT, None], layouts
+    assert file.version == (1, 3)
+    tensors = [
+        Tensor(t.name, t.dtype, t.shape, pack_bits(t.values(), 4), t.quant) if t.layout else t
+        for t in file.tensors
+    ]
+    twin = tmp_path / "packing-order.tinyrt"
+    write_model_file(twin, file.graph, tensors, file.provenance)
+    spec = tinyrt.load(twin).inputs[0]
+    feeds = {spec.name: ref.quantize(x[:9], spec.scale, spec.zero_point)}
+    want = tinyrt.load(twin, backend="reference").run_quantized(feeds)
+    for source in (path, twin):
+        for backend in ("reference", "numba"):
+            got = tinyrt.load(source, backend=backend).run_quantized(feeds)
+            assert got.keys() == want.keys()
+            for name, array in got.items():
+                np.testing.assert_array_equal(array, want[name])
+    # a grouped convolution unpacks rows in packing order: its weight may not be in blocks
+    graph = copy.deepcopy(file.graph)
+    graph["ops"][0]["attrs"]["groups"] = 2
+    write_model_file(twin, graph, file.tensors, file.provenance)
+    with pytest.raises(FormatError, match="only the weights of linear, lstm and gru ops and of"):
+        tinyrt.load(twin)
 
 
 def test_per_layer_bits_and_the_file_size(tmp_path):

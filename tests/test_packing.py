@@ -5,7 +5,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tinyrt.packing import ConvRows, RowBlocks, pack_bits, packed_nbytes, unpack_bits
+from tinyrt.packing import (
+    ConvRows,
+    RowBlocks,
+    group_blocks_fit,
+    pack_bits,
+    pack_group_blocks,
+    packed_nbytes,
+    unpack_bits,
+    unpack_group_blocks,
+)
 
 
 def _range(bits: int) -> tuple[int, int]:
@@ -152,3 +161,41 @@ def test_conv_rows_hold_ohwi_in_whole_words(shape: tuple[int, ...], seed: int) -
 def test_conv_rows_want_an_int8_convolution_weight(weight: np.ndarray) -> None:
     with pytest.raises(ValueError, match=r"int8 \[O, C, KW\] or \[O, C, KH, KW\]"):
         ConvRows.pack(weight)
+
+
+@given(
+    rows=st.integers(1, 40),
+    k_len=st.integers(1, 80),
+    group_size=st.integers(1, 90),
+    bits=st.sampled_from([4, 2]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_group_blocks_put_each_value_where_the_spec_says(rows, k_len, group_size, bits, seed):
+    """``pack_group_blocks`` against docs/format.md's byte formula, derived here on its own:
+    value ``k`` of row ``o`` lies in group ``g = k // group_size`` at ``kk = k - g *
+    group_size``; with ``width`` the group's bytes per row (its length rounded up to words of
+    ``32 / bits`` values, in bytes), it is field ``kk // width`` of byte ``kk % width`` of the
+    group's bytes, whose words start after the earlier groups' words; 16-row blocks hold each
+    word of their rows side by side. Unpacking gives ``q`` back."""
+    low = -(2 ** (bits - 1))
+    q = np.random.default_rng(seed).integers(low, -low, (rows, k_len), dtype=np.int8)
+    blocked = pack_group_blocks(q, group_size, bits)
+    per_word = 32 // bits
+    lengths = [min(group_size, k_len - g) for g in range(0, k_len, group_size)]
+    words = [-(-length // per_word) for length in lengths]
+    starts = np.concatenate([[0], np.cumsum(words)])
+    assert blocked.shape == (-(-rows // 16), starts[-1], 16, 4) and blocked.dtype == np.uint8
+    flat = blocked.reshape(-1)
+    for o, k in np.ndindex(rows, k_len):
+        g, kk = divmod(k, group_size)
+        width = 4 * words[g]
+        field, byte = divmod(kk, width)
+        word, within = starts[g] + byte // 4, byte % 4
+        address = ((o // 16 * starts[-1] + word) * 16 + o % 16) * 4 + within
+        value = (int(flat[address]) >> (field * bits)) & (2**bits - 1)
+        assert value - (value >> (bits - 1) << bits) == q[o, k]
+    fits = k_len % per_word == 0 and (group_size >= k_len or group_size % per_word == 0)
+    assert group_blocks_fit(k_len, group_size, bits) == fits
+    if fits:  # the bytes of the packing order, no more
+        assert starts[-1] * 4 == k_len * bits // 8
+    np.testing.assert_array_equal(unpack_group_blocks(blocked, rows, k_len, group_size, bits), q)

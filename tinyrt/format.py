@@ -31,13 +31,17 @@ import numpy as np
 from tinyrt.errors import FormatError
 from tinyrt.packing import (
     CONV_ROWS_LAYOUT,
+    GROUP_BLOCKS_LAYOUT,
     ROW_BLOCKS_LAYOUT,
+    ROWS_PER_BLOCK,
     ConvRows,
     RowBlocks,
     conv_rows_shape,
+    group_blocks_fit,
     packed_nbytes,
     row_blocks_shape,
     unpack_bits,
+    unpack_group_blocks,
 )
 
 MAGIC = b"\x89TINYRT\n"
@@ -46,11 +50,13 @@ FORMAT_VERSION = (1, 3)
 # refuses a file with a bit set that it does not know (1.0 and 1.1 readers know none).
 FLAG_LAYOUTS = 1  # 1.2: some tensor is stored in a kernel layout (its entry has "layout")
 FLAG_CONV_ROWS = 2  # 1.3: some tensor is stored in layout ohwi4 (which a 1.2 reader lacks)
-KNOWN_FLAGS = FLAG_LAYOUTS | FLAG_CONV_ROWS
+FLAG_GROUP_BLOCKS = 4  # 1.3: some tensor is stored in layout groups16x4 (likewise)
+KNOWN_FLAGS = FLAG_LAYOUTS | FLAG_CONV_ROWS | FLAG_GROUP_BLOCKS
 # The flags a file sets for a tensor in each kernel layout (docs/format.md).
 LAYOUT_FLAGS = {
     ROW_BLOCKS_LAYOUT: FLAG_LAYOUTS,
     CONV_ROWS_LAYOUT: FLAG_LAYOUTS | FLAG_CONV_ROWS,
+    GROUP_BLOCKS_LAYOUT: FLAG_LAYOUTS | FLAG_GROUP_BLOCKS,
 }
 ALIGNMENT = 64
 DTYPES = ("int8", "uint8", "int16", "int32", "float32", "int4", "int2")
@@ -93,7 +99,9 @@ class Tensor:
     ``layout`` None is C order; ``"rows16x4"`` (``shape`` ``[O, K]``, int8, ``K`` a multiple
     of 4) is :class:`tinyrt.packing.RowBlocks`, and ``data`` its ``blocks``; ``"ohwi4"``
     (``shape`` ``[O, C, KW]`` or ``[O, C, KH, KW]``, int8) is
-    :class:`tinyrt.packing.ConvRows`, and ``data`` its ``rows``.
+    :class:`tinyrt.packing.ConvRows`, and ``data`` its ``rows``; ``"groups16x4"`` (int4 or
+    int2 ``[O, ...]`` with a per_group record) is :func:`tinyrt.packing.pack_group_blocks`,
+    and ``data`` its bytes, 1-D.
     """
 
     name: str
@@ -110,6 +118,11 @@ class Tensor:
             return RowBlocks(self.data, self.shape).rows()
         if self.layout == CONV_ROWS_LAYOUT:
             return ConvRows(self.data, self.shape).values()
+        if self.layout == GROUP_BLOCKS_LAYOUT:  # the file checked the record
+            rows, bits = self.shape[0], _PACKED_BITS[self.dtype]
+            k_len = math.prod(self.shape) // rows
+            group_size = self.quant["group_size"]
+            return unpack_group_blocks(self.data, rows, k_len, group_size, bits).reshape(self.shape)
         if self.dtype in _PACKED_BITS:
             count = math.prod(self.shape)
             return unpack_bits(self.data, _PACKED_BITS[self.dtype], count).reshape(self.shape)
@@ -199,7 +212,9 @@ def _check_declaration(
 def _layout_nbytes(where: str, dtype: str, shape: list[int], layout: object) -> int:
     """The bytes of a tensor stored in ``layout``: ``rows16x4``, int8 ``[O, K]`` with ``K`` a
     multiple of 4 in blocks of 16 rows, the last one padded; ``ohwi4``, int8 ``[O, C, KW]``
-    or ``[O, C, KH, KW]`` in rows padded to multiples of 4."""
+    or ``[O, C, KH, KW]`` in rows padded to multiples of 4; ``groups16x4``, int4 or int2
+    ``[O, ...]`` with rows of whole 4-byte words (``K`` a multiple of 32 / bits) in blocks of
+    16 rows, the last one padded (its groups are checked with its record)."""
     if layout not in LAYOUT_FLAGS:
         names = " or ".join(repr(name) for name in LAYOUT_FLAGS)
         raise FormatError(f"{where}: layout must be null, {names}, found {_show(layout)}")
@@ -213,17 +228,34 @@ def _layout_nbytes(where: str, dtype: str, shape: list[int], layout: object) -> 
             f"{where}: layout {layout} holds an int8 tensor [O, C, KW] or [O, C, KH, KW], "
             f"found {dtype} with shape {shape}"
         )
-    return math.prod(_layout_shape(layout, tuple(shape)))
+    if layout == GROUP_BLOCKS_LAYOUT and (
+        dtype not in _PACKED_BITS
+        or len(shape) < 2
+        or math.prod(shape[1:]) % (32 // _PACKED_BITS[dtype])
+    ):
+        raise FormatError(
+            f"{where}: layout {layout} holds an int4 tensor [O, ...] with rows of a multiple "
+            f"of 8 values, or an int2 one with rows of a multiple of 16, found {dtype} with "
+            f"shape {shape}"
+        )
+    return math.prod(_layout_shape(layout, dtype, tuple(shape)))
 
 
-def _layout_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape of the array a tensor of ``shape`` takes in ``layout``."""
-    return row_blocks_shape(*shape) if layout == ROW_BLOCKS_LAYOUT else conv_rows_shape(shape)
+def _layout_shape(layout: str, dtype: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of the array a tensor of ``dtype`` and ``shape`` takes in ``layout``."""
+    if layout == ROW_BLOCKS_LAYOUT:
+        return row_blocks_shape(*shape)
+    if layout == CONV_ROWS_LAYOUT:
+        return conv_rows_shape(shape)
+    row_bytes = math.prod(shape[1:]) * _PACKED_BITS[dtype] // 8
+    return (-(-shape[0] // ROWS_PER_BLOCK) * ROWS_PER_BLOCK * row_bytes,)
 
 
 def _storage_shape(entry: _Entry) -> tuple[int, ...]:
     """The shape of a numeric tensor's ``data``: its shape, or its layout's array."""
-    return entry.shape if entry.layout is None else _layout_shape(entry.layout, entry.shape)
+    if entry.layout is None:
+        return entry.shape
+    return _layout_shape(entry.layout, entry.dtype, entry.shape)
 
 
 def _layout_flags(entries: list[_Entry]) -> int:
@@ -352,6 +384,23 @@ def _check_table(entries: list[_Entry]) -> None:
     for index, entry in enumerate(entries):
         if entry.quant is not None:
             _check_quant(index, entries)
+        if entry.layout == GROUP_BLOCKS_LAYOUT:
+            _check_group_blocks(index, entry)
+
+
+def _check_group_blocks(index: int, entry: _Entry) -> None:
+    """A ``groups16x4`` tensor's groups (its checked per_group record) are whole words, so
+    its bytes are exactly those :func:`_layout_nbytes` counts."""
+    quant = entry.quant
+    where = f"tensor {index} ({entry.name!r})"
+    if quant is None or quant["scheme"] != "per_group":
+        raise FormatError(f"{where}: layout {entry.layout} needs a per_group quant record")
+    bits, k_len = _PACKED_BITS[entry.dtype], math.prod(entry.shape[1:])
+    if not group_blocks_fit(k_len, quant["group_size"], bits):
+        raise FormatError(
+            f"{where}: layout {entry.layout} needs groups of a multiple of {32 // bits} "
+            f"values, found group_size {quant['group_size']} for rows of {k_len}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,10 +740,11 @@ def read_model_file(
     entries = [_check_entry(index, entry, data_nbytes) for index, entry in enumerate(table)]
     _check_table(entries)
     needed = _layout_flags(entries)
-    for flag in (FLAG_LAYOUTS, FLAG_CONV_ROWS):
+    for flag in (FLAG_LAYOUTS, FLAG_CONV_ROWS, FLAG_GROUP_BLOCKS):
         if (flags ^ needed) & flag:
             found = "some tensors have" if needed & flag else "no tensor has"
-            layouts = "a layout" if flag == FLAG_LAYOUTS else f"layout {CONV_ROWS_LAYOUT}"
+            names = {FLAG_CONV_ROWS: CONV_ROWS_LAYOUT, FLAG_GROUP_BLOCKS: GROUP_BLOCKS_LAYOUT}
+            layouts = f"layout {names[flag]}" if flag in names else "a layout"
             expected = "set" if needed & flag else "clear"
             raise FormatError(
                 f"flags are 0x{flags:08x}, but {found} {layouts}: flag 0x{flag:x} must be "

@@ -17,7 +17,14 @@ import numpy as np
 
 from tinyrt.errors import FormatError, UnsupportedOpError
 from tinyrt.format import Tensor
-from tinyrt.packing import CONV_ROWS_LAYOUT, ROW_BLOCKS_LAYOUT, ConvRows, GroupWeight, RowBlocks
+from tinyrt.packing import (
+    CONV_ROWS_LAYOUT,
+    GROUP_BLOCKS_LAYOUT,
+    ROW_BLOCKS_LAYOUT,
+    ConvRows,
+    GroupWeight,
+    RowBlocks,
+)
 
 MAX_VALUES = 100_000
 MAX_ELEMENTS_PER_VALUE = 2**28  # per batch item; a larger activation is not a small-device model
@@ -721,8 +728,16 @@ def _read_state_port(entry: dict, at: str, name: str, ops: list[Op]) -> Port:
 
 
 LOW_BIT_KINDS = frozenset({"linear", "conv1d", "conv2d", "embedding", "lstm", "gru"})
-# the ops whose weight may be stored in each kernel layout (the kernels that read it in place)
-_LAYOUT_KINDS = {ROW_BLOCKS_LAYOUT: ("linear",), CONV_ROWS_LAYOUT: ("conv1d", "conv2d")}
+# the ops whose weights may be stored in each kernel layout (the kernels that read it in
+# place), and how messages name them; low-bit grouped convolutions unpack C-ordered rows
+_LAYOUT_KINDS = {
+    ROW_BLOCKS_LAYOUT: ({"linear"}, "the weight of a linear op"),
+    CONV_ROWS_LAYOUT: ({"conv1d", "conv2d"}, "the weight of a conv1d or conv2d op"),
+    GROUP_BLOCKS_LAYOUT: (
+        {"linear", "conv1d", "conv2d", "lstm", "gru"},
+        "the weights of linear, lstm and gru ops and of convolutions with one group",
+    ),
+}
 LOW_BITS = {"int4": 4, "int2": 2}
 
 
@@ -746,8 +761,9 @@ def _group_weight(tensor: Tensor, tensors: Sequence[Tensor], where: str) -> Grou
                 f"are {zero_point.dtype}"
             )
         offset = zero_point.data.reshape(rows, -1).astype(np.int16)
+    bits, group_size = LOW_BITS[tensor.dtype], quant["group_size"]
     return GroupWeight(
-        tensor.data, tensor.shape, LOW_BITS[tensor.dtype], quant["group_size"], group_scale, offset
+        tensor.data, tensor.shape, bits, group_size, group_scale, offset, tensor.layout
     )
 
 
@@ -781,17 +797,18 @@ def _read_op(raw: Any, where: str, values: list[Value], tensors: Sequence[Tensor
     for role, dtype in roles.items():
         index = _index(tensor_refs[role], f"{where}.tensors.{role}", len(tensors), "tensor")
         tensor = tensors[index]
+        if tensor.layout is not None:  # the file checked its dtype and shape
+            kinds, users = _LAYOUT_KINDS[tensor.layout]
+            grouped = tensor.layout == GROUP_BLOCKS_LAYOUT and attrs.get("groups", 1) > 1
+            if kind not in kinds or not role.startswith("weight") or grouped:
+                raise FormatError(
+                    f"{where}.tensors.{role}: tensor {index} ('{tensor.name}') is stored in "
+                    f"layout {tensor.layout}, which only {users} may use"
+                )
         if role.startswith("weight") and kind in LOW_BIT_KINDS and tensor.dtype in LOW_BITS:
             bound[role] = _group_weight(tensor, tensors, f"{where}.tensors.{role}")
             continue
-        if tensor.layout is not None:  # the file checked its dtype and shape
-            kinds = _LAYOUT_KINDS[tensor.layout]
-            if kind not in kinds or role != "weight":
-                raise FormatError(
-                    f"{where}.tensors.{role}: tensor {index} ('{tensor.name}') is stored in "
-                    f"layout {tensor.layout}, which only the weight of a {' or '.join(kinds)} "
-                    "op may use"
-                )
+        if tensor.layout is not None:
             form = RowBlocks if tensor.layout == ROW_BLOCKS_LAYOUT else ConvRows
             bound[role] = form(tensor.data, tensor.shape)
             continue

@@ -25,12 +25,13 @@ from tinyrt.graph import Op, Value
 from tinyrt.kernels import LANES
 from tinyrt.kernels import reference as ref
 from tinyrt.packing import (
+    GROUP_BLOCKS_LAYOUT,
     ConvRows,
     GroupWeight,
     RowBlocks,
-    pack_bits,
+    group_order,
+    pack_group_blocks,
     pack_row_blocks,
-    unpack_bits,
 )
 
 Step = Callable[[], None]
@@ -437,37 +438,20 @@ def kernel_layout(weight: np.ndarray | GroupWeight, make: Callable[..., Layout])
 
 
 def group_layout(weight: GroupWeight) -> tuple:
-    """The layout part of :func:`group_operand` (the same number of packed bytes as the
-    file's, reordered: made from the unpacked int8 values, which are dropped again; never
-    dequantized):
-
-    - each group padded with zero values to whole words of ``4 * 8/bits`` values, and
-      ``group_words`` (``[G + 1]``) gives where each group's words start; in a group of
-      ``width`` bytes per row, field ``i`` of byte ``j`` holds the group's value ``i * width +
-      j`` (each field's inputs are one run of the input: copied, not gathered);
-    - ``blocked``: the packed bytes of blocks of 16 rows (the last block padded with zero
-      rows), ``[blocks, words, 16, 4]``: word ``w`` of the block's 16 rows is one 64-byte load;
-    - ``group_scale``/``offset`` as ``[blocks, G, 16]`` (uint8/int16, 0 in padded rows),
-      flat like every array the kernel indexes.
-    """
+    """The layout part of :func:`group_operand`: ``blocked``, the weight's bytes in
+    :func:`~tinyrt.packing.pack_group_blocks` order (the file's own where the converter stored
+    them so, layout ``groups16x4``; else a copy reordered from the unpacked values, which are
+    dropped again: the same number of packed bytes, never dequantized), with ``group_words``
+    (:func:`~tinyrt.packing.group_order`) and the group parameters as the blocks read them,
+    ``group_scale``/``offset`` ``[blocks, G, 16]`` (uint8/int16, 0 in padded rows), flat like
+    every array the kernel indexes."""
     rows, bits, group_size = weight.shape[0], weight.bits, weight.group_size
     k_len = math.prod(weight.shape) // rows
-    groups = weight.group_scale.shape[1]
-    per_word = 4 * (8 // bits)
-    lengths = np.minimum(group_size, k_len - group_size * np.arange(groups))
-    group_words = np.concatenate([[0], np.cumsum(-(-lengths // per_word))]).astype(np.int64)
-    per_byte = 8 // bits
-    source = np.full(group_words[-1] * per_word, -1, np.int64)  # padded position -> k
-    for g, length in enumerate(lengths):
-        width = 4 * (group_words[g + 1] - group_words[g])
-        position = np.arange(width * per_byte)  # byte position // per_byte, its field the rest
-        k = (position % per_byte) * width + position // per_byte
-        inside = k < length
-        source[group_words[g] * per_word + position[inside]] = g * group_size + k[inside]
-    values = unpack_bits(weight.packed, bits, rows * k_len).reshape(rows, k_len)
-    q = np.zeros((rows, source.size), np.int8)
-    q[:, source >= 0] = values[:, source[source >= 0]]
-    blocked = pack_row_blocks(pack_bits(q, bits).reshape(rows, -1), 4).reshape(-1)
+    group_words, _ = group_order(k_len, group_size, bits)
+    if weight.layout == GROUP_BLOCKS_LAYOUT:
+        blocked = weight.packed
+    else:
+        blocked = pack_group_blocks(weight.unpacked(), group_size, bits).reshape(-1)
     group_scale = pack_row_blocks(weight.group_scale, 1).reshape(-1)
     offset = pack_row_blocks(weight.offsets(), 1).reshape(-1)
     return blocked, bits, rows, group_size, group_words, group_scale, offset

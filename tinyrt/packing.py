@@ -89,6 +89,8 @@ class GroupWeight:
     ``group_size``, and group ``g`` of row ``c`` means the integer weights
     ``group_scale[c, g] * q - offset[c, g]`` (``offset`` None: 0). ``group_scale`` is uint8 and
     ``offset`` int16, both ``[O, G]``. :func:`tinyrt.kernels.reference.group_weight` expands it.
+    ``layout`` :data:`GROUP_BLOCKS_LAYOUT`: ``packed`` holds :func:`pack_group_blocks` of ``q``
+    instead (the order ``numba_kernels.gemm_group`` reads).
     """
 
     packed: np.ndarray
@@ -97,10 +99,19 @@ class GroupWeight:
     group_size: int
     group_scale: np.ndarray
     offset: np.ndarray | None
+    layout: str | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    def unpacked(self) -> np.ndarray:
+        """``q``, int8 ``[O, K]`` (a copy)."""
+        rows = self.shape[0]
+        k_len = math.prod(self.shape) // rows
+        if self.layout == GROUP_BLOCKS_LAYOUT:
+            return unpack_group_blocks(self.packed, rows, k_len, self.group_size, self.bits)
+        return unpack_bits(self.packed, self.bits, rows * k_len).reshape(rows, k_len)
 
     def offsets(self) -> np.ndarray:
         """``offset``, or int16 zeros ``[O, G]`` when symmetric: what kernels read."""
@@ -255,3 +266,65 @@ class ConvRows:
     def row_bounds(self) -> np.ndarray:
         """int64 ``[O]``: ``sum_k |w|`` of every row (as :meth:`GroupWeight.row_bounds`)."""
         return np.abs(self.rows.astype(np.int16)).sum(axis=1, dtype=np.int64)
+
+
+GROUP_BLOCKS_LAYOUT = "groups16x4"  # the file's name for pack_group_blocks (docs/format.md)
+
+
+def group_order(k_len: int, group_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``gemm_group`` wants each of a row's ``K`` values of ``bits`` (4 or 2) in groups
+    of ``group_size``: ``words`` (int64 ``[G + 1]``, where each group's 4-byte words start;
+    each group padded with zero values to whole words of ``4 * 8 / bits`` values) and
+    ``source`` (int64, for each value slot of the padded row the ``k`` it holds, -1 for
+    padding). In a group of ``width`` bytes, field ``i`` of byte ``j`` (value slot ``j * 8 /
+    bits + i`` of the group, in :func:`pack_bits` order) holds the group's value ``i * width +
+    j``: each field's inputs are one run of the input."""
+    per_byte = 8 // bits
+    per_word = 4 * per_byte
+    groups = -(-k_len // group_size)
+    lengths = np.minimum(group_size, k_len - group_size * np.arange(groups))
+    words = np.concatenate([[0], np.cumsum(-(-lengths // per_word))]).astype(np.int64)
+    source = np.full(words[-1] * per_word, -1, np.int64)
+    for g, length in enumerate(lengths):
+        width = 4 * (words[g + 1] - words[g])
+        slot = np.arange(width * per_byte)
+        k = (slot % per_byte) * width + slot // per_byte
+        inside = k < length
+        source[words[g] * per_word + slot[inside]] = g * group_size + k[inside]
+    return words, source
+
+
+def group_blocks_fit(k_len: int, group_size: int, bits: int) -> bool:
+    """Whether :func:`pack_group_blocks` pads no group: every group's length a multiple of
+    ``4 * 8 / bits`` values (then its bytes are as many as :func:`pack_bits`' per row)."""
+    per_word = 4 * (8 // bits)
+    return k_len % per_word == 0 and (group_size >= k_len or group_size % per_word == 0)
+
+
+def pack_group_blocks(q: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    """``q`` (int8 ``[O, K]``, values of ``bits``) as ``gemm_group`` reads it: each row's
+    values in :func:`group_order`, bit-packed (:func:`pack_bits`), in blocks of 16 rows,
+    uint8 ``[ceil(O / 16), words, 16, 4]`` (:func:`pack_row_blocks`; zero rows pad the last
+    block), read-only (as :meth:`RowBlocks.pack` says why)."""
+    rows, k_len = q.shape
+    _, source = group_order(k_len, group_size, bits)
+    ordered = np.zeros((rows, source.size), np.int8)
+    ordered[:, source >= 0] = q[:, source[source >= 0]]
+    blocks = pack_row_blocks(pack_bits(ordered, bits).reshape(rows, -1), 4)
+    blocks.flags.writeable = False
+    return blocks
+
+
+def unpack_group_blocks(
+    blocked: np.ndarray, rows: int, k_len: int, group_size: int, bits: int
+) -> np.ndarray:
+    """The inverse of :func:`pack_group_blocks`: int8 ``q`` ``[rows, K]`` from its bytes
+    (any shape; C order)."""
+    _, source = group_order(k_len, group_size, bits)
+    row_bytes = source.size * bits // 8
+    blocks = blocked.reshape(-1, row_bytes // 4, ROWS_PER_BLOCK, 4)
+    packed = blocks.transpose(0, 2, 1, 3).reshape(-1)[: rows * row_bytes]
+    ordered = unpack_bits(packed, bits, rows * source.size)
+    q = np.zeros((rows, k_len), np.int8)
+    q[:, source[source >= 0]] = ordered.reshape(rows, -1)[:, source >= 0]
+    return q
