@@ -1,23 +1,25 @@
-"""What storing linear weights in their kernel's layout (format 1.2, ``rows16x4``) changes at
-load and at run time, against the same model with its weights in rows (the portable order,
-which the runtime reorders into a copy when it plans the model).
+"""What storing weights in their kernels' layouts (docs/format.md: ``rows16x4`` for int8
+linear layers, ``ohwi4`` for int8 convolutions, ``groups16x4`` below 8 bits) changes at load
+and at run time, against the same model with those weights in the portable order (which the
+runtime reorders into a copy when it plans the model).
 
     python benchmarks/bench_layouts.py [--processes 5]
 
 Models from the suite (benchmarks/suite_models.py), converted once here: the word language
-model (its 33,278 x 256 decoder is 8.5 MB of int8), the MLPerf Tiny autoencoder and the
-1024 x 1024 GEMM layer. The converter writes the blocked file; the portable twin is the same
-file with those tensors unblocked (``Tensor.values()``) and no layout.
+model (its 8,350 x 256 decoder), at int8 and with 4-bit weights, the MLPerf Tiny autoencoder,
+the 1024 x 1024 GEMM layer and the MobileNetV2. The converter writes the file in layouts; the
+portable twin is the same file with those tensors in C order (``Tensor.values()``, packed
+again below 8 bits) and no layout.
 
 Each variant runs in ``--processes`` fresh processes, alternating, with a warm Numba cache:
 each times ``tinyrt.load`` and the first call (which plans the model: reorders weights, binds
 kernels) and reads its resident memory after it (``/proc/self/status``: anonymous, i.e.
 private copies, and file-backed, i.e. the map); medians over processes. In this process: the
-work the plan does on those weights (``tinyrt.ops.int8_rows_operand``: blocks and
-corrections from rows, or corrections only from the file's blocks), best of 5; and the
-steady calls of both variants in turns, ``--rounds`` times (a process's own speed varies by
-up to 1.5x on this shared machine, so steady calls are compared within one process). Prints
-a markdown table and writes it, with the raw numbers, to benchmarks/results/layouts.{md,json}.
+work the plan does on those weights for their main kernel (:func:`weight_work`), best of 5;
+and the steady calls of both variants in turns, ``--rounds`` times (a process's own speed
+varies by up to 1.5x on this shared machine, so steady calls are compared within one
+process). Prints a markdown table and writes it, with the raw numbers, to
+benchmarks/results/layouts.{md,json}.
 """
 
 from __future__ import annotations
@@ -46,14 +48,22 @@ from benchmarks.lowbit_latency import interleaved  # noqa: E402
 from benchmarks.machine import cpu_name, git_commit  # noqa: E402
 from benchmarks.peers import quantize_input  # noqa: E402
 from benchmarks.suite_models import MODELS  # noqa: E402
-from tinyrt.converter import convert  # noqa: E402
-from tinyrt.format import read_model_file, write_model_file  # noqa: E402
-from tinyrt.kernels.numba_kernels import INPUT_OFFSET  # noqa: E402
-from tinyrt.ops import int8_rows_operand  # noqa: E402
-from tinyrt.packing import RowBlocks  # noqa: E402
+from tinyrt.converter import WeightSpec, convert  # noqa: E402
+from tinyrt.format import Tensor, read_model_file, write_model_file  # noqa: E402
+from tinyrt.graph import LOW_BITS, parse_graph  # noqa: E402
+from tinyrt.kernels import numba_kernels as nk  # noqa: E402
+from tinyrt.ops import group_layout, int8_rows_operand, tile_operands  # noqa: E402
+from tinyrt.packing import ConvRows, GroupWeight, RowBlocks, pack_bits  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-ROWS = ("word_lm_step", "fc_autoencoder", "gemm_256x1024x1024")
+# suite model, weight bits (8: int8 per channel)
+ROWS = (
+    ("word_lm_step", 8),
+    ("word_lm_step", 4),
+    ("fc_autoencoder", 8),
+    ("gemm_256x1024x1024", 8),
+    ("mobilenet_v2", 8),
+)
 
 
 def model_call(model: tinyrt.Model, data: np.ndarray, kind: str) -> Callable[[], object]:
@@ -91,13 +101,14 @@ print(json.dumps({{"load_s": loaded - start, "first_call_s": first - loaded,
 """
 
 
-def convert_blocked(name: str, work: Path) -> tuple[Path, np.ndarray, str]:
-    """The suite model ``name`` converted (static, batch 1) and one timing input for it."""
+def convert_in_layouts(name: str, bits: int, work: Path) -> tuple[Path, np.ndarray, str]:
+    """The suite model ``name`` converted (static, batch 1, weights of ``bits``) and one
+    timing input for it."""
     model = next(m for m in MODELS if m.name == name)
-    path = work / f"{model.stem}.tinyrt"
+    path = work / f"{model.stem}-{bits}.tinyrt"
     calibration = model.calibration()
     convert(model.build(), model.convert_example(), path, calibration=calibration,
-            progress=False)  # fmt: skip
+            progress=False, weight_spec=WeightSpec(bits=bits))  # fmt: skip
     x = model.inputs(model.fixed_batch or 1)
     if model.kind == "kernel":  # int8 in, as the suite times it
         spec = tinyrt.load(path).inputs[0]
@@ -107,35 +118,68 @@ def convert_blocked(name: str, work: Path) -> tuple[Path, np.ndarray, str]:
     return path, x, model.kind
 
 
-def portable_twin(blocked: Path, out: Path) -> tuple[Path, int]:
-    """``blocked`` with every tensor in a layout written in rows instead; and those bytes."""
-    file = read_model_file(blocked)
-    tensors, nbytes = [], 0
-    for t in file.tensors:
-        if t.layout is not None:
-            nbytes += t.values().nbytes
-            t = replace(t, data=np.ascontiguousarray(t.values()), layout=None)
-        tensors.append(t)
+def _portable(t: Tensor) -> Tensor:
+    """``t`` in C order (bit-packed again below 8 bits), without its layout."""
+    values = t.values()
+    data = pack_bits(values, LOW_BITS[t.dtype]) if t.dtype in LOW_BITS else values
+    return replace(t, data=np.ascontiguousarray(data), layout=None)
+
+
+def portable_twin(in_layouts: Path, out: Path) -> tuple[Path, int]:
+    """``in_layouts`` with every tensor in a layout written in C order instead; and the
+    bytes of those tensors in the file."""
+    file = read_model_file(in_layouts)
+    tensors = [t if t.layout is None else _portable(t) for t in file.tensors]
+    nbytes = sum(t.data.nbytes for t in file.tensors if t.layout is not None)
     write_model_file(out, file.graph, tensors, file.provenance)
     return out, nbytes
 
 
-def _operands(weights: list) -> list[tuple]:
-    return [int8_rows_operand(w, INPUT_OFFSET) for w in weights]
+def weight_work(weight: object) -> object:
+    """What planning does with a weight for its main kernel, without the cache that shares
+    it between plans (``tinyrt.ops.kernel_layout``): a linear layer's 16-row blocks and
+    corrections, a convolution's column-block words and corrections, a low-bit weight's group
+    blocks. From a file's layout, only the corrections (and the group parameters' blocks)."""
+    if isinstance(weight, GroupWeight):
+        return group_layout(weight)
+    if isinstance(weight, RowBlocks) or weight.ndim == 2:
+        return int8_rows_operand(weight, nk.INPUT_OFFSET)
+    rows = weight if isinstance(weight, ConvRows) else ConvRows.pack(weight)
+    return tile_operands(rows, (rows.shape[1], 1, 1), (1, 1), nk)
 
 
-def operand_time(blocked: Path) -> dict[str, float]:
-    """Seconds :func:`int8_rows_operand` takes for all the file's blocked weights, given as
-    their blocks or as rows (best of 5 each)."""
-    weights = [t for t in read_model_file(blocked).tensors if t.layout is not None]
+def _weights(
+    path: Path, where: list[tuple[int, str]] | None = None
+) -> tuple[list, list[tuple[int, str]]]:
+    """The parsed graph's weights at ``where`` (op index, role); None: those in a layout."""
+    file = read_model_file(path)
+    ops = parse_graph(file.graph, file.tensors).ops
+    if where is None:
+        where = [
+            (i, role)
+            for i, op in enumerate(ops)
+            for role, w in op.tensors.items()
+            if isinstance(w, RowBlocks | ConvRows) or getattr(w, "layout", None)
+        ]
+    return [ops[i].tensors[role] for i, role in where], where
+
+
+def operand_time(in_layouts_path: Path, portable: Path) -> dict[str, float]:
+    """Seconds :func:`weight_work` takes for the weights that the converter stored in a
+    layout, as the file holds them and as the portable twin does (best of 5 each)."""
+    in_layouts, where = _weights(in_layouts_path)
     given = {
-        "rows16x4 (convert time)": [RowBlocks(t.data, t.shape) for t in weights],
-        "rows (reordered at load)": [np.ascontiguousarray(t.values()) for t in weights],
+        "layouts (convert time)": in_layouts,
+        "portable (reordered at load)": _weights(portable, where)[0],
     }
-    seconds = {}
-    for label, operands in given.items():
-        seconds[label] = min(timeit.repeat(partial(_operands, operands), number=1, repeat=5))
-    return seconds
+    return {
+        label: min(timeit.repeat(partial(_work, weights), number=1, repeat=5))
+        for label, weights in given.items()
+    }
+
+
+def _work(weights: list) -> list:
+    return [weight_work(w) for w in weights]
 
 
 def run_child(path: Path, inputs: Path, kind: str) -> dict:
@@ -149,24 +193,24 @@ def run_child(path: Path, inputs: Path, kind: str) -> dict:
 
 def steady_calls(variants: dict[str, Path], x: np.ndarray, kind: str, rounds: int) -> dict:
     """In this process: each variant's p50 of 40 calls, the variants in turns, ``rounds``
-    times; the median p50 and the quartiles of blocked / rows within a round."""
+    times; the median p50 and the quartiles of layouts / portable within a round."""
     calls = {label: model_call(tinyrt.load(path), x, kind) for label, path in variants.items()}
     samples = interleaved(calls, rounds, burst=40)
-    blocked, rows = (np.array(samples[label]) for label in variants)
+    layouts, portable = (np.array(samples[label]) for label in variants)
     return {
         "p50_us": {label: float(np.median(values)) for label, values in samples.items()},
         "best_p50_us": {label: float(np.min(values)) for label, values in samples.items()},
-        "ratio_quartiles": np.quantile(blocked / rows, [0.25, 0.5, 0.75]).tolist(),
+        "ratio_quartiles": np.quantile(layouts / portable, [0.25, 0.5, 0.75]).tolist(),
         "samples": samples,
     }
 
 
-def bench(name: str, work: Path, processes: int, rounds: int) -> dict:
-    blocked, x, kind = convert_blocked(name, work)
-    portable, nbytes = portable_twin(blocked, work / f"{blocked.stem}-rows.tinyrt")
+def bench(name: str, bits: int, work: Path, processes: int, rounds: int) -> dict:
+    in_layouts, x, kind = convert_in_layouts(name, bits, work)
+    portable, nbytes = portable_twin(in_layouts, work / f"{in_layouts.stem}-portable.tinyrt")
     inputs = work / f"{name}.npy"
     np.save(inputs, x)
-    variants = {"rows16x4 (convert time)": blocked, "rows (reordered at load)": portable}
+    variants = {"layouts (convert time)": in_layouts, "portable (reordered at load)": portable}
     for path in variants.values():
         run_child(path, inputs, kind)  # fills Numba's cache for this signature
     raw = {label: [] for label in variants}
@@ -177,15 +221,15 @@ def bench(name: str, work: Path, processes: int, rounds: int) -> dict:
         label: {key: statistics.median(r[key] for r in results) for key in results[0]}
         for label, results in raw.items()
     }
-    for label, seconds in operand_time(blocked).items():
+    for label, seconds in operand_time(in_layouts, portable).items():
         medians[label]["operand_s"] = seconds
     steady = steady_calls(variants, x, kind, rounds)
     for label, us in steady["p50_us"].items():
         medians[label]["p50_us"] = us
         medians[label]["best_p50_us"] = steady["best_p50_us"][label]
     return {
-        "model": name,
-        "blocked_bytes": nbytes,
+        "model": name if bits == 8 else f"{name}, {bits}-bit weights",
+        "layout_bytes": nbytes,
         "medians": medians,
         "ratio_quartiles": steady["ratio_quartiles"],
         "runs": raw,
@@ -195,16 +239,17 @@ def bench(name: str, work: Path, processes: int, rounds: int) -> dict:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| model | blocked weights | variant | load | first call | of which the weights' "
-        "operands | RSS anonymous | RSS file-backed | p50 per call (best round) | blocked / rows |",
+        "| model | weights in layouts | variant | load | first call | of which the weights' "
+        "operands | RSS anonymous | RSS file-backed | p50 per call (best round) | "
+        "layouts / portable |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         low, median, high = row["ratio_quartiles"]
         for label, m in row["medians"].items():
-            ratio = f"{median:.2f} [{low:.2f}, {high:.2f}]" if label.startswith("rows16") else ""
+            ratio = f"{median:.2f} [{low:.2f}, {high:.2f}]" if label.startswith("layouts") else ""
             lines.append(
-                f"| {row['model']} | {row['blocked_bytes'] / 2**20:.2f} MiB | {label} | "
+                f"| {row['model']} | {row['layout_bytes'] / 2**20:.2f} MiB | {label} | "
                 f"{m['load_s'] * 1e3:.1f} ms | {m['first_call_s'] * 1e3:.1f} ms | "
                 f"{m['operand_s'] * 1e3:.2f} ms | "
                 f"{m['rss_anon_kib'] / 1024:.1f} MiB | {m['rss_file_kib'] / 1024:.1f} MiB | "
@@ -219,14 +264,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=25, help="turns of steady calls")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as work:
-        rows = [bench(name, Path(work), args.processes, args.rounds) for name in ROWS]
+        rows = [bench(*row, Path(work), args.processes, args.rounds) for row in ROWS]
     report = (
         "Measured with `python benchmarks/bench_layouts.py` on "
         f"{cpu_name()}, commit {git_commit()}; 1 thread, batch 1 (the GEMM: 256). Load, first "
         f"call and RSS: medians of {args.processes} fresh processes per variant, alternating, "
         "warm Numba cache; the weights' operands: in process, best of 5. p50 per call: "
         f"{args.rounds} rounds in one process of each variant's p50 of 40 calls, in turns; "
-        "median (and best) over rounds, and blocked / rows within a round, median [quartiles]: "
+        "median (and best) over rounds, and layouts / portable within a round, median "
+        "[quartiles]: "
         "this machine runs at two speeds for stretches of rounds (e.g. the GEMM at 1.8 or 2.6 "
         "ms), which moves both variants alike, so the ratio is the comparison.\n\n"
         + table(rows)
