@@ -82,8 +82,10 @@ def _conv_geometry(
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
     if not isinstance(weight, GroupWeight):
-        rows = conv_rows(weight)
-        gather = gathered_operands(rows, image, (oh, ow), window) if byte_permute else None
+        if byte_permute:
+            gather = gathered_operands(conv_rows(weight), image, (oh, ow), window)
+        else:
+            gather = None
         if gather is not None:
             return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,),
                     "work": 0}  # fmt: skip
