@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import subprocess
+import sys
 import threading
 import tracemalloc
 from dataclasses import replace
@@ -533,6 +535,34 @@ def test_conv_rows_are_read_in_place(tmp_path):
         assert kept["ohwi4"] < nbytes // 4 < nbytes <= kept["oihw"], kept
     else:
         assert kept["ohwi4"] >= nbytes, kept
+
+
+ONE_SIGNATURE_CHECK = """
+import sys
+import numba, numpy as np, tinyrt
+from tinyrt.kernels import numba_kernels as nk
+model = tinyrt.load(sys.argv[1])
+model.run_quantized({"x": np.zeros((1, 3, 9, 8), np.int8)})
+kernels = [getattr(nk, name) for name in dir(nk)]
+counts = {k.__name__: len(k.signatures) for k in kernels
+          if isinstance(k, numba.core.registry.CPUDispatcher) and k.signatures}
+print(max(counts.values()), counts)
+"""
+
+
+def test_every_kernel_is_compiled_once_for_a_model_in_layouts(tmp_path):
+    """The words a kernel gets from the file and those copied at load (a layer with several
+    input channels under the gathered kernel, beside a depthwise one read in place) have the
+    same type, read-only, so a model loads each kernel once. Counted in a fresh process: the
+    dispatchers keep every signature they compiled."""
+    path = tmp_path / "every_op.tinyrt"
+    path.write_bytes(_in_conv_rows(every_op_graph()).serialize())
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_SIGNATURE_CHECK, str(path)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0] == "1", done.stdout
 
 
 def test_conv_rows_are_only_for_convolutions():

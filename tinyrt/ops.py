@@ -160,9 +160,9 @@ def tile_operands(
 
     The words hold :class:`~tinyrt.packing.ConvRows`' order, ``nk.CHANNELS_PER_WORD`` weights
     each: 4 int8 (``vpdpbusd``, ``sdot``) are the rows themselves, read in place; 2 int16
-    (``vpmaddwd``) a widened copy, int32 ``[O, ceil(K / 2)]``. The corrections, int32 ``[O]``,
-    are what the blocks subtract from their sums: ``nk.INPUT_OFFSET * Σ w`` (128 where they
-    multiply ``x + 128``, else 0)."""
+    (``vpmaddwd``) a widened copy, int32 ``[O, ceil(K / 2)]`` (read-only too). The
+    corrections, int32 ``[O]``, are what the blocks subtract from their sums: ``nk.INPUT_OFFSET
+    * Σ w`` (128 where they multiply ``x + 128``, else 0)."""
     _, c, *taps = weight.shape
     kh, kw = (1,) * (2 - len(taps)) + tuple(taps)  # 1-D: height 1
     _, rows, columns = padded_shape
@@ -172,7 +172,7 @@ def tile_operands(
         words = weight.words()
     else:
         pairs = -(-c * kh * kw // 2) * 2
-        words = weight.rows[:, :pairs].astype("<i2").view("<i4")
+        words = _read_only(weight.rows[:, :pairs].astype("<i2").view("<i4"))
     correction = (nk.INPUT_OFFSET * weight.row_sums()).astype(np.int32)
     return words, correction, conv_offsets(c, kh, kw, steps, per_word)
 
@@ -266,7 +266,15 @@ def _gather_words(weight: ConvRows) -> tuple[np.ndarray, np.ndarray]:
     taps = planar.shape[2]
     packed = np.zeros((o, c, -(-taps // 4) * 4), np.int8)
     packed[:, :, :taps] = planar
-    return packed.reshape(o, -1).view("<i4"), correction
+    return _read_only(packed.reshape(o, -1).view("<i4")), correction
+
+
+def _read_only(words: np.ndarray) -> np.ndarray:
+    """``words``, a copy made at load, read-only like the file's words it stands in for:
+    read-only is part of the type Numba compiles a kernel for, so a model whose layers mixed
+    both would compile and load each kernel twice."""
+    words.flags.writeable = False
+    return words
 
 
 def fold_requantization(
