@@ -424,10 +424,9 @@ def gather_conv_int8(
     set-up cost more than a small plane's blocks), in blocks of 16 outputs gathered from
     ``window`` (128 or 256) bytes of each of the group's input channels. ``weight_words``,
     ``correction``, ``starts``, ``index``, ``padding`` and ``window`` are
-    ``tinyrt.ops.gather_operands`` (the
-    convolution's window, stride, padding and dilation are in them), ``folded``
-    ``tinyrt.ops.fold_requantization``. ``x`` ``[N, C, H, W]``, ``out`` ``[N, O, OH, OW]``.
-    Needs :data:`simd.HAS_VBMI`."""
+    ``tinyrt.ops.gather_operands`` (the convolution's window, stride, padding and dilation
+    are in them), ``folded`` ``tinyrt.ops.fold_requantization``. ``x`` ``[N, C, H, W]``,
+    ``out`` ``[N, O, OH, OW]``. Needs :data:`simd.HAS_VBMI`."""
     n_batch, c_total, h, w = x.shape
     o_total, positions = out.shape[1], out.shape[2] * out.shape[3]
     channels = c_total // groups  # input channels per group

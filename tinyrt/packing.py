@@ -1,5 +1,6 @@
 """The packed forms of weights in a ``.tinyrt`` file: bit-packed int4 and int2 values, int8
-rows in blocks of 16 (:class:`RowBlocks`) and int8 convolution rows (:class:`ConvRows`).
+rows in blocks of 16 (:class:`RowBlocks`), int8 convolution rows (:class:`ConvRows`) and
+low-bit rows in blocks of group words (:func:`pack_group_blocks`).
 
 Bit packing (the one definition; docs/format.md refers here): values are signed two's complement
 integers in ``[-2^(bits-1), 2^(bits-1) - 1]`` (int4: [-8, 7], int2: [-2, 1]), taken in C order
