@@ -33,6 +33,7 @@ from tinyrt.ops import (  # noqa: E402
     _conv_kernel,
     fold_requantization,
     gather_operands,
+    gather_words,
     gathered_operands,
     int8_rows_operand,
     tile_operands,
@@ -112,12 +113,13 @@ def conv_case(label, c, o, h, w, k, stride, pad, groups, runs, rng) -> dict:
     gather = chosen_gather = None  # wherever its blocks fit; where tinyrt.ops runs it
     if nk.HAS_VBMI:
         window = (k, k, stride, stride, pad, pad, 1, 1)
-        gather = gather_operands(rows, x.shape[2:], (oh, ow), window)
-        chosen_gather = gathered_operands(rows, x.shape[2:], (oh, ow), window)
+        gather = gather_operands(x.shape[2:], (oh, ow), window)
+        chosen_gather = gathered_operands(weight.shape, x.shape[2:], (oh, ow), window)
     if gather is not None:
-        gather_folded = fold_requantization(bias, gather[1], multiplier, shift, -2)
+        gather_weights = gather_words(rows)
+        gather_folded = fold_requantization(bias, gather_weights[1], multiplier, shift, -2)
         kernels["gather"] = lambda: nk.gather_conv_int8(
-            x, *gather, bias, multiplier, shift, gather_folded, 3, -2, groups, -128, 127, out
+            x, *gather_weights, *gather, *common[:3], gather_folded, 3, -2, groups, -128, 127, out
         )
     if weight[0].size >= 16:
         ohwi = np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1)

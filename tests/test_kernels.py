@@ -16,6 +16,7 @@ from tinyrt.ops import (
     add_table,
     fold_requantization,
     gather_operands,
+    gather_words,
     int8_rows_operand,
     tile_operands,
 )
@@ -416,15 +417,15 @@ def test_gather_conv_bit_exact(p):
     reference wherever its blocks fit; where they do not (tinyrt then takes the column
     blocks), their reach proves it."""
     x, weight, args, want = _gather_case(p)
-    rows = ConvRows.pack(weight)
-    operands = gather_operands(rows, (p["h"], p["w"]), want.shape[2:], _gather_window(p))
+    operands = gather_operands((p["h"], p["w"]), want.shape[2:], _gather_window(p))
     if operands is None:
         assert _widest_block(p, *want.shape[2:]) >= 256
         return
     assert (operands[-1] == 128) == (_widest_block(p, *want.shape[2:]) < 128)
     out = np.full_like(want, 99)
-    folded = fold_requantization(*args[:1], operands[1], *args[1:3], p["zp_out"])
-    nk.gather_conv_int8(x, *operands, *args[:3], folded, *args[3:], out)
+    words = gather_words(ConvRows.pack(weight))
+    folded = fold_requantization(*args[:1], words[1], *args[1:3], p["zp_out"])
+    nk.gather_conv_int8(x, *words, *operands, *args[:3], folded, *args[3:], out)
     np.testing.assert_array_equal(out, want)
 
 
@@ -442,29 +443,27 @@ def test_kernels_read_conv_rows_in_place():
     assert np.shares_memory(words, rows.rows) == (per_word == 4)
     assert words.shape == (8, -(-45 // per_word)) and len(offsets) == words.shape[1] * per_word
     np.testing.assert_array_equal(correction, nk.INPUT_OFFSET * sums)
-    window = (3, 3, 1, 1, 1, 1, 1, 1)
     for conv, in_place in ((depthwise, True), (rows, False)):
-        gather_words, gather_correction = gather_operands(conv, (9, 9), (9, 9), window)[:2]
-        assert np.shares_memory(gather_words, conv.rows) == in_place
+        gathered, gather_correction = gather_words(conv)
+        assert np.shares_memory(gathered, conv.rows) == in_place
         np.testing.assert_array_equal(gather_correction, 128 * conv.row_sums())
 
 
 def test_depthwise_gather_fits_the_suite_layers():
     """The depthwise layers of DS-CNN and MobileNet fit the 128- or 256-byte window; a
     stride-2 layer on rows of 160 does not (its blocks reach 2 rows of 320 bytes)."""
-    depthwise = ConvRows.pack(np.ones((4, 1, 3, 3), np.int8))
     fits = [((25, 5), (25, 5), 1, 128), ((12, 12), (6, 6), 2, 128), ((48, 48), (48, 48), 1, 128)]
     fits.append(((96, 96), (48, 48), 2, 256))
     for image, output, stride, reach in fits:
         window = (3, 3, stride, stride, 1, 1, 1, 1)
-        assert gather_operands(depthwise, image, output, window)[-1] == reach
-    assert gather_operands(depthwise, (160, 160), (80, 80), (3, 3, 2, 2, 1, 1, 1, 1)) is None
+        assert gather_operands(image, output, window)[-1] == reach
+    assert gather_operands((160, 160), (80, 80), (3, 3, 2, 2, 1, 1, 1, 1)) is None
 
 
 GUARD_PAGE_CHECK = """
 import ctypes, mmap, numpy as np
 from tinyrt.kernels import numba_kernels as nk
-from tinyrt.ops import gather_operands
+from tinyrt.ops import gather_operands, gather_words
 from tinyrt.packing import ConvRows
 libc = ctypes.CDLL(None)
 page = mmap.PAGESIZE
@@ -476,13 +475,13 @@ for c, h, w, stride in [(3, 5, 7, 1), (2, 6, 60, 2)]:  # windows of 128 and 256 
     weight = ConvRows.pack(np.ones((c, 1, 3, 3), np.int8))
     oh, ow = (h - 1) // stride + 1, (w - 1) // stride + 1
     window = (3, 3, stride, stride, 1, 1, 1, 1)
-    operands = gather_operands(weight, (h, w), (oh, ow), window)
+    operands = gather_operands((h, w), (oh, ow), window)
     assert operands[-1] == 128 * stride
     ones = np.ones(c, np.int32)
     out = np.empty((1, c, oh, ow), np.int8)
     generic = np.zeros((0, 4), np.int64)
-    nk.gather_conv_int8(x, *operands, 0 * ones, (1 << 30) * ones, ones, generic, 0, 0, c, -128,
-                        127, out)  # fmt: skip
+    params = (0 * ones, (1 << 30) * ones, ones, generic, 0, 0, c, -128, 127)
+    nk.gather_conv_int8(x, *gather_words(weight), *operands, *params, out)
 print("read nothing past the input")
 """
 

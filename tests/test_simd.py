@@ -87,7 +87,7 @@ def test_16_lane_requantization_matches_reference(folded):
     small sums meet the rounding ties. Folded (``fold_requantization``): channels that shift
     right, biases to 2^29, a random zero point and a narrower clamp; generic: left shifts
     that saturate too (they cannot be folded)."""
-    from tinyrt.ops import fold_requantization, gather_operands
+    from tinyrt.ops import fold_requantization, gather_operands, gather_words
     from tinyrt.packing import ConvRows
 
     rng = np.random.default_rng(1)
@@ -104,13 +104,13 @@ def test_16_lane_requantization_matches_reference(folded):
         shift[2000:2500] = rng.integers(1, 31, 500)  # saturating left shifts
     zp, qmin, qmax = (int(rng.integers(-128, 128)), -100, 90) if folded else (5, -128, 127)
     x = rng.integers(-128, 128, (1, channels, 4, 4)).astype(np.int8)
-    weight = ConvRows.pack(np.ones((channels, 1, 1, 1), np.int8))
-    operands = gather_operands(weight, (4, 4), (4, 4), (1, 1, 1, 1, 0, 0, 1, 1))
+    words = gather_words(ConvRows.pack(np.ones((channels, 1, 1, 1), np.int8)))
+    operands = gather_operands((4, 4), (4, 4), (1, 1, 1, 1, 0, 0, 1, 1))
     out = np.empty_like(x)
     params = [v.astype(np.int32) for v in (bias, multiplier, shift)]
-    constants = fold_requantization(*params[:1], operands[1], *params[1:], zp)
+    constants = fold_requantization(*params[:1], words[1], *params[1:], zp)
     assert len(constants) == (channels if folded else 0)
-    numba_kernels.gather_conv_int8(x, *operands, *params, constants, 0, zp, channels, qmin,
+    numba_kernels.gather_conv_int8(x, *words, *operands, *params, constants, 0, zp, channels, qmin,
                                    qmax, out)  # fmt: skip
     acc = bias[None, :, None, None] + x.astype(np.int64)
     want = ref.requantize(acc, *(v[None, :, None, None] for v in (multiplier, shift)), zp,

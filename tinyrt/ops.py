@@ -72,7 +72,8 @@ def _conv_geometry(
     and the CPU permutes bytes, ``byte_permute``; else :func:`_conv_kernel`), the padded input
     it reads (exactly the rows and columns the output windows reach; the whole image for an
     unpadded layer under ``tiles``, which then reads the input itself, ``reads_input``; none
-    for ``gather``), the gather operands and the size of its second scratch buffer."""
+    for ``gather``), the gather operands (:func:`gather_operands`: shapes only, no weights)
+    and the size of its second scratch buffer."""
     a2 = _as_2d(op)
     weight = op.tensors["weight"]
     kh, kw = (1,) * (4 - weight.ndim) + weight.shape[2:]
@@ -82,10 +83,7 @@ def _conv_geometry(
     window = (kh, kw, sh, sw, a2["padding"][0], a2["padding"][2], dh, dw)
     channels = weight.shape[1] * a2["groups"]
     if not isinstance(weight, GroupWeight):
-        if byte_permute:
-            gather = gathered_operands(conv_rows(weight), image, (oh, ow), window)
-        else:
-            gather = None
+        gather = gathered_operands(weight.shape, image, (oh, ow), window) if byte_permute else None
         if gather is not None:
             return {"window": window, "kernel": "gather", "gather": gather, "padded": (0,),
                     "work": 0}  # fmt: skip
@@ -182,14 +180,10 @@ GATHER_WINDOW = 256  # the most input bytes a block may span (simd.gather_conv_*
 
 
 def gather_operands(
-    weight: ConvRows,
-    image: tuple[int, int],
-    output: tuple[int, int],
-    window: tuple[int, ...],
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
-    """:func:`numba_kernels.gather_conv_int8`'s weight words and their corrections
-    (:func:`_gather_words`), block starts, gather indices, padding masks and window (128 or
-    256 bytes) for weights ``[O, C/groups, KH, KW]`` over
+    image: tuple[int, int], output: tuple[int, int], window: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """:func:`numba_kernels.gather_conv_int8`'s block starts, gather indices, padding masks
+    and window (128 or 256 bytes; its weights are :func:`gather_words`) over
     unpadded ``[H, W]`` planes with output ``[OH, OW]`` and
     ``window = (kh, kw, sh, sw, pad_top, pad_left, dh, dw)``; None if some block of 16
     outputs reads inputs 256 bytes apart or more (the kernel reads four 64-byte vectors per
@@ -233,27 +227,30 @@ def gather_operands(
     index = np.ascontiguousarray(by_word(picks)).reshape(-1)
     padding = np.packbits(by_word(outside), axis=-1, bitorder="little").view("<u8").reshape(-1)
     reach = 128 if offsets.max() < 128 else GATHER_WINDOW
-    return *_gather_words(weight), starts.astype(np.int64), index, padding, reach
+    return starts.astype(np.int64), index, padding, reach
 
 
 def gathered_operands(
-    weight: ConvRows, image: tuple[int, int], output: tuple[int, int], window: tuple[int, ...]
+    weight_shape: tuple[int, ...],
+    image: tuple[int, int],
+    output: tuple[int, int],
+    window: tuple[int, ...],
 ) -> tuple | None:
-    """:func:`gather_operands` where the gathered kernel runs a convolution (weights ``[O,
-    C/groups, KH, KW]``), None where the column blocks do (docs/kernels.md has the
-    measurements). The gathered kernel takes one input channel per group (depthwise and first
-    layers); with more, it fills all 16 lanes where the blocks do not (stride 2, rows of 8
-    columns or fewer) or where few channels leave the blocks' words half empty (up to 4), and
-    only for windows of 9 taps and more (3x3 wastes a quarter of each word of 4; 1x1 would
-    waste three quarters). Its blocks must fit."""
-    channels, taps = weight.shape[1], math.prod(weight.shape[2:])
+    """:func:`gather_operands` where the gathered kernel runs a convolution (weights of
+    ``weight_shape`` ``[O, C/groups, KH, KW]``), None where the column blocks do
+    (docs/kernels.md has the measurements). The gathered kernel takes one input channel per
+    group (depthwise and first layers); with more, it fills all 16 lanes where the blocks do
+    not (stride 2, rows of 8 columns or fewer) or where few channels leave the blocks' words
+    half empty (up to 4), and only for windows of 9 taps and more (3x3 wastes a quarter of
+    each word of 4; 1x1 would waste three quarters). Its blocks must fit."""
+    channels, taps = weight_shape[1], math.prod(weight_shape[2:])
     narrow = window[3] > 1 or output[1] <= 8 or channels <= 4
     if channels > 1 and not (taps >= 9 and narrow):
         return None
-    return gather_operands(weight, image, output, window)
+    return gather_operands(image, output, window)
 
 
-def _gather_words(weight: ConvRows) -> tuple[np.ndarray, np.ndarray]:
+def gather_words(weight: ConvRows) -> tuple[np.ndarray, np.ndarray]:
     """A weight ``[O, C, KH, KW]`` as the gathered kernel reads it: int32 ``[O, C * words]``,
     each input channel's taps (row-major) in words of 4 int8, 0 past the last tap (with one
     input channel, :class:`~tinyrt.packing.ConvRows`' own words, read in place; else a copy),
@@ -269,12 +266,13 @@ def _gather_words(weight: ConvRows) -> tuple[np.ndarray, np.ndarray]:
     return _read_only(packed.reshape(o, -1).view("<i4")), correction
 
 
-def _read_only(words: np.ndarray) -> np.ndarray:
-    """``words``, a copy made at load, read-only like the file's words it stands in for:
-    read-only is part of the type Numba compiles a kernel for, so a model whose layers mixed
-    both would compile and load each kernel twice."""
-    words.flags.writeable = False
-    return words
+def _read_only(weight: np.ndarray) -> np.ndarray:
+    """``weight`` (a kernel's copy made at load, or a view of the file) as a read-only view,
+    like the file's arrays: read-only is part of the type Numba compiles a kernel for, so a
+    model whose layers mixed both would compile and load each kernel twice."""
+    view = weight.view()
+    view.flags.writeable = False
+    return view
 
 
 def fold_requantization(
@@ -526,10 +524,10 @@ def bind_op(
             geometry = _conv_geometry(op, ins[0].shape, out.shape, nk.HAS_VBMI)
             args = (t["bias"], t["multiplier"], t["shift"], zp_in, zp_out)
             if geometry["kernel"] == "gather":
-                gather = geometry["gather"]
-                folded = _folded(gather[1], args)
-                gather_args = (*gather, *args[:3], folded, *args[3:], groups, qmin, qmax, y)
-                return nk.bound(nk.gather_conv_int8, x, *gather_args)
+                words = gather_words(conv_rows(t["weight"]))
+                folded = _folded(words[1], args)
+                gather = (*words, *geometry["gather"], *args[:3], folded, *args[3:])
+                return nk.bound(nk.gather_conv_int8, x, *gather, groups, qmin, qmax, y)
             args += geometry["window"]
             if geometry.get("reads_input"):  # the blocks read x itself (the image's own layout)
                 padded, work = x[0], None
@@ -539,20 +537,20 @@ def bind_op(
                 work = scratch[_aligned(padded_size) :]
             if isinstance(t["weight"], GroupWeight):
                 return _bind_low_bit_conv(t["weight"], geometry, args, a2, padded, work, x, y, nk)
-            rows = conv_rows(t["weight"])
             if geometry["kernel"] == "tiles":  # the rows in place (words of 4) or pairs
+                rows = conv_rows(t["weight"])
                 operands = tile_operands(rows, padded.shape, a2["dilation"], nk)
                 tile_args = (*args[:3], _folded(operands[1], args), *args[3:], groups, qmin, qmax)
                 return nk.bound(nk.conv2d_tiles_int8, x, *operands, *tile_args, padded, y)
-            # the other kernels' orders, copied at load
-            k_len = math.prod(shape[1:])
+            # the other kernels' orders: the file's OIHW as it is, or copied at load
+            weight = _integer(t["weight"]).reshape(shape)
             if geometry["kernel"] == "gemm":  # OHWI: an im2col row of a channels-last input
-                ohwi = rows.rows[:, :k_len].copy()
+                ohwi = _read_only(np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(o, -1))
                 columns = work.reshape(geometry["positions"], -1)
                 return nk.bound(
                     nk.conv2d_int8, x, ohwi, *args, groups, qmin, qmax, padded, columns, y
                 )
-            oihw, acc = rows.values().reshape(o, -1), work.view(np.int32)
+            oihw, acc = _read_only(weight.reshape(o, -1)), work.view(np.int32)
             direct = (x, oihw, *args, groups, qmin, qmax, padded, acc, y)
             return nk.bound(nk.conv2d_direct_int8, *direct)
         return lambda: np.copyto(
