@@ -80,11 +80,11 @@ class TensorTable:
             "scale": index,
             "zero_point": None,
         }
-        stored = {
-            None: lambda: weight,
-            ROW_BLOCKS_LAYOUT: lambda: RowBlocks.pack(weight).blocks,
-            CONV_ROWS_LAYOUT: lambda: ConvRows.pack(weight).rows,
-        }[layout]()
+        stored = weight
+        if layout == ROW_BLOCKS_LAYOUT:
+            stored = RowBlocks.pack(weight).blocks
+        elif layout == CONV_ROWS_LAYOUT:
+            stored = ConvRows.pack(weight).rows
         return self.add(Tensor(name, "int8", weight.shape, stored, record, layout)), index
 
     def group_rows(
